@@ -1,0 +1,82 @@
+"""Atomic file writes and safe output paths.
+
+A file is written to a temporary name in the same folder, flushed and fsynced, then renamed over the target, so a
+crash or an interrupt never leaves a half-written model file behind under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import TrainerError
+
+_TMP_PREFIX = ".tmp-"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` to produce the file, then move it to ``path`` atomically.
+
+    ``write`` receives a path in the same folder (so the final rename never crosses file systems).
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    def _w(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, _w)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+_NAME_RE = re.compile(r"^[^/\\:*?\"<>|\x00-\x1f]+$")
+
+
+def check_output_name(name: str, field: str = "name") -> str | None:
+    """Return a problem message if ``name`` cannot be a file stem inside the output folder, else None.
+
+    Rejects empty names, path separators, ``..``, names that Windows cannot store and leading/trailing spaces or dots.
+    """
+    if not name or not name.strip():
+        return f"the {field} is empty; give a short name such as 'mychar'"
+    if name in (".", "..") or ".." in name.split(".") and "/" in name:
+        return f"'{name}' is not a valid {field}"
+    if not _NAME_RE.match(name):
+        return (f"'{name}' contains a path separator or a character that file names cannot hold "
+                "(/ \\ : * ? \" < > |); use letters, digits, '-' and '_'")
+    if name != name.strip() or name.endswith("."):
+        return f"'{name}' starts or ends with a space or ends with a dot; remove them"
+    return None
+
+
+def safe_child(root: str | os.PathLike, name: str) -> Path:
+    """``root / name`` resolved, raising :class:`TrainerError` if it would escape ``root``."""
+    root_p = Path(root).resolve()
+    child = (root_p / name).resolve()
+    if child != root_p and root_p not in child.parents:
+        raise TrainerError(f"'{name}' would write outside the output folder {root_p}; use a plain file name")
+    return child

@@ -1,0 +1,144 @@
+"""Load a single-file SD1.x / SD2.x checkpoint headless into an ldm ``LatentDiffusion``, with no hub access."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import TrainerError
+from .build import build_latent_diffusion
+from .spec import SD2, UNET_PREFIX, ModelSpec, infer_spec
+
+# Prefixes whose weights the model must find in the file (others, such as model_ema.*, are ignored).
+_REQUIRED = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    name: str  # file name, as ss_sd_model_name
+    spec: ModelSpec
+    prediction: str  # "eps" or "v"
+    prediction_source: str  # how the prediction type was decided
+
+    def legacy_hash(self) -> str:
+        """The WebUI's/kohya's old 8-hex model hash: sha256 of 64 KiB at offset 1 MiB."""
+        with open(self.path, "rb") as f:
+            f.seek(0x100000)
+            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+    def sha256(self) -> str:
+        """Full-file sha256 (the WebUI's new model hash), cached next to our tokenizer cache by path+size+mtime."""
+        st = os.stat(self.path)
+        cache_dir = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sd-webui-trainer"))
+        cache_file = cache_dir / "hashes.json"
+        key = f"{os.path.abspath(self.path)}|{st.st_size}|{int(st.st_mtime)}"
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key not in cache:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            cache[key] = h.hexdigest()
+            from ..atomic import atomic_write_text
+
+            try:
+                atomic_write_text(cache_file, json.dumps(cache))
+            except OSError:
+                pass
+        return cache[key]
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or ``.ckpt``/``.pt`` checkpoint. Pickles are opened with ``weights_only=True``."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise TrainerError(f"Checkpoint not found: {path}")
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - any parse error means "not a usable file"
+            raise TrainerError(f"{path} is not a readable .safetensors file ({e}). Re-download it or pick "
+                               "another checkpoint.") from None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise TrainerError(f"{path} cannot be opened safely as a checkpoint ({type(e).__name__}). Use the "
+                           ".safetensors version of this model (convert it once in the WebUI or with a trusted "
+                           "tool).") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise TrainerError(f"{path} does not contain a state dict; it is not a Stable Diffusion checkpoint.")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def _yaml_prediction(path: str) -> str | None:
+    """The WebUI picks a model's config from ``<checkpoint>.yaml``; a v-model's config says ``parameterization: v``."""
+    yaml_path = os.path.splitext(path)[0] + ".yaml"
+    try:
+        text = Path(yaml_path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"parameterization:\s*['\"]?(\w+)", text)
+    return ("v" if m.group(1) == "v" else "eps") if m else "eps"
+
+
+def _probe_v_prediction(unet: torch.nn.Module, context_dim: int) -> bool:
+    """The WebUI's heuristic for full-size SD2 weights: on a constant 0.5 latent at t=999 with a constant context,
+    a v-prediction UNet's output minus the input averages below -1."""
+    with torch.no_grad():
+        x = torch.full((1, 4, 8, 8), 0.5)
+        ctx = torch.full((1, 2, context_dim), 0.5)
+        out = unet(x, torch.tensor([999]), context=ctx)
+        return float((out - x).mean()) < -1
+
+
+def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto"):
+    """Build the ldm model for ``path`` and load its weights. Returns ``(LatentDiffusion, CheckpointInfo)``.
+
+    Prediction type: ``prediction`` when not "auto"; else a ``<checkpoint>.yaml`` next to the file; else a ``v_pred``
+    marker tensor in the file; else, for full-size SD2 weights, the WebUI's probe; else epsilon.
+    """
+    path = str(path)
+    sd = read_state_dict(path)
+    spec = infer_spec(sd)
+    source = "flag"
+    if prediction == "auto":
+        yaml_pred = _yaml_prediction(path)
+        if yaml_pred is not None:
+            prediction, source = yaml_pred, "yaml next to the checkpoint"
+        elif "v_pred" in sd:
+            prediction, source = "v", "v_pred marker in the checkpoint"
+        else:
+            prediction, source = "eps", "default"
+    model = build_latent_diffusion(spec, "v" if prediction == "v" else "eps")
+    dtype_sd = {k: v for k, v in sd.items() if k.startswith(_REQUIRED)}
+    missing, _unexpected = model.load_state_dict(dtype_sd, strict=False)
+    missing = [k for k in missing if k.startswith(_REQUIRED) and not k.endswith("position_ids")]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise TrainerError(f"{path} is missing weights this model needs: {shown}. The file may be truncated or "
+                           "not a full SD checkpoint.")
+    if (source == "default" and spec.family == SD2 and spec.is_full_size
+            and _probe_v_prediction(model.model.diffusion_model, spec.unet.context_dim)):
+        prediction, source = "v", "the WebUI's SD2 v-prediction probe"
+        model.parameterization = "v"
+    info = CheckpointInfo(path=path, name=os.path.basename(path), spec=spec, prediction=prediction,
+                          prediction_source=source)
+    del sd, dtype_sd
+    return model, info
+
+
+__all__ = ["CheckpointInfo", "load_checkpoint", "read_state_dict", "UNET_PREFIX"]

@@ -1,0 +1,201 @@
+"""Architecture of an SD1.x / SD2.x checkpoint, read from its state dict.
+
+A :class:`ModelSpec` holds everything needed to rebuild the ldm ``LatentDiffusion`` a checkpoint was made for: the
+UNet, VAE and text-encoder hyper-parameters. :func:`infer_spec` reads them from tensor shapes, so the same code loads a
+full-size SD1.5 / SD2 checkpoint and the tiny random-weight models the tests build (same key layout, smaller widths).
+
+Head counts cannot be read from weights. We follow the official configs (SD1 UNet: 8 heads; SD2 UNet: 64 channels per
+head; CLIP text: 64 channels per head) and, for widths too small for that (test models), fall back to the rules in
+:func:`unet_heads` / :func:`text_heads`, which the test-model builder uses too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+from ..errors import TrainerError
+
+SD1 = "sd1"
+SD2 = "sd2"
+FAMILIES = (SD1, SD2)
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD1_TE_PREFIX = "cond_stage_model.transformer."
+SD2_TE_PREFIX = "cond_stage_model.model."
+
+
+@dataclass
+class UNetSpec:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [4, 2, 1])
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False
+    num_heads: int = 8
+    num_head_channels: int = -1
+
+
+@dataclass
+class TextSpec:
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    vocab_size: int = 49408
+    context_length: int = 77
+    projection_dim: int = 768  # SD2 (open_clip) only: text_projection columns
+
+
+@dataclass
+class VAESpec:
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+
+
+@dataclass
+class ModelSpec:
+    family: str = SD1
+    unet: UNetSpec = field(default_factory=UNetSpec)
+    text: TextSpec = field(default_factory=TextSpec)
+    vae: VAESpec = field(default_factory=VAESpec)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_full_size(self) -> bool:
+        return self.unet.model_channels == 320 and self.text.width in (768, 1024)
+
+
+def unet_heads(family: str, model_channels: int) -> tuple[int, int]:
+    """(num_heads, num_head_channels) for the ldm UNetModel: SD1 8 heads; SD2 64 channels per head (8 heads when the
+    width is not a multiple of 64, as in tiny test models)."""
+    if family == SD2 and model_channels % 64 == 0:
+        return -1, 64
+    return 8, -1
+
+
+def text_heads(width: int) -> int:
+    """CLIP text heads: 64 channels per head (ViT-L 768 → 12, ViT-H 1024 → 16); 8 channels per head below 64."""
+    return width // 64 if width >= 64 and width % 64 == 0 else max(1, width // 8)
+
+
+def sd15_spec() -> ModelSpec:
+    """The full-size SD1.5 layout (v1-inference.yaml)."""
+    return ModelSpec(family=SD1)
+
+
+def sd2_spec() -> ModelSpec:
+    """The full-size SD2.x layout (v2-inference.yaml; the 768-v model has the same weights layout)."""
+    return ModelSpec(
+        family=SD2,
+        unet=UNetSpec(context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64),
+        text=TextSpec(width=1024, layers=24, heads=16, intermediate=4096, projection_dim=1024),
+    )
+
+
+def detect_family(sd: Mapping[str, object]) -> str:
+    """``"sd1"`` or ``"sd2"`` from the text-encoder keys; TrainerError for SDXL, SD3, inpainting and non-SD files."""
+    keys = sd.keys()
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise TrainerError("This checkpoint is an SDXL model; this version trains SD1.x and SD2.x models only.")
+    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
+        raise TrainerError("This checkpoint is an SD3 model; this version trains SD1.x and SD2.x models only.")
+    if UNET_PREFIX + "input_blocks.0.0.weight" not in sd:
+        hint = ""
+        if any(k.startswith("lora_") for k in keys):
+            hint = " It looks like a LoRA file; pass the base model (e.g. v1-5-pruned-emaonly.safetensors) instead."
+        elif any(k.startswith(("down_blocks.", "unet.")) for k in keys):
+            hint = " It looks like a diffusers-format file; use a single-file A1111/ldm checkpoint."
+        raise TrainerError(f"This file is not a Stable Diffusion checkpoint (no UNet weights found).{hint}")
+    if SD1_TE_PREFIX + "text_model.embeddings.token_embedding.weight" in sd:
+        family = SD1
+    elif SD2_TE_PREFIX + "token_embedding.weight" in sd:
+        family = SD2
+    else:
+        raise TrainerError("This checkpoint has no text encoder that this version knows (expected the CLIP text "
+                           "encoder of SD1.x or the OpenCLIP encoder of SD2.x).")
+    in_ch = _shape(sd, UNET_PREFIX + "input_blocks.0.0.weight")[1]
+    if in_ch != 4:
+        kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(in_ch, f"a {in_ch}-channel")
+        raise TrainerError(f"This checkpoint is {kind} model; train on the normal (4-channel) base model instead.")
+    return family
+
+
+def _shape(sd: Mapping[str, object], key: str) -> tuple[int, ...]:
+    try:
+        return tuple(sd[key].shape)  # type: ignore[attr-defined]
+    except KeyError:
+        raise TrainerError(f"The checkpoint is incomplete: the tensor '{key}' is missing.") from None
+
+
+def _indices(keys, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def infer_spec(sd: Mapping[str, object]) -> ModelSpec:
+    """Read the architecture from a checkpoint state dict (keys as saved by ldm / the WebUI)."""
+    family = detect_family(sd)
+    keys = list(sd.keys())
+    u = UNET_PREFIX
+    model_channels = _shape(sd, u + "input_blocks.0.0.weight")[0]
+    n_input = len(_indices(keys, re.escape(u) + r"input_blocks\.(\d+)\."))
+    downs = _indices(keys, re.escape(u) + r"input_blocks\.(\d+)\.0\.op\.weight")
+    levels = len(downs) + 1
+    num_res_blocks = (n_input - 1 - len(downs)) // levels
+    channel_mult, attention_res = [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)
+        out_ch = _shape(sd, u + f"input_blocks.{first}.0.out_layers.3.weight")[0]
+        channel_mult.append(out_ch // model_channels)
+        if u + f"input_blocks.{first}.1.proj_in.weight" in sd:
+            attention_res.insert(0, 2 ** level)  # the official configs list them as [4, 2, 1]
+    first_attn = next(n for n in range(1, n_input) if u + f"input_blocks.{n}.1.proj_in.weight" in sd)
+    depth = len(_indices(keys, re.escape(u) + rf"input_blocks\.{first_attn}\.1\.transformer_blocks\.(\d+)\."))
+    proj_in = _shape(sd, u + f"input_blocks.{first_attn}.1.proj_in.weight")
+    context_dim = _shape(sd, u + f"input_blocks.{first_attn}.1.transformer_blocks.0.attn2.to_k.weight")[1]
+    heads, head_ch = unet_heads(family, model_channels)
+    unet = UNetSpec(
+        in_channels=4, out_channels=_shape(sd, u + "out.2.weight")[0], model_channels=model_channels,
+        channel_mult=channel_mult, num_res_blocks=num_res_blocks, attention_resolutions=attention_res,
+        transformer_depth=depth, context_dim=context_dim, use_linear_in_transformer=len(proj_in) == 2,
+        num_heads=heads, num_head_channels=head_ch,
+    )
+
+    if family == SD1:
+        p = SD1_TE_PREFIX + "text_model."
+        vocab, width = _shape(sd, p + "embeddings.token_embedding.weight")
+        layers = len(_indices(keys, re.escape(p) + r"encoder\.layers\.(\d+)\."))
+        text = TextSpec(width=width, layers=layers, heads=text_heads(width),
+                        intermediate=_shape(sd, p + "encoder.layers.0.mlp.fc1.weight")[0], vocab_size=vocab,
+                        context_length=_shape(sd, p + "embeddings.position_embedding.weight")[0],
+                        projection_dim=width)
+    else:
+        p = SD2_TE_PREFIX
+        vocab, width = _shape(sd, p + "token_embedding.weight")
+        layers = len(_indices(keys, re.escape(p) + r"transformer\.resblocks\.(\d+)\."))
+        text = TextSpec(width=width, layers=layers, heads=text_heads(width),
+                        intermediate=_shape(sd, p + "transformer.resblocks.0.mlp.c_fc.weight")[0], vocab_size=vocab,
+                        context_length=_shape(sd, p + "positional_embedding")[0],
+                        projection_dim=_shape(sd, p + "text_projection")[1])
+
+    v = VAE_PREFIX
+    ch = _shape(sd, v + "encoder.conv_in.weight")[0]
+    vae_levels = _indices(keys, re.escape(v) + r"encoder\.down\.(\d+)\.")
+    ch_mult = [_shape(sd, v + f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in vae_levels]
+    vae = VAESpec(ch=ch, ch_mult=ch_mult,
+                  num_res_blocks=len(_indices(keys, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")),
+                  z_channels=_shape(sd, v + "decoder.conv_in.weight")[1],
+                  embed_dim=_shape(sd, v + "quant_conv.weight")[0] // 2)
+    return ModelSpec(family=family, unet=unet, text=text, vae=vae)

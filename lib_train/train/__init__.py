@@ -1,0 +1,1 @@
+"""Training pieces: noise and loss (``loss``), optimizers (``optim``), learning-rate schedules (``schedule``)."""

@@ -1,0 +1,55 @@
+"""Gradient checkpointing with our own non-reentrant wrappers.
+
+The ldm / sgm ``checkpoint`` helper only differentiates with respect to ``block.parameters()``, so LoRA parameters
+kept outside the block get no gradient, and reentrant ``torch.utils.checkpoint`` cuts the graph when no input needs a
+gradient (FORMATS.md §E.7). We wrap the instance ``forward`` of each transformer / residual block with
+``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``, which recomputes the block in backward and lets
+gradients reach every parameter used inside it, including LoRA's. Removal restores the original instance state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# Blocks worth checkpointing: ldm UNet transformer/residual blocks, HF CLIP encoder layers, open_clip resblocks.
+BLOCK_CLASSES = ("BasicTransformerBlock", "ResBlock", "CLIPEncoderLayer", "ResidualAttentionBlock")
+_MISSING = object()
+
+
+class GradientCheckpointing:
+    def __init__(self, *roots: torch.nn.Module | None):
+        self._patched: list[tuple[torch.nn.Module, object]] = []
+        for root in roots:
+            if root is None:
+                continue
+            for m in root.modules():
+                if type(m).__name__ in BLOCK_CLASSES:
+                    self._wrap(m)
+
+    def _wrap(self, m: torch.nn.Module) -> None:
+        before = m.__dict__.get("forward", _MISSING)
+        inner = m.forward  # bound method (or an earlier instance override)
+
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+            return inner(*args, **kwargs)
+
+        m.forward = forward
+        self._patched.append((m, before))
+
+    @property
+    def count(self) -> int:
+        return len(self._patched)
+
+    def remove(self) -> None:
+        for m, before in reversed(self._patched):
+            if before is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = before
+        self._patched.clear()

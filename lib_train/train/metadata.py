@@ -1,0 +1,138 @@
+"""The ``ss_*`` and ``modelspec.*`` metadata of a LoRA file (FORMATS.md §B).
+
+Values are strings (dicts as JSON). The keys are the ones kohya's trainer writes and the WebUI, Forge, ComfyUI and
+kohya's tools read: the WebUI's Lora tab uses ``ss_output_name`` as the alias, ``ss_base_model_version``/``ss_v2`` for
+its SD-version filter, ``ss_tag_frequency`` for "training dataset tags", ``ss_bucket_info``/``ss_dataset_dirs`` for
+the resolution and dataset size, ``ss_training_started_at`` for the date. ``sshs_*`` hashes are added by
+:func:`lib_train.network.kohya_file.save_lora_file`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .. import __version__
+from ..config import TrainConfig
+
+
+@dataclass
+class RunFacts:
+    """What the metadata needs to know about a run besides its config."""
+
+    session_id: int
+    started_at: float  # unix time
+    family: str  # "sd1" | "sd2"
+    prediction: str  # "eps" | "v"
+    checkpoint_name: str
+    checkpoint_hashes: dict[str, str]  # {"legacy": 8 hex, "sha256": 64 hex} where known
+    optimizer: str  # the optimizer actually used
+    num_train_images: int
+    num_reg_images: int
+    batches_per_epoch: int
+    total_steps: int
+    total_epochs: int
+    dataset_dirs: dict[str, dict[str, int]]
+    reg_dataset_dirs: dict[str, dict[str, int]]
+    tag_frequency: dict[str, dict[str, int]]
+    bucket_info: dict[str, Any] | None
+
+
+def base_model_version(family: str, prediction: str) -> str:
+    return {"sd1": "sd_v1", "sd2": "sd_v2"}[family] + ("_v" if prediction == "v" else "")
+
+
+def architecture(family: str, prediction: str, kind: str = "lora") -> str:
+    if family == "sd1":
+        arch = "stable-diffusion-v1"
+    else:
+        arch = "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
+    return f"{arch}/{kind}"
+
+
+def lora_metadata(cfg: TrainConfig, facts: RunFacts, *, stem: str, epoch: int, step: int,
+                  finished_at: float | None = None) -> dict[str, str]:
+    """Metadata for one saved file; ``stem`` is its file stem (also the WebUI alias, ``ss_output_name``)."""
+    d, n, o, t = cfg.data, cfg.network, cfg.optim, cfg.train
+    sd1 = facts.family == "sd1"
+    clip_skip = cfg.model.clip_skip if sd1 and cfg.model.clip_skip > 1 else None
+    network_args = {"conv_dim": str(n.conv_rank), "conv_alpha": str(n.conv_alpha)} if n.conv_rank else None
+    res = f"({d.resolution}, {d.resolution})"
+    meta: dict[str, Any] = {
+        "ss_session_id": facts.session_id,
+        "ss_training_started_at": facts.started_at,
+        "ss_output_name": stem,
+        "ss_training_comment": cfg.output.comment or None,
+        "ss_trainer": f"sd-webui-trainer {__version__}",
+        "ss_sd_model_name": facts.checkpoint_name,
+        "ss_sd_model_hash": facts.checkpoint_hashes.get("legacy"),
+        "ss_new_sd_model_hash": facts.checkpoint_hashes.get("sha256"),
+        "ss_v2": not sd1,
+        "ss_base_model_version": base_model_version(facts.family, facts.prediction),
+        "ss_clip_skip": clip_skip,
+        "ss_max_token_length": d.max_token_length,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": n.rank,
+        "ss_network_alpha": n.alpha,
+        "ss_network_dropout": n.dropout,
+        "ss_network_args": json.dumps(network_args) if network_args else None,
+        "ss_learning_rate": o.lr,
+        "ss_unet_lr": o.lr if n.train_unet else 0.0,
+        "ss_text_encoder_lr": o.te_lr,
+        "ss_optimizer": facts.optimizer + (f"({o.optimizer_args})" if o.optimizer_args else ""),
+        "ss_lr_scheduler": o.scheduler,
+        "ss_lr_warmup_steps": o.warmup_steps,
+        "ss_max_train_steps": facts.total_steps,
+        "ss_num_epochs": facts.total_epochs,
+        "ss_epoch": epoch,
+        "ss_steps": step,
+        "ss_num_batches_per_epoch": facts.batches_per_epoch,
+        "ss_gradient_accumulation_steps": o.grad_accum,
+        "ss_gradient_checkpointing": t.gradient_checkpointing,
+        "ss_mixed_precision": t.mixed_precision,
+        "ss_max_grad_norm": o.max_grad_norm,
+        "ss_seed": t.seed,
+        "ss_noise_offset": t.noise_offset or None,
+        "ss_min_snr_gamma": t.min_snr_gamma or None,
+        "ss_cache_latents": d.cache_latents != "off",
+        "ss_caption_dropout_rate": d.caption_dropout,
+        "ss_caption_tag_dropout_rate": d.tag_dropout,
+        "ss_batch_size_per_device": t.batch_size,
+        "ss_total_batch_size": t.batch_size * o.grad_accum,
+        "ss_resolution": res,
+        "ss_flip_aug": d.flip,
+        "ss_shuffle_caption": d.shuffle_caption,
+        "ss_keep_tokens": d.keep_tokens,
+        "ss_enable_bucket": d.enable_buckets,
+        "ss_bucket_no_upscale": d.bucket_no_upscale,
+        "ss_min_bucket_reso": d.min_bucket_side,
+        "ss_max_bucket_reso": d.max_bucket_side,
+        "ss_num_train_images": facts.num_train_images,
+        "ss_num_reg_images": facts.num_reg_images,
+        "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
+        "ss_reg_dataset_dirs": json.dumps(facts.reg_dataset_dirs),
+        "ss_tag_frequency": json.dumps(facts.tag_frequency),
+        "ss_bucket_info": json.dumps(facts.bucket_info) if facts.bucket_info is not None else "null",
+        "ss_training_finished_at": finished_at,
+        # modelspec (SAI model spec), FORMATS.md §B.2
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture(facts.family, facts.prediction),
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": stem,
+        "modelspec.resolution": f"{d.resolution}x{d.resolution}",
+        "modelspec.date": _dt.datetime.fromtimestamp(facts.started_at).replace(microsecond=0).isoformat(),
+        "modelspec.prediction_type": "v" if facts.prediction == "v" else "epsilon",
+        "modelspec.encoder_layer": clip_skip,
+        "modelspec.trigger_phrase": cfg.output.trigger_words or None,
+    }
+    if clip_skip is None:
+        meta["ss_clip_skip"] = "None"  # kohya writes the string "None" when clip skip is unset
+    return {k: _text(v) for k, v in meta.items() if v is not None}
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "True" if v else "False"
+    return str(v)
