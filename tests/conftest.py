@@ -25,6 +25,18 @@ def _trainer_cache_dir(tmp_path_factory):
     os.environ["TRAINER_CACHE_DIR"] = str(tmp_path_factory.mktemp("trainer-cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models are dominated by per-op overhead: one intra-op thread is faster and does not fight the
+    subprocesses some tests start."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 _STATE_DICTS: dict[str, dict] = {}
 
 
