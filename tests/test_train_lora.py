@@ -42,7 +42,7 @@ def dataset(tmp_path):
 
 def test_run_trains_only_lora_and_restores_the_model(dataset):
     cfg = tiny_config(dataset, train__epochs=2, output__save_every_epochs=1, data__resolution=128,
-                      data__max_bucket_side=256)
+                      data__max_bucket_side=256, output__trigger_words="mychar")
     bundle = make_bundle("sd1")
     before_hash, before_flags = state_hash(bundle.model), module_flags(bundle.model)
     rec = Recorder()
@@ -83,6 +83,7 @@ def test_run_trains_only_lora_and_restores_the_model(dataset):
     _, meta1 = read_lora_file(out / "tiny-000001.safetensors")
     assert meta1["ss_output_name"] == "tiny-000001" and meta1["ss_epoch"] == "1"
     assert not list(out.glob(".tmp-*")), "temporary files left behind"
+    assert json.loads((out / "tiny.json").read_text()) == {"sd version": "SD1", "activation text": "mychar"}
 
 
 def test_exception_mid_step_restores_the_model(dataset):

@@ -35,6 +35,7 @@ from .events import Commands, Events, Progress, SafeEvents
 from .metadata import RunFacts, lora_metadata
 from .optim import build_optimizer, effective_lr, parse_optimizer_args, resolve_optimizer
 from .schedule import make_scheduler
+from .sidecar import write_lora_sidecar
 from .state import LoadedState, RunState, save_state, state_dir_for
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -468,4 +469,5 @@ def _loop(run: _Run, net, optimizer, scheduler, scaler, autocast_dtype, facts: R
             run.save_state(net, optimizer, scheduler, scaler, facts, epoch + 1, 0)
 
     final = run.save_lora(net, facts, run.name, "final", prep.total_epochs, finished=True)
+    write_lora_sidecar(final, family=run.bundle.family, activation_text=cfg.output.trigger_words)
     return RunResult("finished", run.step, prep.total_steps, run.saved, final, None, run.loss_value, run.notes)
