@@ -47,15 +47,17 @@ def clip_tokenizer_files() -> Path:
     vocab = dict(simple.encoder)
     vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
     vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
-    out = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sd-webui-trainer")) / "clip-tokenizer"
+    out = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sd-webui-trainer")) / "clip-tokenizer-v2"
     out.mkdir(parents=True, exist_ok=True)
     from ..atomic import atomic_write_bytes, atomic_write_text
 
     vocab_file, merges_file = out / "vocab.json", out / "merges.txt"
     if not vocab_file.exists() or not merges_file.exists():
         atomic_write_text(vocab_file, json.dumps(vocab, ensure_ascii=False))
-        # Both tokenizers read merges from line 1 up to the same count; the file's first line is a version header.
-        atomic_write_bytes(merges_file, gzip.open(_bpe_path()).read())
+        # CLIP uses the first 49152 - 256 - 2 merges after the BPE file's first (header) line; HF's merges.txt has
+        # its own "#version" header.
+        lines = gzip.open(_bpe_path()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        atomic_write_bytes(merges_file, ("#version: 0.2\n" + "\n".join(lines) + "\n").encode("utf-8"))
     return out
 
 
