@@ -1,13 +1,15 @@
-"""Command line: ``python -m lib_train lora ...`` trains a LoRA headless on a checkpoint file.
+"""Command line: ``python -m lib_train lora ...`` trains a LoRA, ``python -m lib_train embedding ...`` a
+textual-inversion embedding, headless on a checkpoint file.
 
-Settings come from defaults, then ``--config FILE`` (JSON/TOML, same schema as the WebUI and the API), then the
-flags given. Before any model work the dataset is scanned and the step count printed; during training a progress bar
-shows ETA and loss; Ctrl-C saves the LoRA and the resume state and prints how to resume.
+Settings come from the method's defaults, then ``--config FILE`` (JSON/TOML, same schema as the WebUI and the API),
+then the flags given. Before any model work the dataset is scanned and the step count printed; during training a
+progress bar shows ETA and loss; Ctrl-C saves the LoRA/embedding and the resume state and prints how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -17,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import FLAGS, TrainConfig, from_dict, load_config, save_config, validate
-from .errors import TrainerError
+from .config import FLAGS, METHODS, TrainConfig, default_config, from_dict, load_config, save_config, validate
+from .errors import ConfigError, Problem, TrainerError
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Flag:
     type: Any
     help: str
     choices: tuple | None = None
+    metavar: str | None = None
 
 
 def _bool(text: str) -> bool:
@@ -101,37 +104,84 @@ LORA_FLAGS: list[Flag] = [
     Flag("--trigger", "output.trigger_words", str, "trigger words (stored in the metadata and .json sidecar)"),
     Flag("--overwrite", "output.overwrite", _bool, "replace an existing NAME.safetensors"),
 ]
-for _f in LORA_FLAGS:
+_LORA_ONLY = {"--reg-data", "--rank", "--alpha", "--conv-rank", "--conv-alpha", "--network-dropout", "--train-unet",
+              "--init-lora", "--te-lr", "--trigger"}
+_EMBEDDING_HELP = {
+    "--lr": "learning rate of the embedding vectors (default 5e-3; 1.0 for DAdaptAdam/Prodigy)",
+    "--name": "embedding name = the word prompts use = the file stem: NAME.safetensors, NAME-000500.safetensors",
+    "--save-every-epochs": "save NAME-<step> at the end of every N epochs (0 = off)",
+    "--save-every-steps": "save NAME-<step> every N steps (0 = off)",
+    "--save-precision": "fp16, bf16 or fp32 (default fp32)",
+    "--overwrite": "replace an existing NAME.safetensors / NAME.pt",
+}
+EMBEDDING_FLAGS: list[Flag] = [
+    Flag("--init-text", "embedding.init_text", str, "the vectors start as the token embeddings of this text, e.g. "
+                                                    "\"man in a leather jacket\" (\"\" = zeros; default *)"),
+    Flag("--vectors", "embedding.vectors", int, "vectors per token: how many of a prompt's 75 token slots the name "
+                                                "takes (1-75, default 1)"),
+    Flag("--template", "embedding.template", str, "prompt templates: subject, style, none (the captions alone, "
+                                                  "which must contain NAME) or a .txt file of lines with [name] and "
+                                                  "[filewords]", metavar="{subject,style,none,FILE}"),
+    Flag("--init-embedding", "embedding.init_from", str, "continue training from this embedding file "
+                                                         "(.safetensors/.pt, same --vectors)"),
+    Flag("--pt", "embedding.write_pt", _bool, "also write the WebUI's .pt format next to every .safetensors"),
+] + [dataclasses.replace(f, help=_EMBEDDING_HELP.get(f.flag, f.help)) for f in LORA_FLAGS
+     if f.flag not in _LORA_ONLY]
+for _f in LORA_FLAGS + EMBEDDING_FLAGS:
     FLAGS[_f.key] = _f.flag
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # the sub-command and the config's method
+    noun: str  # what a run produces, for messages
+    flags: list[Flag]
+    help: str
+
+
+COMMANDS = {
+    "lora": Command("lora", "LoRA", LORA_FLAGS, "Train a kohya-format LoRA."),
+    "embedding": Command("embedding", "embedding", EMBEDDING_FLAGS,
+                         "Train a textual-inversion embedding (WebUI/ComfyUI/diffusers format)."),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lib_train", description=f"sd-webui-trainer {__version__}: train "
-                                "LoRA networks on SD1.x/SD2.x checkpoints headless.")
+                                "LoRA networks and textual-inversion embeddings on SD1.x/SD2.x checkpoints headless.")
     sub = p.add_subparsers(dest="command", required=True)
-    lora = sub.add_parser("lora", help="train a kohya-format LoRA",
-                          description="Train a kohya-format LoRA. Boolean flags take true/false.",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    lora.add_argument("--config", help="JSON or TOML config file (flags given here override it)")
-    lora.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its NAME-state folder")
-    lora.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
-    lora.add_argument("--dry-run", action="store_true", help="check settings and dataset, print the plan, exit")
-    lora.add_argument("--write-config", metavar="FILE", help="write the resulting config to FILE and exit")
-    for f in LORA_FLAGS:
-        extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if f.type is _bool else {}
-        lora.add_argument(f.flag, dest=f.key, type=f.type, default=None, choices=f.choices, help=f.help, **extra)
+    for cmd in COMMANDS.values():
+        sp = sub.add_parser(cmd.name, help=cmd.help[0].lower() + cmd.help[1:-1],
+                            description=f"{cmd.help} Boolean flags take true/false.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sp.add_argument("--config", help="JSON or TOML config file (flags given here override it)")
+        sp.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its NAME-state folder")
+        sp.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
+        sp.add_argument("--dry-run", action="store_true", help="check settings and dataset, print the plan, exit")
+        sp.add_argument("--write-config", metavar="FILE", help="write the resulting config to FILE and exit")
+        for f in cmd.flags:
+            extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if f.type is _bool else {"metavar": f.metavar}
+            sp.add_argument(f.flag, dest=f.key, type=f.type, default=None, choices=f.choices, help=f.help, **extra)
     return p
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = load_config(args.config) if args.config else TrainConfig()
-    data = cfg.to_dict()
-    for f in LORA_FLAGS:
+def _apply_flags(data: dict, args: argparse.Namespace, cmd: Command) -> dict:
+    for f in cmd.flags:
         value = getattr(args, f.key)
         if value is not None:
             section, key = f.key.split(".")
             data[section][key] = value
-    return from_dict(data)
+    return data
+
+
+def build_config(args: argparse.Namespace, cmd: Command | None = None) -> TrainConfig:
+    """Defaults of the command's method, then ``--config``, then the flags given."""
+    cmd = cmd or COMMANDS[args.command]
+    cfg = load_config(args.config, default_method=cmd.name) if args.config else default_config(cmd.name)
+    if cfg.method in METHODS and cfg.method != cmd.name:
+        raise ConfigError([Problem(f"method ({args.config})", f"the config file is for '{cfg.method}' training; "
+                                                              f"run it with `python -m lib_train {cfg.method}`")])
+    return from_dict(_apply_flags(cfg.to_dict(), args, cmd), default_method=cmd.name)
 
 
 class _CliEvents:
@@ -176,28 +226,34 @@ class _CliEvents:
             print(text, file=sys.stderr, flush=True)
 
 
-def run_lora(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, cmd: Command) -> int:
     from .train.state import load_state
 
     resume = None
     if args.resume:
         resume = load_state(args.resume)
-        data = resume.state.config
-        for f in LORA_FLAGS:  # flags given now override the saved settings
-            value = getattr(args, f.key)
-            if value is not None:
-                section, key = f.key.split(".")
-                data[section][key] = value
-        cfg = from_dict(data)
+        method = resume.state.config.get("method", "lora")
+        if method != cmd.name:
+            raise TrainerError(f"{args.resume} holds the resume state of a '{method}' run; resume it with "
+                               f"`python -m lib_train {method} --resume {args.resume}`.")
+        data = _apply_flags(resume.state.config, args, cmd)  # flags given now override the saved settings
+        cfg = from_dict(data, default_method=cmd.name)
     else:
-        cfg = build_config(args)
+        cfg = build_config(args, cmd)
     if args.write_config:
         save_config(cfg, args.write_config)
         print(f"wrote {args.write_config}")
         return 0
     validate(cfg, headless=True)
 
-    from .train.lora_trainer import dataset_summary, prepare_data
+    from .train.prepare import dataset_summary
+
+    if cmd.name == "lora":
+        from .train.lora_trainer import prepare_data
+        from .train.lora_trainer import train_lora as train
+    else:
+        from .train.ti_trainer import prepare_embedding_data as prepare_data
+        from .train.ti_trainer import train_embedding as train
 
     prep = prepare_data(cfg)
     for line in dataset_summary(prep):
@@ -210,7 +266,6 @@ def run_lora(args: argparse.Namespace) -> int:
     from .models.bundle import ModelBundle
     from .models.checkpoint import load_checkpoint
     from .train.events import Commands
-    from .train.lora_trainer import train_lora
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -222,7 +277,7 @@ def run_lora(args: argparse.Namespace) -> int:
     if device.type == "cuda" and cfg.train.mixed_precision != "no":
         half = torch.bfloat16 if (cfg.train.mixed_precision == "bf16" or (
             cfg.train.mixed_precision == "auto" and torch.cuda.is_bf16_supported())) else torch.float16
-        model.model.to(half)  # frozen weights in half precision; LoRA stays fp32, the VAE fp32
+        model.model.to(half)  # frozen weights in half precision; LoRA/embedding stay fp32, the VAE fp32
         model.cond_stage_model.to(half)
     model.to(device)
     bundle = ModelBundle.from_ldm(model, family=info.spec.family, prediction=info.prediction,
@@ -240,12 +295,12 @@ def run_lora(args: argparse.Namespace) -> int:
         if commands.stop_requested():
             raise KeyboardInterrupt
         commands.request_stop()
-        events.warning("Stopping after this step: saving the LoRA and the resume state (Ctrl-C again to abort "
-                       "without saving)...")
+        events.warning(f"Stopping after this step: saving the {cmd.noun} and the resume state (Ctrl-C again to "
+                       "abort without saving)...")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = train_lora(cfg, bundle, prep, events=events, commands=commands, resume=resume)
+        result = train(cfg, bundle, prep, events=events, commands=commands, resume=resume)
     finally:
         signal.signal(signal.SIGINT, previous)
         events.close()
@@ -256,12 +311,12 @@ def run_lora(args: argparse.Namespace) -> int:
     if result.status == "interrupted":
         print(f"Interrupted at step {result.step}/{result.total_steps}.", file=sys.stderr)
         if result.final_file:
-            print(f"  current LoRA: {result.final_file}", file=sys.stderr)
+            print(f"  current {cmd.noun}: {result.final_file}", file=sys.stderr)
         if result.state_dir:
-            print(f"  resume with: python -m lib_train lora --resume {result.state_dir}", file=sys.stderr)
+            print(f"  resume with: python -m lib_train {cmd.name} --resume {result.state_dir}", file=sys.stderr)
         return 130
     print(f"Finished {result.step} steps" + (f", final loss {result.last_loss:.4f}" if result.last_loss else "")
-          + f". Final LoRA: {result.final_file}", file=sys.stderr)
+          + f". Final {cmd.noun}: {result.final_file}", file=sys.stderr)
     return 0
 
 
@@ -269,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
-        if args.command == "lora":
-            return run_lora(args)
+        if args.command in COMMANDS:
+            return run_command(args, COMMANDS[args.command])
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,9 @@ object, and a run folder stores it so a run can be resumed or repeated. Rules:
 - every field has a default and a comment saying what it means;
 - unknown keys are rejected by name (a typo never silently does nothing);
 - :func:`validate` reports every problem at once, each naming the setting and its command-line flag;
-- ``version`` is written to every file; :data:`MIGRATIONS` upgrades older files.
+- ``version`` is written to every file; :data:`MIGRATIONS` upgrades older files;
+- ``method`` ("lora" or "embedding") picks what is trained; a few defaults differ by method
+  (:data:`METHOD_DEFAULTS`), and each method ignores the other's section (``network`` / ``embedding``).
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .atomic import atomic_write_text, check_output_name
-from .errors import ConfigError, Problem
+from .errors import ConfigError, Problem, TrainerError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+
+METHODS = ("lora", "embedding")
 
 PREDICTIONS = ("auto", "eps", "v")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 CACHE_MODES = ("memory", "disk", "off")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+TEMPLATES = ("subject", "style", "none")
+MAX_VECTORS = 75  # one prompt chunk holds 75 token slots; an embedding's vectors must fit in one
 
 
 @dataclass
@@ -68,6 +74,19 @@ class NetworkConfig:
     dropout: float = 0.0  # dropout on the LoRA branch input
     train_unet: bool = True  # train LoRA on the UNet
     init_from: str = ""  # optional: continue training from this existing LoRA file (same rank/modules)
+
+
+@dataclass
+class EmbeddingConfig:
+    """Textual-inversion settings (``method = "embedding"``). The embedding's name is ``output.name``: prompts use it,
+    and the WebUI names an embedding by its file stem. Template lines use ``[name]`` (the embedding) and
+    ``[filewords]`` (the image's caption)."""
+
+    init_text: str = "*"  # the vectors start as the token embeddings of this text ("" = zeros), e.g. "man in a jacket"
+    vectors: int = 1  # vectors per token: the name takes this many of a prompt's 75 token slots (1-75)
+    template: str = "subject"  # prompts: "subject", "style", "none" (the captions alone) or a .txt file of lines
+    init_from: str = ""  # optional: continue from this embedding file (.safetensors/.pt) with the same vector count
+    write_pt: bool = False  # also write the WebUI's .pt format next to every .safetensors
 
 
 @dataclass
@@ -118,6 +137,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -130,11 +150,23 @@ class TrainConfig:
 
 
 SECTIONS = {f.name: f.type for f in fields(TrainConfig) if f.name not in ("version", "method")}
-_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "network": NetworkConfig, "optim": OptimConfig,
-                    "train": TrainingConfig, "output": OutputConfig}
+_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "network": NetworkConfig,
+                    "embedding": EmbeddingConfig, "optim": OptimConfig, "train": TrainingConfig,
+                    "output": OutputConfig}
+
+# Defaults that differ by method, applied before a file's or the command line's values.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {},
+    "embedding": {"optim.lr": 5e-3, "output.save_precision": "fp32"},  # the WebUI's TI rate; embeddings are tiny
+}
+
+
+def _v1_to_v2(data: dict) -> None:
+    """v2 added ``method = "embedding"`` and the ``[embedding]`` section; every v1 file is a valid v2 file."""
+
 
 # Older config versions → a function that upgrades the dict in place to the next version.
-MIGRATIONS: dict[int, Callable[[dict], None]] = {}
+MIGRATIONS: dict[int, Callable[[dict], None]] = {1: _v1_to_v2}
 
 # Setting → command-line flag, for messages (filled by the CLI module; a setting without a flag is named alone).
 FLAGS: dict[str, str] = {}
@@ -145,9 +177,18 @@ def _label(key: str) -> str:
     return f"{key} ({flag})" if flag else key
 
 
-def from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Build a config from a plain dict (JSON/TOML/API). Unknown sections or keys and wrong types raise
-    :class:`ConfigError` naming every offending key."""
+def default_config(method: str = "lora") -> TrainConfig:
+    """A config with the defaults of ``method`` (:data:`METHOD_DEFAULTS`)."""
+    cfg = TrainConfig(method=method)
+    for key, value in METHOD_DEFAULTS.get(method, {}).items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def from_dict(data: dict[str, Any], *, default_method: str = "lora") -> TrainConfig:
+    """Build a config from a plain dict (JSON/TOML/API); ``method`` defaults to ``default_method``. Unknown
+    sections or keys and wrong types raise :class:`ConfigError` naming every offending key."""
     data = json.loads(json.dumps(data))  # deep copy, plain types only
     problems: list[Problem] = []
     version = data.pop("version", CONFIG_VERSION)
@@ -157,8 +198,8 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
     while version < CONFIG_VERSION:
         MIGRATIONS[version](data)
         version += 1
-    cfg = TrainConfig()
-    method = data.pop("method", "lora")
+    method = data.pop("method", default_method)
+    cfg = default_config(method if isinstance(method, str) else "lora")
     cfg.method = method
     for section, values in data.items():
         cls = _SECTION_CLASSES.get(section)
@@ -235,9 +276,10 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     def bad(key: str, msg: str) -> None:
         p.append(Problem(_label(key), msg))
 
-    if cfg.method != "lora":
-        bad("method", f"unknown method {cfg.method!r}; this version trains 'lora'")
-    m, d, n, o, t, out = cfg.model, cfg.data, cfg.network, cfg.optim, cfg.train, cfg.output
+    if cfg.method not in METHODS:
+        bad("method", f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    lora = cfg.method == "lora"
+    m, d, o, t, out = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.output
     if headless:
         if not m.checkpoint:
             bad("model.checkpoint", "give the SD1.x/SD2.x checkpoint file to train on")
@@ -280,22 +322,10 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     if d.cache_latents not in CACHE_MODES:
         bad("data.cache_latents", f"must be one of {', '.join(CACHE_MODES)}")
 
-    if n.rank < 1:
-        bad("network.rank", f"{n.rank} is not a valid rank; use a positive integer such as 8, 16 or 32")
-    elif n.rank > 1024:
-        bad("network.rank", "is larger than 1024; typical ranks are 4-128")
-    if not n.alpha > 0 or not math.isfinite(n.alpha):
-        bad("network.alpha", "must be a positive number (often rank/2 or 1)")
-    if n.conv_rank < 0:
-        bad("network.conv_rank", "must be 0 (off) or a positive integer")
-    if n.conv_rank and not n.conv_alpha > 0:
-        bad("network.conv_alpha", "must be a positive number")
-    if not 0.0 <= n.dropout < 1.0:
-        bad("network.dropout", "must be in [0, 1)")
-    if n.init_from and not Path(n.init_from).is_file():
-        bad("network.init_from", f"file not found: {n.init_from}")
-    if not n.train_unet and o.te_lr == 0:
-        bad("network.train_unet", "nothing to train: the UNet is off and the text-encoder learning rate is 0")
+    if lora:
+        _validate_network(cfg, bad)
+    elif cfg.method == "embedding":
+        _validate_embedding(cfg, bad)
 
     from .train.optim import OPTIMIZERS, parse_optimizer_args  # light imports (no optimizer library)
 
@@ -312,7 +342,7 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
         bad("optim.scheduler", f"unknown scheduler {o.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if not o.lr > 0 or not math.isfinite(o.lr):
         bad("optim.lr", "must be a positive number (1e-4 is typical for AdamW; 1.0 for DAdaptAdam/Prodigy)")
-    if o.te_lr < 0 or not math.isfinite(o.te_lr):
+    if lora and (o.te_lr < 0 or not math.isfinite(o.te_lr)):
         bad("optim.te_lr", "must be 0 (UNet only) or a positive number")
     if o.warmup_steps < 0:
         bad("optim.warmup_steps", "must be 0 or more")
@@ -339,7 +369,7 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
         bad("train.log_every", "must be at least 1")
 
     if not out.output_dir:
-        bad("output.output_dir", "give the folder where the LoRA files are written")
+        bad("output.output_dir", f"give the folder where the {'LoRA' if lora else 'embedding'} files are written")
     elif Path(out.output_dir).exists() and not Path(out.output_dir).is_dir():
         bad("output.output_dir", f"{out.output_dir} exists and is not a folder")
     msg = check_output_name(out.name)
@@ -353,10 +383,53 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
         raise ConfigError(p)
 
 
+def _validate_network(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:
+    n, o = cfg.network, cfg.optim
+    if n.rank < 1:
+        bad("network.rank", f"{n.rank} is not a valid rank; use a positive integer such as 8, 16 or 32")
+    elif n.rank > 1024:
+        bad("network.rank", "is larger than 1024; typical ranks are 4-128")
+    if not n.alpha > 0 or not math.isfinite(n.alpha):
+        bad("network.alpha", "must be a positive number (often rank/2 or 1)")
+    if n.conv_rank < 0:
+        bad("network.conv_rank", "must be 0 (off) or a positive integer")
+    if n.conv_rank and not n.conv_alpha > 0:
+        bad("network.conv_alpha", "must be a positive number")
+    if not 0.0 <= n.dropout < 1.0:
+        bad("network.dropout", "must be in [0, 1)")
+    if n.init_from and not Path(n.init_from).is_file():
+        bad("network.init_from", f"file not found: {n.init_from}")
+    if not n.train_unet and o.te_lr == 0:
+        bad("network.train_unet", "nothing to train: the UNet is off and the text-encoder learning rate is 0")
+
+
+def _validate_embedding(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:
+    from .embedding.prompts import load_template
+    from .embedding.vectors import count_tokens
+
+    e = cfg.embedding
+    if not 1 <= e.vectors <= MAX_VECTORS:
+        bad("embedding.vectors", f"{e.vectors} is not a valid vector count; use 1-{MAX_VECTORS} (each vector takes "
+                                 "one of the 75 token slots of a prompt chunk; 1-8 is usual)")
+    tokens = count_tokens(e.init_text)
+    if tokens > MAX_VECTORS:
+        bad("embedding.init_text", f"is {tokens} tokens long; it must fit one prompt chunk (75 tokens). Use a few "
+                                   "words that describe the subject, e.g. 'man in a leather jacket'")
+    try:
+        load_template(e.template)
+    except TrainerError as err:
+        bad("embedding.template", str(err))
+    if e.init_from and not Path(e.init_from).is_file():
+        bad("embedding.init_from", f"file not found: {e.init_from}")
+    if cfg.data.reg_dir:
+        bad("data.reg_dir", "regularization images do not apply to embedding training (the model itself does not "
+                            "change); remove this setting")
+
+
 # ----------------------------------------------------------------------------------------------- files
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a ``.json`` or ``.toml`` config file."""
+def load_config(path: str | Path, *, default_method: str = "lora") -> TrainConfig:
+    """Read a ``.json`` or ``.toml`` config file (``method`` defaults to ``default_method``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -372,7 +445,7 @@ def load_config(path: str | Path) -> TrainConfig:
             from None
     if not isinstance(data, dict):
         raise ConfigError([Problem(str(path), "must contain a table/object of settings")])
-    return from_dict(data)
+    return from_dict(data, default_method=default_method)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:

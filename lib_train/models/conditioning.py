@@ -13,16 +13,47 @@ For a plain caption (no emphasis syntax) the WebUI's prompt wrapper (FORMATS.md 
 Layer choice: SD1 with clip skip N>1 takes ``hidden_states[-N]`` and applies the final layer norm, else the last
 hidden state; SD2 always takes the penultimate block's output through ``ln_final`` (clip skip does not apply).
 Captions longer than ``max_chunks`` chunks are cut (as kohya's ``max_token_length``); :func:`chunk_tokens` reports it.
+
+Placeholders (textual-inversion embeddings, FORMATS.md §C.5/§E.4): when a :class:`Placeholders` registry is set on
+the conditioner, a registered name found in the caption's tokens is replaced by ``n`` placeholder slots (id 0) that
+take ``n`` of the chunk's 75 slots; if they do not fit, the chunk is closed and they start the next one. Each
+occurrence is recorded as a :class:`Fix` (offset in the chunk, key), and during encoding the token-embedding output
+at ``offset + 1 ...`` (after BOS) is replaced by the vectors. As in WebUI 1.10.1, comma backtracking moves
+placeholder slots to the next chunk but leaves their fix with the chunk they were first placed in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Protocol, Tuple
 
 import torch
 
 CHUNK = 75
 COMMA_BACKTRACK = 20
+PLACEHOLDER_ID = 0  # the id the WebUI writes into an embedding's slots; their token-embedding rows are replaced
+
+
+class Fix(NamedTuple):
+    """An embedding occurrence in a chunk: its slots start at ``offset`` (0-based, BOS not counted)."""
+
+    offset: int
+    key: Hashable
+
+
+# (tokens, position) -> (key, name length in tokens, slots) when a registered name starts at ``position``
+FindName = Callable[[Sequence[int], int], Optional[Tuple[Hashable, int, int]]]
+
+
+class Placeholders(Protocol):
+    """What the conditioner needs from an embedding registry (implemented by ``lib_train.embedding.inject``)."""
+
+    def find(self, tokens: Sequence[int], position: int) -> tuple[Hashable, int, int] | None:
+        """``(key, name length in tokens, slots)`` if a registered name starts at ``tokens[position]``."""
+
+    def splice(self, embeds: torch.Tensor, fixes: list[list[Fix]]) -> torch.Tensor:
+        """Token-embedding output ``[rows, 77, width]`` → the same with each row's fixes' vectors in place."""
 
 
 @dataclass(frozen=True)
@@ -33,29 +64,54 @@ class TokenIds:
     comma: int
 
 
-def chunk_tokens(tokens: list[int], comma: int, *, max_chunks: int = 3,
-                 backtrack: int = COMMA_BACKTRACK) -> tuple[list[list[int]], bool]:
-    """Split caption tokens into chunks of at most 75 (WebUI rule); returns (chunks, truncated)."""
+def chunk_prompt(tokens: Sequence[int], comma: int, *, max_chunks: int = 3, backtrack: int = COMMA_BACKTRACK,
+                 find: FindName | None = None) -> tuple[list[list[int]], list[list[Fix]], bool]:
+    """Split caption tokens into chunks of at most 75 (WebUI rule) with placeholder slots for registered names;
+    returns (chunks, fixes per chunk, truncated)."""
     chunks: list[list[int]] = []
+    fixes: list[list[Fix]] = []
     current: list[int] = []
+    current_fixes: list[Fix] = []
     last_comma = -1  # index of the last comma in `current`
-    for tok in tokens:
+
+    def close(cut: int | None = None) -> None:
+        nonlocal current, current_fixes, last_comma
+        end = len(current) if cut is None else cut
+        chunks.append(current[:end])
+        fixes.append(current_fixes)  # WebUI 1.10.1: fixes stay here even when their slots move on
+        current, current_fixes, last_comma = current[end:], [], -1
+
+    position = 0
+    while position < len(tokens):
+        tok = tokens[position]
         if tok == comma:
             last_comma = len(current)
         elif backtrack and len(current) == CHUNK and last_comma != -1 and len(current) - last_comma <= backtrack:
-            cut = last_comma + 1  # the full chunk ends after its last comma; the words after it move on
-            chunks.append(current[:cut])
-            current = current[cut:]
-            last_comma = -1
+            close(last_comma + 1)  # the full chunk ends after its last comma; the words after it move on
         if len(current) == CHUNK:
-            chunks.append(current)
-            current = []
-            last_comma = -1
-        current.append(tok)
+            close()
+        match = find(tokens, position) if find is not None else None
+        if match is None:
+            current.append(tok)
+            position += 1
+            continue
+        key, length, slots = match
+        if len(current) + slots > CHUNK:
+            close()
+        current_fixes.append(Fix(len(current), key))
+        current += [PLACEHOLDER_ID] * slots
+        position += length
     if current or not chunks:
-        chunks.append(current)
+        close()
     truncated = len(chunks) > max_chunks
-    return chunks[:max_chunks], truncated
+    return chunks[:max_chunks], fixes[:max_chunks], truncated
+
+
+def chunk_tokens(tokens: list[int], comma: int, *, max_chunks: int = 3,
+                 backtrack: int = COMMA_BACKTRACK) -> tuple[list[list[int]], bool]:
+    """Split caption tokens into chunks of at most 75 (WebUI rule); returns (chunks, truncated)."""
+    chunks, _fixes, truncated = chunk_prompt(tokens, comma, max_chunks=max_chunks, backtrack=backtrack)
+    return chunks, truncated
 
 
 def chunk_ids(chunk: list[int], ids: TokenIds) -> list[int]:
@@ -71,7 +127,8 @@ def chunk_ids(chunk: list[int], ids: TokenIds) -> list[int]:
 class TextConditioner:
     """Encodes captions with an ldm ``FrozenCLIPEmbedder`` (SD1) or ``FrozenOpenCLIPEmbedder`` (SD2).
 
-    The encoder is called under the caller's grad mode, so LoRA on the text encoder receives gradients.
+    The encoder is called under the caller's grad mode, so LoRA on the text encoder receives gradients. Set
+    ``placeholders`` to inject embedding vectors (see the module docstring); ``None`` (the default) encodes plain text.
     """
 
     def __init__(self, embedder, family: str, *, clip_skip: int = 1, max_chunks: int = 3):
@@ -80,6 +137,7 @@ class TextConditioner:
         self.clip_skip = clip_skip
         self.max_chunks = max_chunks
         self.truncated_captions = 0  # how many captions were longer than max_chunks × 75 tokens
+        self.placeholders: Placeholders | None = None
         if family == "sd1":
             tok = embedder.tokenizer
             self._encode_text = lambda text: tok(text, add_special_tokens=False, truncation=False)["input_ids"]
@@ -92,34 +150,64 @@ class TextConditioner:
             self.ids = TokenIds(bos=simple.encoder["<start_of_text>"], eos=simple.encoder["<end_of_text>"], pad=0,
                                 comma=simple.encoder[",</w>"])
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        """Token ids ``[B, k, 77]`` with every caption padded to the batch's chunk count ``k``."""
+    def text_ids(self, text: str) -> list[int]:
+        """The token ids of ``text`` without BOS/EOS, untruncated (the WebUI's ``cond_stage_model.tokenize``)."""
+        return list(self._encode_text(text))
+
+    @property
+    def token_embedding(self) -> torch.nn.Embedding:
+        """The text encoder's token-embedding table ``[vocab, width]`` (no position embedding)."""
+        if self.family == "sd1":
+            return self.embedder.transformer.text_model.embeddings.token_embedding
+        return self.embedder.model.token_embedding
+
+    def tokenize_prompts(self, captions: list[str]) -> tuple[torch.Tensor, list[list[Fix]]]:
+        """Token ids ``[B, k, 77]`` with every caption padded to the batch's chunk count ``k``, and the fixes of each
+        of the ``B·k`` rows (row ``b·k + c`` = chunk ``c`` of caption ``b``)."""
+        find = self.placeholders.find if self.placeholders is not None else None
         per_caption = []
         for text in captions:
-            chunks, truncated = chunk_tokens(self._encode_text(text), self.ids.comma, max_chunks=self.max_chunks)
+            chunks, fixes, truncated = chunk_prompt(self._encode_text(text), self.ids.comma,
+                                                    max_chunks=self.max_chunks, find=find)
             self.truncated_captions += int(truncated)
-            per_caption.append(chunks)
-        k = max(len(c) for c in per_caption)
-        rows = [[chunk_ids(c, self.ids) for c in chunks + [[]] * (k - len(chunks))] for chunks in per_caption]
-        return torch.tensor(rows, dtype=torch.long)
+            per_caption.append((chunks, fixes))
+        k = max(len(c) for c, _ in per_caption)
+        rows = [[chunk_ids(c, self.ids) for c in chunks + [[]] * (k - len(chunks))] for chunks, _ in per_caption]
+        row_fixes = [f for _, fixes in per_caption for f in fixes + [[]] * (k - len(fixes))]
+        return torch.tensor(rows, dtype=torch.long), row_fixes
 
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[B, k, 77]`` token ids → conditioning ``[B, 77·k, width]``."""
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Token ids ``[B, k, 77]`` with every caption padded to the batch's chunk count ``k``."""
+        return self.tokenize_prompts(captions)[0]
+
+    def encode_ids(self, ids: torch.Tensor, fixes: list[list[Fix]] | None = None) -> torch.Tensor:
+        """``[B, k, 77]`` token ids → conditioning ``[B, 77·k, width]``; ``fixes`` (per row, from
+        :meth:`tokenize_prompts`) are spliced into the token-embedding output by ``placeholders``."""
         b, k, n = ids.shape
         flat = ids.reshape(b * k, n).to(self._device())
-        if self.family == "sd1":
-            tr = self.embedder.transformer
-            if self.clip_skip > 1:
-                out = tr(input_ids=flat, output_hidden_states=True)
-                z = tr.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+        hook = None
+        if fixes and any(fixes):
+            if self.placeholders is None:
+                raise ValueError("fixes given but no placeholders are registered")
+            splice = self.placeholders.splice
+            hook = self.token_embedding.register_forward_hook(lambda _m, _args, out: splice(out, fixes))
+        try:
+            if self.family == "sd1":
+                tr = self.embedder.transformer
+                if self.clip_skip > 1:
+                    out = tr(input_ids=flat, output_hidden_states=True)
+                    z = tr.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+                else:
+                    z = tr(input_ids=flat).last_hidden_state
             else:
-                z = tr(input_ids=flat).last_hidden_state
-        else:
-            z = self.embedder.encode_with_transformer(flat)
+                z = self.embedder.encode_with_transformer(flat)
+        finally:
+            if hook is not None:
+                hook.remove()
         return z.reshape(b, k * n, z.shape[-1])
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
-        return self.encode_ids(self.tokenize(captions))
+        return self.encode_ids(*self.tokenize_prompts(captions))
 
     def _device(self) -> torch.device:
         return next(self.embedder.parameters()).device

@@ -1,0 +1,68 @@
+"""Put embedding vectors into the text encoder at the name's token slots, as the WebUI does at inference.
+
+:class:`EmbeddingSlots` is the registry a :class:`~lib_train.models.conditioning.TextConditioner` consults
+(its ``placeholders``): ``find`` recognises a registered name in a caption's tokens (its token sequence as the
+tokenizer produces it on its own, longest registered name first — the WebUI's ``find_embedding_at_position``) and
+says how many slots it takes (its vector count); the conditioner lays out the chunks and calls ``splice`` on the
+token-embedding output, which writes each occurrence's vectors at ``offset + 1`` (after BOS), cut at the end of the
+77-token row, cast to the output's dtype (FORMATS.md §C.5, §E.4; the WebUI's ``EmbeddingsWithFixes``). The vectors
+enter the graph, so training them works through the frozen text encoder and UNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from ..errors import TrainerError
+from ..models.conditioning import Fix, TextConditioner
+
+
+class EmbeddingSlots:
+    """Registered embeddings: name token ids → vectors ``[n, width]``."""
+
+    def __init__(self) -> None:
+        self._by_first: dict[int, list[tuple[tuple[int, ...], Hashable]]] = {}
+        self.vectors: dict[Hashable, torch.Tensor] = {}
+
+    def add(self, key: Hashable, ids: Sequence[int], vectors: torch.Tensor) -> None:
+        if not ids:
+            raise TrainerError(f"the embedding name {key!r} has no tokens; use letters or digits in the name")
+        ids = tuple(ids)
+        entries = [e for e in self._by_first.get(ids[0], []) if e[1] != key] + [(ids, key)]
+        self._by_first[ids[0]] = sorted(entries, key=lambda e: -len(e[0]))
+        self.vectors[key] = vectors
+
+    def find(self, tokens: Sequence[int], position: int) -> tuple[Hashable, int, int] | None:
+        for ids, key in self._by_first.get(tokens[position], ()):
+            if tuple(tokens[position:position + len(ids)]) == ids:
+                return key, len(ids), int(self.vectors[key].shape[0])
+        return None
+
+    def splice(self, embeds: torch.Tensor, fixes: list[list[Fix]]) -> torch.Tensor:
+        """``embeds`` ``[rows, 77, width]`` with the vectors of ``fixes[row]`` written after each fix's offset."""
+        out = embeds.clone()
+        for row, row_fixes in enumerate(fixes):
+            for offset, key in row_fixes:
+                vec = self.vectors[key].to(device=out.device, dtype=out.dtype)
+                n = min(out.shape[1] - offset - 1, vec.shape[0])
+                out[row, offset + 1:offset + 1 + n] = vec[:n]
+        return out
+
+
+class Injection:
+    """Registers ``vectors`` under ``name`` on ``conditioner`` until :meth:`remove` (the conditioner's previous
+    registry, usually none, is put back)."""
+
+    def __init__(self, conditioner: TextConditioner, name: str, vectors: torch.Tensor):
+        self.slots = EmbeddingSlots()
+        self.slots.add(name, conditioner.text_ids(name), vectors)
+        self._conditioner = conditioner
+        self._previous = conditioner.placeholders
+        conditioner.placeholders = self.slots
+
+    def remove(self) -> None:
+        if self._conditioner is not None:
+            self._conditioner.placeholders = self._previous
+            self._conditioner = None

@@ -1,0 +1,173 @@
+"""Textual-inversion training on a model bundle: the embedding-specific parts of a
+:class:`~lib_train.train.session.TrainingSession`.
+
+Only the new vectors are trained (FORMATS.md §C, §E.8): they are an fp32 parameter ``[n, width]`` outside the
+model, registered on the bundle's :class:`~lib_train.models.conditioning.TextConditioner` so that every occurrence
+of the embedding's name in a prompt takes ``n`` token slots and the vectors are spliced into the token-embedding
+output there — the conditioning the WebUI computes at inference with the embedding loaded. Every model weight, every
+other token-embedding row and every module flag is unchanged afterwards (the optimizer holds the vectors alone; the
+registration and hooks are removed and :class:`~lib_train.models.guard.ModelGuard` restores flags).
+
+Prompts: a template line per sample per step (``embedding.template``) with ``[name]`` = the embedding's name
+(``output.name``, also the file stem the WebUI uses) and ``[filewords]`` = the caption after shuffle/dropout.
+
+Files: ``name-000500.safetensors`` … (every intermediate save, by step or by epoch, is named by the step count),
+final ``name.safetensors``; with ``embedding.write_pt`` also the WebUI ``.pt`` of each. Resume state as for LoRA.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..data import Sample, process_caption
+from ..embedding.files import EMB_KEY, embedding_metadata, load_embedding, save_safetensors, save_webui_pt
+from ..embedding.inject import Injection
+from ..embedding.prompts import FILEWORDS, caption_names, fill, load_template
+from ..embedding.vectors import init_vectors, name_collision
+from ..errors import DatasetError, Problem, TrainerError
+from ..models.bundle import ModelBundle
+from ..models.conditioning import TextConditioner
+from .events import Commands, Events, SafeEvents
+from .prepare import PreparedData, prepare_data
+from .session import SAVE_DTYPES, RunResult, TrainingSession, run_training
+from .state import LoadedState
+
+_LISTED = 5  # files named in a problem list before "... and N more"
+
+
+def prepare_embedding_data(cfg: TrainConfig) -> PreparedData:
+    """:func:`~lib_train.train.prepare.prepare_data`, plus: without a template every caption must name the
+    embedding (else those images would train nothing)."""
+    prep = prepare_data(cfg)
+    if cfg.embedding.template == "none":
+        name = cfg.output.name
+        missing = [it for it in prep.items if not caption_names(it.caption, name)]
+        if missing:
+            problems = [Problem(str(it.path), f"the caption {it.caption!r} does not contain the embedding name "
+                                              f"'{name}' or [name]") for it in missing[:_LISTED]]
+            if len(missing) > _LISTED:
+                problems.append(Problem(str(cfg.data.train_dir), f"... and {len(missing) - _LISTED} more captions"))
+            problems.append(Problem("embedding.template (--template)",
+                                    "with template 'none' the captions are the prompts: add the name (or [name]) to "
+                                    "each caption, or use the subject or style template"))
+            raise DatasetError(problems)
+    return prep
+
+
+class EmbeddingSession(TrainingSession):
+    noun = "embedding"
+
+    def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, events: Events,
+                 commands: Commands, resume: LoadedState | None):
+        super().__init__(cfg, bundle, prep, events, commands, resume)
+        if not isinstance(bundle.encode_text, TextConditioner):
+            raise TrainerError("This model's text conditioning cannot take embeddings (it is not a TextConditioner).")
+        self.conditioner: TextConditioner = bundle.encode_text
+        self.template = load_template(cfg.embedding.template)
+        self.vectors: torch.nn.Parameter | None = None
+        self.injection: Injection | None = None
+        self.checkpoint_hash: str | None = None
+
+    # ---- setup
+    def initial_vectors(self) -> torch.Tensor:
+        """From the resume state, from ``embedding.init_from``, or created from the init text."""
+        e = self.cfg.embedding
+        width = self.conditioner.token_embedding.weight.shape[1]
+        if self.resume is not None:
+            if EMB_KEY not in self.resume.network:
+                raise TrainerError(f"The resume state in {self.state_dir} holds no embedding; it is not from an "
+                                   "embedding run.")
+            vec, source = self.resume.network[EMB_KEY], f"the resume state in {self.state_dir}"
+        elif e.init_from:
+            vec, source = load_embedding(e.init_from).vectors, e.init_from
+        else:
+            return init_vectors(self.conditioner, e.init_text, e.vectors)
+        if tuple(vec.shape) != (e.vectors, width):
+            raise TrainerError(f"{source} holds {vec.shape[0]} vectors of width {vec.shape[1]}; this "
+                               f"{self.bundle.family} model needs width {width}, and embedding.vectors (--vectors) is "
+                               f"{e.vectors}. Use an embedding made for this model family, with --vectors "
+                               f"{vec.shape[0]}.")
+        return vec
+
+    def attach(self) -> None:
+        self.vectors = torch.nn.Parameter(self.initial_vectors().to(self.device, torch.float32))
+        warning = name_collision(self.conditioner, self.name)
+        if warning:
+            self.events.warning(warning)
+            self.notes.append(warning)
+        self.injection = Injection(self.conditioner, self.name, self.vectors)
+
+    def detach(self) -> None:
+        if self.injection is not None:
+            self.injection.remove()
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [self.vectors]}]
+
+    def checkpointed_modules(self):
+        return self.bundle.unet, self.bundle.text_encoder  # the gradient reaches the vectors through both
+
+    def started(self) -> None:
+        if self.cfg.embedding.write_pt:
+            try:
+                self.checkpoint_hash = self.bundle.checkpoint_hashes().get("sha256", "")[:10] or None
+            except OSError:
+                self.checkpoint_hash = None
+
+    # ---- per step
+    def prompts(self, batch: list[Sample]) -> list[str]:
+        d, out = self.cfg.data, []
+        for s in batch:
+            rng = random.Random(s.seed)
+            line = rng.choice(self.template) if self.template else FILEWORDS
+            caption = process_caption(self.prep.items[s.index].caption, shuffle=d.shuffle_caption,
+                                      keep_tokens=d.keep_tokens, caption_dropout_rate=d.caption_dropout,
+                                      tag_dropout_rate=d.tag_dropout, rng=rng)
+            out.append(fill(line, self.name, caption))
+        return out
+
+    def condition(self, prompts: list[str]) -> torch.Tensor:
+        return self.conditioner(prompts)
+
+    # ---- saving
+    def step_stem(self, step: int) -> str:
+        return f"{self.name}-{step:06d}"
+
+    def epoch_stem(self, epoch: int) -> str:
+        return self.step_stem(self.step)  # every intermediate file is named by its step count
+
+    def save_model(self, stem: str, kind: str, epoch: int, finished: bool = False) -> str:
+        vec = self.vectors.detach().to(SAVE_DTYPES[self.cfg.output.save_precision])
+        meta = embedding_metadata(title=stem, family=self.bundle.family, prediction=self.bundle.prediction,
+                                  resolution=self.cfg.data.resolution, started_at=self.started_at,
+                                  clip_skip=self.cfg.model.clip_skip, description=self.cfg.output.comment)
+        path = str(save_safetensors(self.out_dir / f"{stem}.safetensors", vec, meta))
+        self.record_saved(path, kind)
+        if self.cfg.embedding.write_pt:
+            checkpoint = os.path.splitext(self.bundle.checkpoint_name)[0] or None
+            pt = save_webui_pt(self.out_dir / f"{stem}.pt", vec, name=stem, step=self.step,
+                               checkpoint_hash=self.checkpoint_hash, checkpoint_name=checkpoint)
+            self.record_saved(str(pt), kind)
+        return path
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {EMB_KEY: self.vectors.detach().to("cpu", torch.float32).clone()}
+
+
+def train_embedding(cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, *, events: Events | None = None,
+                    commands: Commands | None = None, resume: LoadedState | None = None) -> RunResult:
+    """Train a textual-inversion embedding on ``bundle``; the model is left exactly as it was."""
+    if resume is not None and resume.state.config.get("method") != "embedding":
+        raise TrainerError("This resume state is not from an embedding run; resume it with the command that started "
+                           "it (python -m lib_train lora --resume ...).")
+    pt = Path(cfg.output.output_dir) / f"{cfg.output.name}.pt"
+    if resume is None and cfg.embedding.write_pt and pt.exists() and not cfg.output.overwrite:
+        raise TrainerError(f"{pt} already exists. Choose another output.name, delete the file, or set "
+                           "output.overwrite (--overwrite) to replace it.")
+    session = EmbeddingSession(cfg, bundle, prep, SafeEvents(events or Events()), commands or Commands(), resume)
+    return run_training(session)
