@@ -152,15 +152,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for cmd in COMMANDS.values():
         sp = sub.add_parser(cmd.name, help=cmd.help[0].lower() + cmd.help[1:-1],
-                            description=f"{cmd.help} Boolean flags take true/false.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            description=f"{cmd.help} Boolean flags alone mean true; they also take true/false.")
         sp.add_argument("--config", help="JSON or TOML config file (flags given here override it)")
         sp.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its NAME-state folder")
         sp.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
         sp.add_argument("--dry-run", action="store_true", help="check settings and dataset, print the plan, exit")
         sp.add_argument("--write-config", metavar="FILE", help="write the resulting config to FILE and exit")
         for f in cmd.flags:
-            extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if f.type is _bool else {"metavar": f.metavar}
+            extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if f.type is _bool else {"metavar": f.metavar or (f.choices and "{" + ",".join(f.choices) + "}") or f.key.split(".")[1].upper()}
             sp.add_argument(f.flag, dest=f.key, type=f.type, default=None, choices=f.choices, help=f.help, **extra)
     return p
 
