@@ -150,7 +150,7 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path, tiny_checkpoint):
     err += rest
     assert proc.returncode == 130, err
     assert "resume with: python -m lib_train lora --resume" in err
-    state_dir = tmp_path / "out" / "run-state"
+    state_dir = tmp_path / "out" / ".run-state"
     assert (state_dir / "state.json").is_file()
     assert list((tmp_path / "out").glob("run-step*.safetensors"))
     assert not (tmp_path / "out" / "run.safetensors").exists()

@@ -1,21 +1,24 @@
 """Resume state: everything needed to continue a run exactly where it stopped.
 
-A state folder ``<output>/<name>-state/`` holds:
+A state folder ``<output>/.<name>-state/`` holds (hidden, so the WebUI's Lora list never shows the weights inside
+as a LoRA card):
 
 - ``state.json``: position (optimizer step, epoch, batch within the epoch), the run's config, facts (session id,
   start time, optimizer used), the dataset fingerprint and the files saved so far;
 - ``network.safetensors``: the LoRA weights in fp32 (kohya keys);
-- ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``: ``torch.save`` of plain state dicts, read back with
-  ``torch.load(weights_only=True)`` (tensors, numbers, lists and dicts only — never arbitrary pickles).
+- ``optimizer``, ``scheduler``, ``scaler``: each state dict as a ``.json`` structure whose tensors live in a
+  ``.safetensors`` file next to it (:func:`save_tree`). No pickle at all: nothing to trust when loading, and the
+  WebUI's ``torch.load`` replacement (which rejects files written by recent torch) is never involved.
 
 All randomness of a step is derived from (seed, step), and the epoch plans from (seed, epoch), so no RNG state needs
 saving: the resumed run draws exactly what the uninterrupted run would have drawn. The folder is replaced
-atomically: written as ``<name>-state.tmp-*``, then swapped in.
+atomically: written as ``.<name>-state.tmp-*``, then swapped in.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import UMASK
 from ..errors import TrainerError
 
 STATE_VERSION = 1
@@ -47,7 +51,61 @@ class RunState:
 
 
 def state_dir_for(output_dir: str | os.PathLike, name: str) -> Path:
-    return Path(output_dir) / f"{name}-state"
+    return Path(output_dir) / f".{name}-state"
+
+
+def _tensor_ref(tensors: dict[str, torch.Tensor], t: torch.Tensor) -> dict:
+    key = str(len(tensors))
+    tensors[key] = t.detach().to("cpu").contiguous().clone()
+    return {"__tensor__": key}
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON-able copy of a state dict; tensors moved to ``tensors``; tuples, int keys and non-finite floats kept."""
+    if isinstance(obj, torch.Tensor):
+        return _tensor_ref(tensors, obj)
+    if isinstance(obj, dict):
+        return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a resume state")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__float__" in obj:
+            return float(obj["__float__"])
+    return obj
+
+
+def save_tree(folder: Path, name: str, obj: Any) -> None:
+    """Write a state dict as ``name.json`` + ``name.safetensors`` (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    (folder / f"{name}.json").write_text(json.dumps(_encode(obj, tensors)), encoding="utf-8")
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+
+
+def load_tree(folder: Path, name: str) -> Any:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    return _decode(json.loads((folder / f"{name}.json").read_text(encoding="utf-8")), tensors)
 
 
 def save_state(directory: str | os.PathLike, state: RunState, network_tensors: dict[str, torch.Tensor],
@@ -59,10 +117,10 @@ def save_state(directory: str | os.PathLike, state: RunState, network_tensors: d
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         save_file(network_tensors, str(tmp / "network.safetensors"))
-        torch.save(optimizer, tmp / "optimizer.pt")
-        torch.save(scheduler, tmp / "scheduler.pt")
+        save_tree(tmp, "optimizer", optimizer)
+        save_tree(tmp, "scheduler", scheduler)
         if scaler is not None:
-            torch.save(scaler, tmp / "scaler.pt")
+            save_tree(tmp, "scaler", scaler)
         (tmp / "state.json").write_text(json.dumps(state.to_json(), indent=2), encoding="utf-8")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -72,6 +130,7 @@ def save_state(directory: str | os.PathLike, state: RunState, network_tensors: d
             old = directory.with_name(directory.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
+        os.chmod(tmp, 0o777 & ~UMASK)
         os.replace(tmp, directory)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -94,12 +153,12 @@ def load_state(directory: str | os.PathLike) -> LoadedState:
     directory = Path(directory)
     state_file = directory / "state.json"
     if not state_file.is_file():
-        # Accept the output folder too: find the single *-state folder in it.
-        candidates = sorted(directory.glob("*-state")) if directory.is_dir() else []
+        # Accept the output folder too: find the single .*-state folder in it.
+        candidates = sorted(directory.glob(".*-state")) if directory.is_dir() else []
         if len(candidates) == 1:
             return load_state(candidates[0])
         raise TrainerError(f"{directory} is not a resume-state folder (no state.json). Point --resume at the "
-                           "'<name>-state' folder the interrupted run wrote.")
+                           "'.<name>-state' folder the interrupted run wrote (or at its output folder).")
     try:
         data = json.loads(state_file.read_text(encoding="utf-8"))
         version = data.pop("version", 0)
@@ -109,10 +168,9 @@ def load_state(directory: str | os.PathLike) -> LoadedState:
         from safetensors.torch import load_file
 
         network = load_file(str(directory / "network.safetensors"))
-        optimizer = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-        scheduler = torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True)
-        scaler_file = directory / "scaler.pt"
-        scaler = torch.load(scaler_file, map_location="cpu", weights_only=True) if scaler_file.exists() else None
+        optimizer = load_tree(directory, "optimizer")
+        scheduler = load_tree(directory, "scheduler")
+        scaler = load_tree(directory, "scaler") if (directory / "scaler.json").exists() else None
     except TrainerError:
         raise
     except Exception as e:  # noqa: BLE001 - any damage means the state cannot be used
