@@ -8,7 +8,7 @@ from conftest import tiny_state_dict
 from safetensors.torch import save_file
 
 from lib_train.errors import TrainerError
-from lib_train.models.build import build_latent_diffusion, ldm_config, tiny_spec
+from lib_train.models.build import ldm_config, tiny_spec
 from lib_train.models.checkpoint import load_checkpoint, read_state_dict
 from lib_train.models.spec import detect_family, infer_spec, sd2_spec, sd15_spec
 

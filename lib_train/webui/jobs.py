@@ -1,0 +1,331 @@
+"""Training jobs inside the WebUI: one at a time, on the loaded checkpoint, reported through ``shared.state``.
+
+A job is created from a config (the same schema as a config file; ``model.checkpoint`` is ignored: the loaded
+checkpoint is trained) — everything that can be checked before any model work is checked then, so a bad request
+fails at once with the setting or file named — and then run:
+
+- by :meth:`JobManager.start` on a thread of its own that waits for the WebUI's ``queue_lock`` (no generation and
+  no checkpoint change while it trains) and opens/closes ``shared.state`` and a progress task itself (the API), or
+- by :meth:`JobManager.run` in the caller's thread when the caller already holds both (a Gradio click wrapped in
+  ``modules.call_queue.wrap_gradio_gpu_call``).
+
+During a run, events update the job's status (state, step, total, loss, ETA, saved files, error text) and
+``shared.state`` (``job_count``/``job_no`` = steps, ``textinfo``), so the WebUI's progress bar and ``/internal/progress``
+follow it; the WebUI's Interrupt (``shared.state.interrupted``) or :meth:`JobManager.interrupt` stops it after the
+current step, saving the file and the resume state. Outputs default to a folder per run under the method's WebUI
+folder (LoRA: ``--lora-dir``, default ``models/Lora``), and the WebUI's list is refreshed after each save so new files
+show in the cards at once. What runs each method is the :data:`METHODS` table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import config as config_mod
+from ..atomic import check_output_name
+from ..config import TrainConfig, from_dict, save_config, validate
+from ..errors import ConfigError, Problem, TrainerError
+from ..train.events import Commands, Events, Progress
+from ..train.lora_trainer import prepare_data, train_lora
+from ..train.prepare import PreparedData
+from ..train.state import LoadedState, load_state
+
+ACTIVE_STATES = ("queued", "running")
+
+
+@dataclass
+class JobStatus:
+    """What a client sees of a job (``GET /trainer/v1/jobs/{id}``); times are Unix seconds, durations seconds."""
+
+    id: str
+    method: str
+    name: str
+    output_dir: str
+    state: str = "queued"  # queued → running → finished | interrupted | error
+    phase: str = ""  # the trainer's last status line ("Caching latents 4/4", "Training: 20 steps")
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    total_epochs: int = 0
+    loss: float | None = None  # mean loss of the last logging interval
+    lr: float | None = None
+    eta_s: float | None = None
+    elapsed_s: float | None = None
+    saved: list[str] = field(default_factory=list)  # model files written, in order
+    final_file: str | None = None  # the run's last file (final, or the one saved on interrupt)
+    state_dir: str | None = None  # resume state, once written
+    error: str = ""
+    notes: list[str] = field(default_factory=list)  # warnings and adjustments the user should know about
+    resumed_from: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """How the WebUI runs one training method."""
+
+    prepare: Callable[[TrainConfig], PreparedData]  # dataset scan and step count (raises DatasetError)
+    train: Callable[..., Any]  # train(cfg, bundle, prep, *, events, commands, resume) -> RunResult
+    output_root: Callable[[], str]  # the WebUI folder its files go to by default (a run gets a subfolder)
+    refresh: Callable[[], None]  # make the WebUI list new files
+
+
+def lora_dir() -> str:
+    """The built-in Lora extension's folder (``--lora-dir``, default ``models/Lora``)."""
+    from modules import paths, shared
+
+    return getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
+
+
+def refresh_lora_list() -> None:
+    from .model import lora_extension
+
+    networks = lora_extension()
+    if networks is not None:
+        networks.list_available_networks()
+
+
+# config ``method`` → how the WebUI runs it. A method missing here is refused with a clear message.
+METHODS: dict[str, Method] = {
+    "lora": Method(prepare=prepare_data, train=train_lora, output_root=lora_dir, refresh=refresh_lora_list),
+}
+
+
+class JobConflict(TrainerError):
+    """Another job is queued or running."""
+
+
+class WebUICommands(Commands):
+    """Stops also when the WebUI's Interrupt sets ``shared.state.interrupted`` (only while the job owns the state)."""
+
+    def stop_requested(self) -> bool:
+        from modules import shared
+
+        return self.stop_requested_here() or bool(shared.state.interrupted)
+
+    def stop_requested_here(self) -> bool:
+        return super().stop_requested()
+
+
+class Job:
+    def __init__(self, cfg: TrainConfig, prep: PreparedData, method: Method, resume: LoadedState | None,
+                 resumed_from: str | None, notes: list[str]):
+        self.cfg, self.prep, self.method, self.resume = cfg, prep, method, resume
+        self.commands = WebUICommands()
+        job_id = uuid.uuid4().hex[:12]
+        self.status = JobStatus(id=job_id, method=cfg.method, name=cfg.output.name,
+                                output_dir=str(Path(cfg.output.output_dir).resolve()),
+                                total_steps=prep.total_steps, total_epochs=prep.total_epochs, notes=list(notes),
+                                resumed_from=resumed_from,
+                                step=resume.state.step if resume else 0)
+        self.task_id = f"task(trainer-{job_id})"  # the id the WebUI's progress API knows it by
+        self.thread: threading.Thread | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.status)
+
+    def release(self) -> None:
+        """Drop what only a run needs (the dataset plan, a loaded resume state) once the job has ended."""
+        self.prep = self.resume = None
+
+
+class _JobEvents(Events):
+    """Trainer events → the job's status and ``shared.state``."""
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def status(self, text: str) -> None:
+        from modules import shared
+
+        self.job.status.phase = text
+        shared.state.textinfo = text
+
+    def progress(self, p: Progress) -> None:
+        from modules import shared
+
+        s = self.job.status
+        s.step, s.total_steps, s.epoch, s.total_epochs = p.step, p.total_steps, p.epoch, p.total_epochs
+        s.loss, s.lr, s.eta_s, s.elapsed_s = p.loss, p.lr, p.eta, p.elapsed
+        shared.state.job_count = p.total_steps
+        shared.state.job_no = p.step
+        loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
+        shared.state.textinfo = f"Training step {p.step}/{p.total_steps}, epoch {p.epoch}/{p.total_epochs}{loss}"
+
+    def saved(self, path: str, kind: str) -> None:
+        s = self.job.status
+        if kind == "state":
+            s.state_dir = path
+            return
+        if path not in s.saved:
+            s.saved.append(path)
+        s.final_file = path
+        self.job.method.refresh()
+
+    def warning(self, text: str) -> None:
+        self.job.status.notes.append(text)
+
+
+class JobManager:
+    """Creates and runs jobs, one at a time, and keeps their status for this WebUI session."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    # ---- queries
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        """Every job of this session, newest first."""
+        return sorted(self._jobs.values(), key=lambda j: j.status.created_at, reverse=True)
+
+    def active(self) -> Job | None:
+        return next((j for j in self._jobs.values() if j.status.state in ACTIVE_STATES), None)
+
+    # ---- creation
+    def create(self, data: dict[str, Any] | None = None, *, resume_dir: str | None = None) -> Job:
+        """A checked, prepared job from a config dict, or from a resume-state folder (its saved config).
+
+        Raises :class:`ConfigError` naming each bad setting, :class:`~lib_train.errors.DatasetError` naming each bad
+        file, :class:`JobConflict` while another job is active, :class:`TrainerError` when the loaded checkpoint or
+        the WebUI's mode cannot be trained.
+        """
+        from .host import inspect_host
+
+        self._refuse_if_busy()
+        resume = None
+        if resume_dir:
+            resume = load_state(resume_dir)
+        cfg = from_dict(resume.state.config if resume else (data or {}))
+        method = METHODS.get(cfg.method)
+        if method is None and cfg.method in config_mod.METHODS:
+            raise ConfigError([Problem("method", f"'{cfg.method}' training is not available in the WebUI yet; use "
+                                                 f"the command line: python -m lib_train {cfg.method} ...")])
+        notes = self._settle_paths(cfg, method)
+        validate(cfg, headless=False)  # an unknown method is reported here
+        final = Path(cfg.output.output_dir) / f"{cfg.output.name}.safetensors"
+        if resume is None and final.exists() and not cfg.output.overwrite:
+            raise ConfigError([Problem("output.name", f"{final} already exists; choose another name, delete the "
+                                                      "file, or set output.overwrite to replace it")])
+        report = inspect_host()
+        if not report.supported:
+            raise TrainerError(report.reason)
+        prep = method.prepare(cfg)
+        job = Job(cfg, prep, method, resume, str(Path(resume_dir).resolve()) if resume_dir else None, notes)
+        with self._lock:
+            self._refuse_if_busy()
+            self._jobs[job.status.id] = job
+        return job
+
+    def _refuse_if_busy(self) -> None:
+        active = self.active()
+        if active is not None:
+            raise JobConflict(f"Training job {active.status.id} ('{active.status.name}') is {active.status.state}; "
+                              "wait for it to end or interrupt it first.")
+
+    @staticmethod
+    def _settle_paths(cfg: TrainConfig, method: Method | None) -> list[str]:
+        """Drop ``model.checkpoint`` (the loaded checkpoint is trained) and default ``output.output_dir`` to a
+        subfolder named after the run in the method's WebUI folder."""
+        notes = []
+        if cfg.model.checkpoint:
+            notes.append(f"model.checkpoint ({cfg.model.checkpoint}) is ignored in the WebUI: the loaded checkpoint "
+                         "is trained.")
+            cfg.model.checkpoint = ""
+        if not cfg.output.output_dir and method is not None:
+            root = method.output_root()
+            name_ok = check_output_name(cfg.output.name) is None
+            cfg.output.output_dir = os.path.join(root, cfg.output.name) if name_ok else root
+        return notes
+
+    # ---- running
+    def start(self, job: Job) -> None:
+        """Run ``job`` on a thread of its own, queued behind any generation (the API's way)."""
+        from modules import progress
+
+        progress.add_task_to_queue(job.task_id)
+        job.thread = threading.Thread(target=self._run_queued, args=(job,), name=f"trainer-{job.status.id}",
+                                      daemon=True)
+        job.thread.start()
+
+    def _run_queued(self, job: Job) -> None:
+        from modules import call_queue, progress, shared
+
+        with call_queue.queue_lock:
+            if job.commands.stop_requested_here():
+                job.status.state, job.status.ended_at = "interrupted", time.time()
+                job.status.phase = "Cancelled before it started"
+                job.release()
+                progress.finish_task(job.task_id)
+                return
+            shared.state.begin(job=job.task_id)
+            progress.start_task(job.task_id)
+            try:
+                self.run(job)
+            finally:
+                progress.finish_task(job.task_id)
+                shared.state.end()
+                shared.state.interrupted = False  # as the WebUI resets it after each queued call
+                shared.state.skipped = False
+                shared.state.stopping_generation = False
+
+    def run(self, job: Job) -> JobStatus:
+        """Run ``job`` in this thread. The caller holds ``queue_lock`` and has begun ``shared.state``."""
+        from modules import errors, shared
+
+        from .model import loaded_model_bundle, match_model_precision
+
+        s, cfg = job.status, job.cfg
+        s.state, s.started_at = "running", time.time()
+        shared.state.job_count = job.prep.total_steps
+        shared.state.job_no = s.step
+        events = _JobEvents(job)
+        try:
+            note = match_model_precision(cfg)
+            if note:
+                events.warning(note)
+            with loaded_model_bundle(cfg, note=events.warning) as bundle:
+                out_dir = Path(cfg.output.output_dir)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, out_dir / f"{cfg.output.name}.config.json")
+                result = job.method.train(cfg, bundle, job.prep, events=events, commands=job.commands,
+                                          resume=job.resume)
+            s.state, s.step = result.status, result.step
+            s.final_file = result.final_file or s.final_file
+            s.state_dir = result.state_dir or s.state_dir
+            if result.last_loss is not None:
+                s.loss = result.last_loss
+            if s.state == "interrupted" and s.state_dir is None:
+                s.phase = "Interrupted before the first step; nothing to resume"
+        except TrainerError as e:
+            s.state, s.error = "error", str(e)
+        except Exception as e:  # noqa: BLE001 - a bug: keep the traceback in the log, the message in the status
+            s.state, s.error = "error", f"{type(e).__name__}: {e}"
+            errors.report(f"sd-webui-trainer: job {s.id} failed", exc_info=True)
+        finally:
+            s.ended_at = time.time()
+            if s.saved:
+                job.method.refresh()
+            job.release()
+        return s
+
+    def interrupt(self, job_id: str) -> Job | None:
+        """Ask ``job_id`` to stop after the current step (a queued job is cancelled); None if unknown."""
+        job = self._jobs.get(job_id)
+        if job is not None and job.status.state in ACTIVE_STATES:
+            job.commands.request_stop()
+        return job
+
+
+manager = JobManager()  # the WebUI process's one job manager (API and tab share it)

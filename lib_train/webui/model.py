@@ -1,0 +1,191 @@
+"""``shared.sd_model`` as a :class:`~lib_train.models.bundle.ModelBundle`, for the duration of one run.
+
+:func:`loaded_model_bundle` prepares the loaded checkpoint for training in place (FORMATS.md §E.1-§E.4, §E.6) and
+puts back what it changed, however the run ends:
+
+- networks the built-in Lora extension merged into the weights are taken out (weights restored from its backup,
+  ``loaded_networks`` emptied): the run trains on the checkpoint's own weights, and they stay that way afterwards;
+  the next generation loads whatever ``<lora:…>`` its prompt names. Hypernetworks are set aside and put back;
+- the options that shape text conditioning are pinned and restored: clip skip from ``model.clip_skip``
+  (``CLIP_stop_at_last_layers``), emphasis "None" (brackets in captions are literal text, as in kohya), the new
+  emphasis implementation, and comma padding backtrack 20 (the rule the headless conditioner uses);
+- text goes through the WebUI's own prompt wrapper ``sd_model.cond_stage_model(captions)`` (chunking, clip skip,
+  the embeddings database: a caption naming a loaded embedding gets it, as at inference), the UNet through
+  ``sd_model.apply_model`` (the WebUI casts to the model's dtype under ``devices.autocast()``);
+- the noise schedule is ``alphas_cumprod_original`` (fp32; see ``ModelBundle.alphas_cumprod``);
+- every weight of the model is frozen for the run (the WebUI leaves the UNet's ``requires_grad`` on; a backward
+  pass would otherwise compute and hold a gradient for each of its ~860M weights) and its flag put back afterwards;
+- other flags, hooks and train/eval modes are restored by the trainer's own ``ModelGuard``; the embeddings
+  database is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..config import TrainConfig
+from ..models.bundle import ModelBundle
+from ..models.conditioning import COMMA_BACKTRACK
+from .host import require_trainable_model
+
+# WebUI model dtype → ``train.mixed_precision`` that computes in it (the session's autocast and grad scaler).
+_PRECISION_FOR_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "no"}
+
+
+class WebUIModelBundle(ModelBundle):
+    """A bundle whose UNet call is the WebUI's ``apply_model`` (dtype casts and ``devices.autocast()``)."""
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.model.apply_model(x_t, t, cond)
+
+
+class WebUIText:
+    """Captions → ``[B, 77·k, width]`` through the WebUI's prompt wrapper, under the WebUI's autocast."""
+
+    def __init__(self, wrapper: torch.nn.Module):
+        self.wrapper = wrapper
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        from modules import devices
+
+        with devices.autocast():
+            return self.wrapper(list(captions))
+
+
+def conditioning_options(clip_skip: int) -> dict[str, Any]:
+    """The WebUI options that decide how a caption is encoded, as a run pins them."""
+    return {"CLIP_stop_at_last_layers": clip_skip, "emphasis": "None", "use_old_emphasis_implementation": False,
+            "comma_padding_backtrack": COMMA_BACKTRACK}
+
+
+@contextmanager
+def pinned_options(values: dict[str, Any]) -> Iterator[None]:
+    """Set ``shared.opts`` values for the block; afterwards each key is back as it was (or absent again)."""
+    from modules import shared
+
+    data = shared.opts.data
+    before = {key: (key in data, data.get(key)) for key in values}
+    data.update(values)
+    try:
+        yield
+    finally:
+        for key, (present, value) in before.items():
+            if present:
+                data[key] = value
+            else:
+                data.pop(key, None)
+
+
+def lora_extension() -> Any | None:
+    """The built-in Lora extension's ``networks`` module, or None when that extension is off."""
+    module = sys.modules.get("networks")
+    needed = ("loaded_networks", "network_restore_weights_from_backup", "list_available_networks")
+    return module if module is not None and all(hasattr(module, n) for n in needed) else None
+
+
+def clear_loaded_networks(model: torch.nn.Module) -> list[str]:
+    """Take every network the built-in Lora extension applied out of ``model`` (FORMATS.md §E.2); returns their
+    names. Merged weights are copied back from the extension's backup; ``network_current_names = ()`` tells it the
+    weights are the originals again."""
+    networks = lora_extension()
+    if networks is None:
+        return []
+    names = [getattr(n, "name", "?") for n in networks.loaded_networks]
+    networks.loaded_networks.clear()
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "network_current_names", ()):
+                networks.network_restore_weights_from_backup(module)
+                module.network_current_names = ()
+    return names
+
+
+def match_model_precision(cfg: TrainConfig) -> str:
+    """Set ``cfg.train.mixed_precision`` to compute in the loaded model's dtype; returns a note when that replaced
+    an explicit setting ("" otherwise)."""
+    from modules import devices
+
+    wanted = _PRECISION_FOR_DTYPE.get(devices.dtype_unet, "auto")
+    before = cfg.train.mixed_precision
+    cfg.train.mixed_precision = wanted
+    if before not in ("auto", wanted):
+        return (f"train.mixed_precision '{before}' does not apply in the WebUI: the loaded model computes in "
+                f"{str(devices.dtype_unet).replace('torch.', '')}, so the run uses '{wanted}'.")
+    return ""
+
+
+def _checkpoint_hashes(info: Any) -> Callable[[], dict[str, str]]:
+    def hashes() -> dict[str, str]:
+        if info is None:
+            return {}
+        if not getattr(info, "sha256", None):
+            info.calculate_shorthash()  # the WebUI caches it; first time it reads the whole file
+        return {k: v for k, v in (("legacy", getattr(info, "hash", None)), ("sha256", info.sha256)) if v}
+
+    return hashes
+
+
+def build_bundle(model: Any, family: str, cfg: TrainConfig) -> tuple[WebUIModelBundle, str]:
+    """The bundle over the loaded ``model``, and a note when ``model.prediction`` overrides the model's own type."""
+    own = getattr(model, "parameterization", "eps")
+    prediction = own if cfg.model.prediction == "auto" else cfg.model.prediction
+    note = "" if prediction == own else (f"model.prediction '{prediction}' overrides the loaded model's own "
+                                         f"'{own}'; generation in the WebUI will still use '{own}'.")
+    info = getattr(model, "sd_checkpoint_info", None)
+    bundle = WebUIModelBundle(
+        model=model, family=family, prediction=prediction, text_encoder=model.cond_stage_model.wrapped,
+        encode_text=WebUIText(model.cond_stage_model),
+        checkpoint_name=os.path.basename(getattr(info, "filename", "") or ""),
+        checkpoint_hashes=_checkpoint_hashes(info),
+        resolution=768 if (family == "sd2" and prediction == "v") else 512)
+    return bundle, note
+
+
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """``requires_grad=False`` on every parameter of ``model`` for the block, each flag restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+
+@contextmanager
+def loaded_model_bundle(cfg: TrainConfig, note: Callable[[str], None] = lambda text: None
+                        ) -> Iterator[WebUIModelBundle]:
+    """The loaded checkpoint, prepared for a run of ``cfg`` (see the module docstring); restores on exit.
+
+    Raises :class:`~lib_train.errors.TrainerError` when the checkpoint or the WebUI's mode cannot be trained.
+    ``note`` receives what the user should know (networks taken out, overridden settings).
+    """
+    from modules import sd_hijack, shared
+
+    model, family = require_trainable_model()
+    hijack = sd_hijack.model_hijack
+    comments, extra_params = list(hijack.comments), dict(hijack.extra_generation_params)
+    hypernetworks = shared.loaded_hypernetworks
+    unloaded = clear_loaded_networks(model)
+    if unloaded:
+        note(f"Took the LoRA networks applied by the last generation out of the weights: {', '.join(unloaded)}.")
+    if hypernetworks:
+        note("Hypernetworks are left out during training.")
+    shared.loaded_hypernetworks = []
+    try:
+        bundle, prediction_note = build_bundle(model, family, cfg)
+        if prediction_note:
+            note(prediction_note)
+        with pinned_options(conditioning_options(cfg.model.clip_skip)), frozen(model):
+            yield bundle
+    finally:
+        shared.loaded_hypernetworks = hypernetworks
+        hijack.fixes = None
+        hijack.comments = comments
+        hijack.extra_generation_params = extra_params

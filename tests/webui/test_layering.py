@@ -1,0 +1,66 @@
+"""Layering (DESIGN.md §2): only ``lib_train/webui/`` may touch the WebUI's ``modules`` or ``launch``.
+
+Runs without a WebUI: every other module of ``lib_train`` must import in a fresh interpreter where importing
+``modules`` or ``launch`` fails, and no source file outside ``lib_train/webui/`` may import them, even lazily.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "lib_train"
+WEBUI_ONLY = ("modules", "launch")
+
+_IMPORT_ALL = r"""
+import importlib, json, pkgutil, sys
+for name in %(blocked)r:
+    sys.modules[name] = None  # "import modules" now raises ImportError
+import lib_train
+names = sorted(m.name for m in pkgutil.walk_packages(lib_train.__path__, "lib_train.")
+               if not m.name.startswith("lib_train.webui.") and m.name != "lib_train.__main__")
+failed = {}
+for name in names:
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        failed[name] = f"{type(e).__name__}: {e}"
+print(json.dumps({"imported": names, "failed": failed,
+                  "webui_loaded": sorted(m for m in sys.modules if m.startswith("lib_train.webui."))}))
+"""
+
+
+def test_library_imports_without_the_webui():
+    code = _IMPORT_ALL % {"blocked": WEBUI_ONLY}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["failed"] == {}
+    assert "lib_train.cli" in report["imported"] and "lib_train.train.lora_trainer" in report["imported"]
+    assert "lib_train.webui" in report["imported"]  # the package itself imports nothing from the WebUI
+    assert report["webui_loaded"] == []  # nothing outside the WebUI layer pulls it in
+
+
+def _webui_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+        found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in WEBUI_ONLY]
+    return found
+
+
+def test_no_source_outside_the_webui_layer_imports_the_webui():
+    files = [p for p in PACKAGE.rglob("*.py") if "webui" not in p.relative_to(PACKAGE).parts]
+    assert len(files) > 20
+    offenders = [hit for p in files for hit in _webui_imports(p)]
+    assert offenders == []
+
+
+def test_the_check_sees_lazy_webui_imports():
+    webui_layer = sorted((PACKAGE / "webui").glob("*.py"))
+    assert any(_webui_imports(p) for p in webui_layer)  # the layer itself does import modules, inside functions
