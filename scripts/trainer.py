@@ -25,12 +25,14 @@ def check_package() -> None:
 
 
 def register_callbacks() -> None:
-    """Register with the WebUI: the API routes (``/trainer/v1/``). The tab and the settings section are added here."""
+    """Register with the WebUI: the API routes (``/trainer/v1/``), the Trainer tab and its settings section."""
     from modules import script_callbacks
 
-    from lib_train.webui import api
+    from lib_train.webui import api, ui_webui
 
     script_callbacks.on_app_started(api.register_routes)
+    script_callbacks.on_ui_tabs(ui_webui.on_ui_tabs)
+    script_callbacks.on_ui_settings(ui_webui.on_ui_settings)
 
 
 check_package()

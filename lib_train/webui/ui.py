@@ -1,0 +1,290 @@
+"""The Trainer tab: ``build_ui(info, backend)`` → a ``gr.Blocks``.
+
+The builder never touches the WebUI (adetailer's pattern): WebUI facts come in as :class:`WebuiInfo`, and what a
+button does to the WebUI as :class:`Backend` callables (built from ``modules`` in :mod:`.ui_webui`), so the tab
+builds and its handlers run with plain gradio (tests/test_ui_build.py).
+
+Layout: method and presets; the dataset panel (folder, Scan → validation report, folder counts, step formula, the
+first images with their captions); the settings in accordions, one component per config field
+(:mod:`.ui_fields`); config save/load; Train / Interrupt / Resume with the WebUI's progress bar, and the job's
+status. Train and Resume go through ``Backend.wrap_gpu_call`` (the WebUI's ``wrap_gradio_gpu_call``) with a task
+id as the first input, which ``sd_trainer_start()`` (javascript/trainer.js) fills in and follows with the WebUI's
+``requestProgress``. Uses only gradio APIs present in 3.41 and 4.x (``gr.update``, no ``.style()``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from ..config import METHODS, TrainConfig, from_dict, load_config, save_config
+from ..data import scan_dataset
+from ..errors import ConfigError, DatasetError, Problem, TrainerError
+from . import ui_render
+from .ui_fields import GROUPS, KEYS, METHOD_GROUPS, SPECS, FieldSpec, config_to_values, method_default_changes, \
+    values_to_dict
+from .ui_presets import PRESETS
+
+GALLERY_IMAGES = 24  # images shown after a scan
+_RUN_FILE = re.compile(r"^(?P<name>.+?)(-step\d+|-\d+)?$")  # NAME, NAME-000003, NAME-step00000020
+
+
+@dataclass(frozen=True)
+class WebuiInfo:
+    """Facts about the WebUI the tab is built in (read once, at UI build time)."""
+
+    lora_dir: str  # where LoRA runs go by default (``--lora-dir``), a run per subfolder
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the tab's buttons do in the WebUI (:mod:`.ui_webui` builds the real one)."""
+
+    wrap_gpu_call: Callable[..., Callable]  # (fn, extra_outputs=[...]) → fn run under the WebUI's queue and progress
+    create_job: Callable[..., Any]  # (data=None, *, resume_dir=None) → a job; raises TrainerError subclasses
+    run_job: Callable[[Any], dict]  # run a created job in this thread → its status dict (JobStatus fields)
+    interrupt: Callable[[], dict | None]  # stop the active job after its step → its status dict; None if none
+    latest_status: Callable[[], dict | None]  # the newest job's status dict; None before the first job
+    host_status: Callable[[], tuple[bool, str]]  # (trainable, text): can the loaded checkpoint be trained here?
+    default_output_dir: Callable[[str], str]  # run name → output folder for an empty one ("" = the backend's)
+
+
+def js_kwarg(function: str) -> dict[str, str]:
+    """The event keyword that runs a JS function before the call: ``_js`` in gradio 3, ``js`` in gradio 4."""
+    return {"_js" if int(gr.__version__.split(".")[0]) < 4 else "js": function}
+
+
+def config_file_for_run(path: str) -> Path:
+    """The ``NAME.config.json`` a run wrote next to its files, for a LoRA/embedding file of that run (also an
+    epoch or step file, ``NAME-000003`` / ``NAME-step00000020``), the config itself, or the run's folder."""
+    p = Path(path.strip()).expanduser()
+    if p.is_dir():
+        found = sorted(p.glob("*.config.json"))
+        if len(found) != 1:
+            raise TrainerError(f"{p} holds {len(found)} *.config.json files; give the LoRA file or the config file "
+                               "of the run itself.")
+        return found[0]
+    if p.name.endswith(".config.json"):
+        return p
+    name = _RUN_FILE.match(p.stem).group("name")
+    candidates = [p.with_name(f"{p.stem}.config.json"), p.with_name(f"{name}.config.json")]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise TrainerError(f"No settings file next to {p}: expected {candidates[-1].name} in {p.parent} (runs of "
+                           "this trainer write one there).")
+    return found
+
+
+def _component(spec: FieldSpec) -> gr.components.Component:
+    elem_id = "sd_trainer_" + spec.key.replace(".", "_")
+    common = {"label": spec.label, "value": spec.default, "elem_id": elem_id}
+    if spec.kind is bool:
+        return gr.Checkbox(info=spec.info, **common)
+    if spec.choices is not None:
+        return gr.Dropdown(choices=list(spec.choices), info=spec.info,
+                           allow_custom_value=spec.key == "embedding.template", **common)
+    if spec.kind in (int, float):
+        return gr.Number(info=spec.info, precision=0 if spec.kind is int else None, **common)
+    return gr.Textbox(info=spec.info, lines=1, **common)
+
+
+class _Handlers:
+    """The tab's event functions (plain Python: values in, values/HTML out)."""
+
+    def __init__(self, info: WebuiInfo, backend: Backend):
+        self.info, self.backend = info, backend
+
+    # ---- settings
+    @staticmethod
+    def apply_preset(name: str) -> list[Any]:
+        preset = PRESETS.get(name or "", {})
+        return [gr.update(value=preset[k]) if k in preset else gr.update() for k in KEYS]
+
+    @staticmethod
+    def method_changed(method: str, *values: Any) -> list[Any]:
+        shown = [gr.update(visible=METHOD_GROUPS[g] == method) for g in METHOD_GROUPS]
+        changes = method_default_changes(method, list(values))
+        return shown + [gr.update(value=changes[k]) if k in changes else gr.update() for k in KEYS]
+
+    @staticmethod
+    def _filled(cfg: TrainConfig, note: str) -> list[Any]:
+        notes = [note] + ([f"model.checkpoint ({cfg.model.checkpoint}) is not used here: the WebUI trains the "
+                           "loaded checkpoint."] if cfg.model.checkpoint else [])
+        return [cfg.method, *config_to_values(cfg), "".join(ui_render.message(n, "ok") for n in notes)]
+
+    def load_config(self, path: str) -> list[Any]:
+        try:
+            cfg = load_config(path.strip())
+            return self._filled(cfg, f"Loaded {path.strip()}")
+        except TrainerError as e:
+            return [gr.update()] * (len(KEYS) + 1) + [ui_render.error(e)]
+
+    def load_run(self, path: str) -> list[Any]:
+        try:
+            config_file = config_file_for_run(path)
+            return self._filled(load_config(config_file), f"Loaded the settings of the run from {config_file}")
+        except TrainerError as e:
+            return [gr.update()] * (len(KEYS) + 1) + [ui_render.error(e)]
+
+    @staticmethod
+    def save_config(path: str, method: str, *values: Any) -> str:
+        path = path.strip()
+        try:
+            if Path(path).suffix.lower() not in (".json", ".toml"):
+                raise TrainerError(f"'{path}': give a file name ending in .json or .toml.")
+            cfg = from_dict(values_to_dict(method, values))
+            return ui_render.message(f"Saved {save_config(cfg, path)}", "ok")
+        except TrainerError as e:
+            return ui_render.error(e)
+
+    # ---- dataset
+    def scan(self, method: str, *values: Any) -> tuple[str, list[tuple[str, str]]]:
+        """The validation report and the first :data:`GALLERY_IMAGES` train images with their captions."""
+        from ..train.prepare import prepare_data
+
+        try:
+            cfg = from_dict(values_to_dict(method, values))
+            d = cfg.data
+            if not d.train_dir.strip():
+                raise ConfigError([Problem("data.train_dir", "give the folder with the training images")])
+            try:
+                prep = prepare_data(cfg)
+            except DatasetError:  # the full report: every problem, warning and folder
+                scan = scan_dataset(d.train_dir, reg_dir=d.reg_dir or None, caption_extension=d.caption_extension,
+                                    default_repeats=d.default_repeats, min_side=d.min_image_side)
+                if not scan.problems:
+                    scan.problems.append(Problem(d.train_dir, "no usable training images were found; add "
+                                                              ".png/.jpg/.webp images in N_name sub-folders such "
+                                                              "as '10_mychar'"))
+                return ui_render.scan_report(scan, None), []
+        except TrainerError as e:
+            return ui_render.error(e), []
+        shown = [it for it in prep.items if not it.is_reg][:GALLERY_IMAGES]
+        return ui_render.scan_report(prep.scan, prep), [(str(it.path), it.caption or "(no caption)") for it in shown]
+
+    # ---- running
+    def _request(self, method: str, values: tuple[Any, ...]) -> dict[str, Any]:
+        data = values_to_dict(method, values)
+        out = data["output"]
+        if method == "lora" and not str(out["output_dir"]).strip() and str(out["name"]).strip():
+            out["output_dir"] = self.backend.default_output_dir(str(out["name"]).strip())
+        return data
+
+    def _run(self, create: Callable[[], Any]) -> tuple[str]:
+        try:
+            job = create()
+        except TrainerError as e:
+            return (ui_render.error(e),)
+        return (ui_render.job_status(self.backend.run_job(job)),)
+
+    def train(self, task_id: str, method: str, *values: Any) -> tuple[str]:
+        return self._run(lambda: self.backend.create_job(self._request(method, values)))
+
+    def resume(self, task_id: str, state_dir: str) -> tuple[str]:
+        if not state_dir.strip():
+            return (ui_render.error(TrainerError("Give the resume-state folder (.NAME-state, or the run's output "
+                                                 "folder) of the interrupted run.")),)
+        return self._run(lambda: self.backend.create_job(resume_dir=state_dir.strip()))
+
+    def interrupt(self) -> str:
+        status = self.backend.interrupt()
+        if status is None:
+            return ui_render.message("No training job is running.")
+        return ui_render.message("Stopping after the current step; the file and the resume state are saved.") + \
+            ui_render.job_status(status)
+
+    def status(self) -> str:
+        status = self.backend.latest_status()
+        return ui_render.job_status(status) if status else ui_render.message("No training job in this session yet.")
+
+    def check_host(self) -> str:
+        ok, text = self.backend.host_status()
+        return ui_render.message(text, "ok" if ok else "error")
+
+
+def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
+    """The Trainer tab's Blocks (elem_ids ``sd_trainer_*``; the WebUI wraps it in ``#tab_sd_trainer``)."""
+    h = _Handlers(info, backend)
+    comps: dict[str, gr.components.Component] = {}
+    accordions: dict[str, gr.Accordion] = {}
+
+    def fields_of(group: str) -> None:
+        keys = next(keys for gid, _, keys in GROUPS if gid == group)
+        with gr.Row(variant="compact"):
+            for key in keys:
+                comps[key] = _component(SPECS[key])
+
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        with gr.Row():
+            host = gr.HTML(ui_render.message("Training uses the checkpoint loaded in the WebUI (SD1.x/SD2.x). Press "
+                                             "Check to see whether it can be trained here."),
+                           elem_id="sd_trainer_host")
+            check = gr.Button("Check loaded model", elem_id="sd_trainer_check", scale=0)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, elem_id="sd_trainer_settings"):
+                with gr.Row():
+                    method = gr.Radio(list(METHODS), value="lora", label="Method", elem_id="sd_trainer_method",
+                                      info="lora: a LoRA network; embedding: a textual-inversion embedding")
+                    preset = gr.Dropdown(list(PRESETS), label="Preset (LoRA: subject · GPU memory)",
+                                         elem_id="sd_trainer_preset")
+                    apply_preset = gr.Button("Apply preset", elem_id="sd_trainer_apply_preset", scale=0)
+                with gr.Accordion("Dataset", open=True, elem_id="sd_trainer_group_dataset"):
+                    fields_of("dataset")
+                    scan = gr.Button("Scan", elem_id="sd_trainer_scan")
+                    report = gr.HTML(elem_id="sd_trainer_report")
+                    gallery = gr.Gallery(label="First images and captions", elem_id="sd_trainer_dataset_gallery",
+                                         columns=6, height="auto", show_label=True)
+                for gid, title, _ in GROUPS:
+                    if gid == "dataset":
+                        continue
+                    shown = METHOD_GROUPS.get(gid, "lora") == "lora"  # the method radio starts at "lora"
+                    with gr.Accordion(title, open=gid in ("network", "output"), visible=shown,
+                                      elem_id=f"sd_trainer_group_{gid}") as acc:
+                        fields_of(gid)
+                    accordions[gid] = acc
+                with gr.Accordion("Config file", open=False, elem_id="sd_trainer_group_config"):
+                    with gr.Row():
+                        config_path = gr.Textbox(label="Config file (.json or .toml)",
+                                                 elem_id="sd_trainer_config_path")
+                        save = gr.Button("Save", elem_id="sd_trainer_config_save", scale=0)
+                        load = gr.Button("Load", elem_id="sd_trainer_config_load", scale=0)
+                    with gr.Row():
+                        run_path = gr.Textbox(label="Load settings from a finished run (its LoRA file or folder)",
+                                              placeholder=str(Path(info.lora_dir) / "NAME" / "NAME.safetensors"),
+                                              elem_id="sd_trainer_run_path")
+                        load_run = gr.Button("Load settings", elem_id="sd_trainer_run_load", scale=0)
+                    config_msg = gr.HTML(elem_id="sd_trainer_config_msg")
+            with gr.Column(scale=2, elem_id="sd_trainer_run"):
+                task_id = gr.Textbox(visible=False, elem_id="sd_trainer_task_id")
+                with gr.Row():
+                    train = gr.Button("Train", variant="primary", elem_id="sd_trainer_train")
+                    interrupt = gr.Button("Interrupt", elem_id="sd_trainer_interrupt")
+                    refresh = gr.Button("Job status", elem_id="sd_trainer_refresh")
+                with gr.Row():
+                    resume_dir = gr.Textbox(label="Resume state folder (.NAME-state or the run's output folder)",
+                                            elem_id="sd_trainer_resume_dir")
+                    resume = gr.Button("Resume", elem_id="sd_trainer_resume", scale=0)
+                gr.HTML(elem_id="sd_trainer_progress")  # sd_trainer_start's progress callback writes here
+                output = gr.HTML(elem_id="sd_trainer_output")
+                job = gr.HTML(elem_id="sd_trainer_job")
+
+        fields = [comps[k] for k in KEYS]
+        method_groups = [accordions[g] for g in METHOD_GROUPS]
+        check.click(fn=h.check_host, inputs=[], outputs=[host])
+        apply_preset.click(fn=h.apply_preset, inputs=[preset], outputs=fields)
+        method.change(fn=h.method_changed, inputs=[method, *fields], outputs=method_groups + fields)
+        scan.click(fn=h.scan, inputs=[method, *fields], outputs=[report, gallery])
+        save.click(fn=h.save_config, inputs=[config_path, method, *fields], outputs=[config_msg])
+        load.click(fn=h.load_config, inputs=[config_path], outputs=[method, *fields, config_msg])
+        load_run.click(fn=h.load_run, inputs=[run_path], outputs=[method, *fields, config_msg])
+        train.click(fn=backend.wrap_gpu_call(h.train, extra_outputs=[]), inputs=[task_id, method, *fields],
+                    outputs=[output], **js_kwarg("sd_trainer_start"))
+        resume.click(fn=backend.wrap_gpu_call(h.resume, extra_outputs=[]), inputs=[task_id, resume_dir],
+                     outputs=[output], **js_kwarg("sd_trainer_start"))
+        interrupt.click(fn=h.interrupt, inputs=[], outputs=[job])
+        refresh.click(fn=h.status, inputs=[], outputs=[job])
+    return blocks

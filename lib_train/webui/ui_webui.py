@@ -1,0 +1,84 @@
+"""The Trainer tab wired into the WebUI: the ``on_ui_tabs`` / ``on_ui_settings`` callbacks and the real
+:class:`~lib_train.webui.ui.Backend` (the job manager under the WebUI's queue, progress and Interrupt).
+
+Settings (section ``("sd_trainer", "Trainer")``, category "training"):
+
+- ``sd_trainer_output_subfolder`` — LoRA runs with an empty output folder go to
+  ``<Lora folder>/<this subfolder>/<run name>`` (empty: ``<Lora folder>/<run name>``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+TAB = ("Trainer", "sd_trainer")  # label and id; the WebUI's own tab is ("Train", "train")
+SECTION = ("sd_trainer", "Trainer")
+OUTPUT_SUBFOLDER = "sd_trainer_output_subfolder"
+
+
+def _default_output_dir(name: str) -> str:
+    """``<Lora folder>/<subfolder setting>/<name>``, or "" (the job manager's own default) without a subfolder."""
+    from modules import shared
+
+    from .jobs import lora_dir
+
+    sub = str(shared.opts.data.get(OUTPUT_SUBFOLDER, "") or "").strip().strip("/\\")
+    return os.path.join(lora_dir(), sub, name) if sub else ""
+
+
+def _run_job(job: Any) -> dict[str, Any]:
+    from .jobs import manager
+
+    return dataclasses.asdict(manager.run(job))
+
+
+def _interrupt() -> dict[str, Any] | None:
+    from .jobs import manager
+
+    active = manager.active()
+    return None if active is None else manager.interrupt(active.status.id).snapshot()
+
+
+def _latest_status() -> dict[str, Any] | None:
+    from .jobs import manager
+
+    jobs = manager.jobs()
+    return jobs[0].snapshot() if jobs else None
+
+
+def _host_status() -> tuple[bool, str]:
+    from .host import FAMILY_LABELS, inspect_host
+
+    report = inspect_host()
+    if not report.supported:
+        return False, report.reason
+    return True, f"Ready: {report.checkpoint} ({FAMILY_LABELS[report.family]}) can be trained here."
+
+
+def backend():
+    """The tab's :class:`~lib_train.webui.ui.Backend`: the shared job manager, run under ``wrap_gradio_gpu_call``."""
+    from modules import call_queue
+
+    from .jobs import manager
+    from .ui import Backend
+
+    return Backend(wrap_gpu_call=call_queue.wrap_gradio_gpu_call, create_job=manager.create, run_job=_run_job,
+                   interrupt=_interrupt, latest_status=_latest_status, host_status=_host_status,
+                   default_output_dir=_default_output_dir)
+
+
+def on_ui_tabs() -> list[tuple[Any, str, str]]:
+    from .jobs import lora_dir
+    from .ui import WebuiInfo, build_ui
+
+    return [(build_ui(WebuiInfo(lora_dir=lora_dir()), backend()), *TAB)]
+
+
+def on_ui_settings() -> None:
+    from modules import shared
+
+    shared.opts.add_option(OUTPUT_SUBFOLDER, shared.OptionInfo(
+        "", "Subfolder of the Lora folder for new LoRA runs", section=SECTION, category_id="training",
+    ).info("a run named NAME goes to <Lora folder>/<subfolder>/NAME; empty: <Lora folder>/NAME"))

@@ -1,0 +1,251 @@
+"""The Trainer tab, built with plain gradio 3.41.2 (no WebUI): components, presets, the UI → config mapping and
+the event wiring. The backend is a recording fake; the real one is exercised by the real-WebUI tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from data_helpers import save_image, write_caption  # noqa: E402
+
+from lib_train.config import SECTIONS, TrainConfig, default_config, from_dict, save_config  # noqa: E402
+from lib_train.errors import ConfigError, Problem  # noqa: E402
+from lib_train.webui import ui, ui_fields, ui_presets  # noqa: E402
+from lib_train.webui.jobs import JobStatus  # noqa: E402
+
+
+class FakeBackend:
+    """Records what the tab asks of the WebUI."""
+
+    def __init__(self, create_error: Exception | None = None):
+        self.created: list[tuple[dict | None, str | None]] = []
+        self.wrapped: list = []
+        self.create_error = create_error
+
+    def wrap(self, fn, extra_outputs=None):
+        self.wrapped.append((fn, extra_outputs))
+        return fn
+
+    def create(self, data=None, *, resume_dir=None):
+        if self.create_error:
+            raise self.create_error
+        self.created.append((data, resume_dir))
+        return "job"
+
+    def run(self, job):
+        status = JobStatus(id="abc", method="lora", name="<me>", output_dir="/out", state="finished", step=2,
+                           total_steps=2, loss=0.125, saved=["/out/me.safetensors"])
+        return dataclasses.asdict(status)
+
+    def backend(self) -> ui.Backend:
+        return ui.Backend(wrap_gpu_call=self.wrap, create_job=self.create, run_job=self.run,
+                          interrupt=lambda: None, latest_status=lambda: None,
+                          host_status=lambda: (False, "no <model>"),
+                          default_output_dir=lambda name: f"/loras/sub/{name}")
+
+
+@pytest.fixture(scope="module")
+def built():
+    fake = FakeBackend()
+    blocks = ui.build_ui(ui.WebuiInfo(lora_dir="/loras"), fake.backend())
+    by_id = {b.elem_id: b for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+    return blocks, by_id, fake
+
+
+def _dependency(blocks, button):
+    deps = [(i, d) for i, d in enumerate(blocks.dependencies) if button._id in d["targets"]]
+    assert len(deps) == 1
+    return deps[0]
+
+
+def _handlers(fake: FakeBackend) -> ui._Handlers:
+    return ui._Handlers(ui.WebuiInfo(lora_dir="/loras"), fake.backend())
+
+
+def _custom_config() -> TrainConfig:
+    cfg = default_config("lora")
+    for key, value in {"network.rank": 32, "network.alpha": 4.5, "optim.lr": 3e-4, "optim.scheduler": "cosine",
+                       "data.train_dir": "/d", "data.flip": True, "data.max_token_length": 150,
+                       "train.gradient_checkpointing": True, "output.name": "me", "output.comment": "x y",
+                       "embedding.template": "/t/my.txt", "data.caption_dropout": 0.1}.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def test_every_config_field_has_exactly_one_component(built):
+    _, by_id, _ = built
+    cfg = TrainConfig()
+    keys = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+    assert set(ui_fields.NOT_IN_UI) <= set(keys)
+    expected = [k for k in keys if k not in ui_fields.NOT_IN_UI]
+    assert sorted(ui_fields.KEYS) == sorted(expected)
+    grouped = [k for _, _, group in ui_fields.GROUPS for k in group]
+    assert sorted(grouped) == sorted(expected)  # each field in exactly one accordion
+    field_ids = {"sd_trainer_" + k.replace(".", "_") for k in expected}
+    assert field_ids <= set(by_id)
+    for key in expected:
+        comp = by_id["sd_trainer_" + key.replace(".", "_")]
+        spec = ui_fields.SPECS[key]
+        assert comp.value == spec.default, key
+        assert comp.info, f"{key} has no help text"
+        kind = gr.Checkbox if spec.kind is bool else gr.Dropdown if spec.choices else \
+            gr.Number if spec.kind in (int, float) else gr.Textbox
+        assert isinstance(comp, kind), key
+
+
+def test_field_defaults_are_the_config_defaults():
+    cfg = default_config("lora")
+    assert from_dict(ui_fields.values_to_dict("lora", ui_fields.config_to_values(cfg))) == cfg
+
+
+def test_presets_name_existing_fields_with_valid_values():
+    assert len(ui_presets.PRESETS) == len(ui_presets.SUBJECTS) * len(ui_presets.VRAM_TIERS) == 9
+    for name, preset in ui_presets.PRESETS.items():
+        for key, value in preset.items():
+            spec = ui_fields.SPECS[key]  # KeyError = a preset names a field the tab does not have
+            assert isinstance(value, spec.kind), (name, key)
+            if spec.choices:
+                assert value in spec.choices, (name, key)
+        values = ui_fields.config_to_values(default_config("lora"))
+        values = [preset.get(k, v) for k, v in zip(ui_fields.KEYS, values)]
+        cfg = from_dict(ui_fields.values_to_dict("lora", values))
+        assert cfg.network.rank == preset["network.rank"]
+
+
+def test_apply_preset_updates_only_the_preset_fields():
+    name = "style · 24 GB"
+    updates = ui._Handlers.apply_preset(name)
+    changed = {k: u["value"] for k, u in zip(ui_fields.KEYS, updates) if "value" in u}
+    assert changed == ui_presets.PRESETS[name]
+
+
+def test_ui_values_round_trip_through_the_components(built):
+    """config → each component's postprocess (shown) → preprocess (sent back) → config dict → same config."""
+    _, by_id, _ = built
+    cfg = _custom_config()
+    values = []
+    for key, value in zip(ui_fields.KEYS, ui_fields.config_to_values(cfg)):
+        comp = by_id["sd_trainer_" + key.replace(".", "_")]
+        values.append(comp.preprocess(comp.postprocess(value)))
+    data = ui_fields.values_to_dict("lora", values)
+    json.dumps(data)  # plain types only
+    assert from_dict(data) == cfg
+
+
+def test_train_button_wiring(built):
+    blocks, by_id, fake = built
+    i, dep = _dependency(blocks, by_id["sd_trainer_train"])
+    assert dep["inputs"][0] == by_id["sd_trainer_task_id"]._id
+    assert dep["inputs"][1] == by_id["sd_trainer_method"]._id
+    assert dep["inputs"][2:] == [by_id["sd_trainer_" + k.replace(".", "_")]._id for k in ui_fields.KEYS]
+    assert dep["outputs"] == [by_id["sd_trainer_output"]._id]
+    assert dep["js"] == "sd_trainer_start"
+    assert blocks.fns[i].fn in [fn for fn, _ in fake.wrapped]  # went through wrap_gradio_gpu_call
+    _, resume = _dependency(blocks, by_id["sd_trainer_resume"])
+    assert resume["js"] == "sd_trainer_start"
+    assert resume["inputs"] == [by_id["sd_trainer_task_id"]._id, by_id["sd_trainer_resume_dir"]._id]
+    js = (Path(__file__).resolve().parents[1] / "javascript" / "trainer.js").read_text()
+    assert "function sd_trainer_start(" in js and "requestProgress(" in js and "'sd_trainer_output'" in js
+
+
+def test_train_click_sends_a_config_the_backend_accepts():
+    fake = FakeBackend()
+    values = ui_fields.config_to_values(_custom_config())
+    (html,) = _handlers(fake).train("task(x1)", "lora", *values)
+    (data, resume_dir), = fake.created
+    assert resume_dir is None
+    cfg = from_dict(data)
+    assert cfg.network.rank == 32
+    assert cfg.output.output_dir == "/loras/sub/me"  # an empty output folder → the settings' subfolder default
+    assert "finished" in html and "/out/me.safetensors" in html and "&lt;me&gt;" in html and "0.1250" in html
+
+
+def test_backend_refusal_is_shown_not_raised():
+    refusal = ConfigError([Problem("method", "'embedding' training is not available in the WebUI yet; use the "
+                                             "command line")])
+    fake = FakeBackend(create_error=refusal)
+    (html,) = _handlers(fake).train("task(x)", "embedding", *ui_fields.config_to_values(default_config("embedding")))
+    assert "not available in the WebUI yet" in html and "sd-trainer-error" in html
+    (html,) = _handlers(FakeBackend()).resume("task(y)", "  ")
+    assert "resume-state folder" in html
+
+
+def test_resume_passes_the_state_folder():
+    fake = FakeBackend()
+    _handlers(fake).resume("task(y)", " /out/.me-state ")
+    assert fake.created == [(None, "/out/.me-state")]
+
+
+def test_method_switch_swaps_method_defaults_and_sections():
+    lora = ui_fields.config_to_values(default_config("lora"))
+    updates = ui._Handlers.method_changed("embedding", *lora)
+    shown = {g: u["visible"] for g, u in zip(ui_fields.METHOD_GROUPS, updates)}
+    assert shown == {"network": False, "embedding": True}
+    changed = {k: u["value"] for k, u in zip(ui_fields.KEYS, updates[len(shown):]) if "value" in u}
+    assert changed == {"optim.lr": 5e-3, "output.save_precision": "fp32"}
+    custom = list(lora)
+    custom[ui_fields.KEYS.index("optim.lr")] = 2e-4  # a value the user chose stays
+    changed = {k: u["value"] for k, u in zip(ui_fields.KEYS, ui._Handlers.method_changed("embedding", *custom)[2:])
+               if "value" in u}
+    assert "optim.lr" not in changed
+
+
+def test_scan_reports_counts_formula_and_gallery(tmp_path):
+    for i in range(3):
+        save_image(tmp_path / "5_cat" / f"{i}.png", (96, 64), seed=i)
+        write_caption(tmp_path / "5_cat" / f"{i}.txt", f"cat <{i}>")
+    values = ui_fields.config_to_values(default_config("lora"))
+    values[ui_fields.KEYS.index("data.train_dir")] = str(tmp_path)
+    html, gallery = _handlers(FakeBackend()).scan("lora", *values)
+    assert "5_cat" in html and "Steps:" in html and "150" in html  # 3 images × 5 repeats × 10 epochs
+    assert sorted(caption for _, caption in gallery) == ["cat <0>", "cat <1>", "cat <2>"]
+
+    save_image(tmp_path / "5_cat" / "tiny.png", (16, 16))
+    (tmp_path / "5_cat" / "broken.png").write_bytes(b"not a png")
+    html, gallery = _handlers(FakeBackend()).scan("lora", *values)
+    assert "tiny.png" in html and "broken.png" in html and "Steps:" not in html and gallery == []
+
+    values[ui_fields.KEYS.index("data.train_dir")] = ""
+    html, _ = _handlers(FakeBackend()).scan("lora", *values)
+    assert "data.train_dir" in html
+
+
+def test_config_save_load_and_finished_run(tmp_path):
+    h = _handlers(FakeBackend())
+    cfg = _custom_config()
+    msg = h.save_config(str(tmp_path / "c.toml"), "lora", *ui_fields.config_to_values(cfg))
+    assert "Saved" in msg
+    method, *values, msg = h.load_config(str(tmp_path / "c.toml"))
+    assert method == "lora" and from_dict(ui_fields.values_to_dict(method, values)) == cfg
+    assert "sd-trainer-error" in h.save_config(str(tmp_path / "c.yaml"), "lora", *values)
+
+    run = tmp_path / "run"
+    save_config(cfg, run / "me.config.json")
+    for given in (run / "me-000003.safetensors", run / "me-step00000020.safetensors", run / "me.safetensors", run):
+        assert ui.config_file_for_run(str(given)) == run / "me.config.json"
+    method, *values, msg = h.load_run(str(run / "me-000003.safetensors"))
+    assert from_dict(ui_fields.values_to_dict(method, values)) == cfg and "me.config.json" in msg
+    *_, msg = h.load_run(str(tmp_path / "elsewhere" / "x.safetensors"))
+    assert "No settings file" in msg
+
+
+def test_js_keyword_follows_gradio_major(monkeypatch):
+    assert ui.js_kwarg("f") == {"_js": "f"}
+    monkeypatch.setattr(gr, "__version__", "4.40.0")
+    assert ui.js_kwarg("f") == {"js": "f"}
+
+
+def test_tab_is_distinct_from_the_builtin_train_tab():
+    from lib_train.webui import ui_webui
+
+    label, elem_id = ui_webui.TAB
+    assert label != "Train" and elem_id != "train" and elem_id == "sd_trainer"  # style.css scopes #tab_sd_trainer
+    css = (Path(__file__).resolve().parents[1] / "style.css").read_text()
+    rules = [line for line in css.splitlines() if line.strip() and not line.startswith(("/*", " ", "}"))]
+    assert rules and all(r.startswith("#tab_sd_trainer") for r in rules)
