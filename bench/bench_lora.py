@@ -1,0 +1,400 @@
+"""LoRA training benchmark on a random-weight, full-size SD1.5 model.
+
+For each configuration of a matrix (resolution × gradient checkpointing × latent cache) it runs a short
+``train_lora`` (rank 16, batch 1, AdamW, UNet + text-encoder LoRA with te_lr 5e-5) on a synthetic dataset and reports:
+
+- ``s/step``: the median wall time of optimizer steps 3..N (steps 1-2 are warm-up: allocator, cuDNN autotuning);
+  on CUDA the clock is read after ``torch.cuda.synchronize()``, so a step's time includes its queued GPU work;
+- ``first step``: seconds from the call of ``train_lora`` to the end of the first step ("click to first step",
+  without loading the model: LoRA attach, optimizer, latent caching, first step);
+- ``peak RSS``: the process's resident-memory high-water mark (``VmHWM``) during the run. It is reset after the
+  model is built (``/proc/self/clear_refs``), so it holds model + training; where the reset is refused it is the
+  lifetime peak and the row says so;
+- ``CUDA peak``: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` (CUDA only);
+- ``CPU s/step`` (median CPU time of this process per timed step, all threads) and ``load`` (1-minute load average
+  before/after): on a shared machine, wall time per step only means something next to these.
+
+Each configuration runs in a fresh subprocess of this script (``--one CONFIG_JSON``): the peak-memory counters are
+per process, and a fresh process is what a user's first run gets. Every subprocess builds its model once; the model
+is the same in each (``randomize_`` with a fixed seed). On CUDA the frozen weights are cast to fp16/bf16 and the VAE
+kept in fp32, as ``python -m lib_train lora`` does; the LoRA stays fp32 under autocast.
+
+Run from the repository root (never run by the test suite, asserts nothing)::
+
+    python bench/bench_lora.py --quick                 # 256² only: 4 configurations
+    python bench/bench_lora.py --json bench.json       # the full matrix
+    python bench/bench_lora.py --resolutions 512 --cache memory --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+RESULT_PREFIX = "BENCH_RESULT "  # the subprocess prints its result as one JSON line after this marker
+WARMUP_STEPS = 2  # steps left out of the median
+N_IMAGES = 4
+CAPTIONS = ("bench subject, red noise", "bench subject, green noise", "bench subject, blue noise",
+            "bench subject, grey noise, close-up")
+MODEL_SEED = 1234
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row of the matrix."""
+
+    resolution: int  # square training resolution in pixels
+    checkpointing: bool  # gradient checkpointing of the UNet and text-encoder blocks
+    cache: str  # latent cache: "memory" (VAE runs once before training) or "off" (VAE runs every step)
+    steps: int  # optimizer steps (the median uses steps WARMUP_STEPS+1..steps)
+    device: str  # "cpu" or "cuda" (already resolved from "auto")
+    precision: str  # the mixed_precision setting: "auto", "no", "fp16" or "bf16"
+
+    @property
+    def label(self) -> str:
+        return f"{self.resolution}² ckpt={'on' if self.checkpointing else 'off'} cache={self.cache}"
+
+
+# --------------------------------------------------------------------------------------------- child process
+
+def _proc_status_kib(field: str) -> int | None:
+    """A ``kB`` line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in KiB; None where there is no procfs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux ≥ 4.0: write 5 to ``clear_refs``). True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _skip_default_init():
+    """Make ``torch.nn.init`` a no-op while the model is built: :func:`randomize_` overwrites every parameter
+    afterwards, and the default (kaiming) init of ~1.07 G parameters costs ~25 s on 2 CPU cores."""
+    import torch
+
+    names = [n for n in ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                         "xavier_uniform_", "xavier_normal_") if hasattr(torch.nn.init, n)]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+def _half_dtype(precision: str, device: str):
+    """The dtype of the frozen weights: fp16/bf16 on CUDA unless precision is "no" (the rule of lib_train/cli.py,
+    which matches the trainer's autocast dtype); None = keep fp32."""
+    import torch
+
+    if device != "cuda" or precision == "no":
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def _build_bundle(bc: BenchConfig):
+    """The full-size SD1.5-layout model with seeded random weights, on ``bc.device``, wrapped in a bundle."""
+    import torch
+
+    from lib_train.models.build import build_latent_diffusion, randomize_
+    from lib_train.models.bundle import ModelBundle
+    from lib_train.models.spec import sd15_spec
+
+    with _skip_default_init():
+        model = build_latent_diffusion(sd15_spec())
+    randomize_(model, MODEL_SEED)
+    half = _half_dtype(bc.precision, bc.device)
+    if half is not None:
+        model.model.to(half)  # frozen UNet and text encoder in half precision; VAE fp32, LoRA fp32
+        model.cond_stage_model.to(half)
+    model.to(torch.device(bc.device))
+    return ModelBundle.from_ldm(model, family="sd1")
+
+
+def _make_dataset(root: Path, resolution: int, seed: int = 0) -> Path:
+    """``N_IMAGES`` random-noise PNGs of ``resolution``² with captions in ``root/1_bench``; returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "1_bench"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i, caption in enumerate(CAPTIONS[:N_IMAGES]):
+        pixels = rng.integers(0, 256, size=(resolution, resolution, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption, encoding="utf-8")
+    return root
+
+
+def _train_config(bc: BenchConfig, data_dir: Path, out_dir: Path):
+    from lib_train.config import TrainConfig, validate
+
+    cfg = TrainConfig()
+    cfg.data.train_dir = str(data_dir)
+    cfg.data.resolution = bc.resolution
+    cfg.data.enable_buckets = False  # square images: one bucket
+    cfg.data.min_bucket_side = min(cfg.data.min_bucket_side, bc.resolution)
+    cfg.data.max_bucket_side = max(cfg.data.max_bucket_side, bc.resolution)
+    cfg.data.cache_latents = bc.cache
+    cfg.network.rank = 16
+    cfg.optim.optimizer = "AdamW"
+    cfg.optim.te_lr = 5e-5
+    cfg.train.batch_size = 1
+    cfg.train.max_steps = bc.steps
+    cfg.train.mixed_precision = bc.precision
+    cfg.train.gradient_checkpointing = bc.checkpointing
+    cfg.output.output_dir = str(out_dir)
+    cfg.output.name = "bench"
+    cfg.output.overwrite = True
+    cfg.output.save_every_epochs = 0  # no save inside the timed steps (the final save comes after the last one)
+    validate(cfg, headless=False)
+    return cfg
+
+
+def _step_timer(sync):
+    """An ``Events`` that records the wall clock and the process CPU time after every optimizer step (after
+    ``sync()``)."""
+    from lib_train.train.events import Events
+
+    class StepTimer(Events):
+        def __init__(self) -> None:
+            self.step_ends: list[float] = []  # wall clock
+            self.cpu_ends: list[float] = []  # CPU time of this process (all threads)
+
+        def progress(self, p) -> None:
+            sync()
+            self.step_ends.append(time.perf_counter())
+            self.cpu_ends.append(time.process_time())
+
+        def warning(self, text: str) -> None:
+            print(f"  warning from the trainer: {text}", file=sys.stderr, flush=True)
+
+    return StepTimer()
+
+
+def run_one(bc: BenchConfig) -> dict:
+    """Build the model, train ``bc.steps`` steps and return the measurements (this process only)."""
+    import torch
+
+    from lib_train.train.lora_trainer import prepare_data, train_lora
+
+    cuda = bc.device == "cuda"
+    t0 = time.perf_counter()
+    bundle = _build_bundle(bc)
+    build_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+        cfg = _train_config(bc, _make_dataset(Path(tmp) / "data", bc.resolution), Path(tmp) / "out")
+        prep = prepare_data(cfg)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        timer = _step_timer(sync)
+        rss_model_kib = _proc_status_kib("VmRSS")
+        peak_reset = _reset_peak_rss()
+        if cuda:
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        result = train_lora(cfg, bundle, prep, events=timer)
+        cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
+    ends = timer.step_ends
+    durations = [b - a for a, b in zip(ends, ends[1:])]  # durations[i] is step i + 2
+    timed = durations[WARMUP_STEPS - 1:]
+    cpu = [b - a for a, b in zip(timer.cpu_ends, timer.cpu_ends[1:])][WARMUP_STEPS - 1:]
+    hwm_kib = _proc_status_kib("VmHWM")
+    return {
+        "config": asdict(bc),
+        "status": result.status,
+        "steps_done": result.step,
+        "s_per_step_median": statistics.median(timed) if timed else None,
+        "s_per_step_min": min(timed) if timed else None,
+        "s_per_step_max": max(timed) if timed else None,
+        "cpu_s_per_step_median": statistics.median(cpu) if cpu else None,
+        "step_seconds": [ends[0] - start] + durations if ends else [],
+        "first_step_s": ends[0] - start if ends else None,
+        "build_s": build_s,
+        "peak_rss_gib": hwm_kib / 2**20 if hwm_kib is not None else None,
+        "peak_rss_since_model": peak_reset,
+        "rss_model_gib": rss_model_kib / 2**20 if rss_model_kib is not None else None,
+        "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB, lifetime
+        "cuda_peak_gib": cuda_peak / 2**30 if cuda_peak is not None else None,
+        "load_average": [load_before, os.getloadavg()[0]],  # 1-minute load before and after: other processes
+        "frozen_dtype": str(bundle.dtype).replace("torch.", ""),
+        "last_loss": result.last_loss,
+        "machine": _machine(bc.device),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine(device: str) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu": _cpu_name()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# --------------------------------------------------------------------------------------------- parent process
+
+def _run_subprocess(bc: BenchConfig) -> dict:
+    """Run one configuration in a fresh interpreter; its stderr streams through, its result comes on stdout."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(asdict(bc))]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    return {"config": asdict(bc), "status": f"failed (exit code {proc.returncode}; see the messages above)"}
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+COLUMNS = ("configuration", "s/step", "min-max", "CPU s/step", "first step s", "peak RSS GiB", "CUDA peak GiB",
+           "build s", "load")
+
+
+def _row(r: dict) -> list[str]:
+    bc = BenchConfig(**r["config"])
+    if r.get("s_per_step_median") is None:
+        return [bc.label, r.get("status", "?")] + [""] * (len(COLUMNS) - 2)
+    rss = _fmt(r["peak_rss_gib"]) + ("" if r["peak_rss_since_model"] else " (lifetime)")
+    return [bc.label, _fmt(r["s_per_step_median"], ".3f"),
+            f"{_fmt(r['s_per_step_min'])}-{_fmt(r['s_per_step_max'])}", _fmt(r["cpu_s_per_step_median"], ".1f"),
+            _fmt(r["first_step_s"], ".1f"), rss, _fmt(r["cuda_peak_gib"]), _fmt(r["build_s"], ".1f"),
+            "/".join(_fmt(x, ".1f") for x in r["load_average"])]
+
+
+def format_table(results: list[dict]) -> str:
+    rows = [list(COLUMNS)] + [_row(r) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _csv(text: str, allowed: dict) -> list:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if part not in allowed:
+            raise argparse.ArgumentTypeError(f"{part!r}: choose from {', '.join(allowed)}")
+        values.append(allowed[part])
+    return values
+
+
+def _resolutions(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 256,512") from None
+    bad = [v for v in values if v < 64 or v % 64]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad}: resolutions must be multiples of 64")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="LoRA training benchmark on a random-weight full-size SD1.5 model.")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
+    p.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
+                   help="mixed precision (CPU always trains in fp32)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration (default 5 on CPU, "
+                                                           "30 on CUDA; the median uses steps 3..N)")
+    p.add_argument("--quick", action="store_true", help="256² only")
+    p.add_argument("--resolutions", default="256,512", type=_resolutions,
+                   help="comma-separated square resolutions, multiples of 64 (default 256,512)")
+    p.add_argument("--checkpointing", default="off,on", type=lambda s: _csv(s, {"off": False, "on": True}),
+                   help="gradient checkpointing settings to run: off, on or off,on (default)")
+    p.add_argument("--cache", default="memory,off", type=lambda s: _csv(s, {"memory": "memory", "off": "off"}),
+                   help="latent cache modes to run: memory, off or memory,off (default)")
+    p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    p.add_argument("--one", metavar="CONFIG_JSON", help=argparse.SUPPRESS)  # internal: run one configuration
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.one:
+        print(RESULT_PREFIX + json.dumps(run_one(BenchConfig(**json.loads(args.one)))), flush=True)
+        return 0
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    steps = args.steps if args.steps is not None else (30 if device == "cuda" else 5)
+    if steps < WARMUP_STEPS + 1:
+        print(f"error: --steps must be at least {WARMUP_STEPS + 1} (steps 1-{WARMUP_STEPS} are warm-up)",
+              file=sys.stderr)
+        return 2
+    resolutions = [256] if args.quick else args.resolutions
+    matrix = [BenchConfig(res, ckpt, cache, steps, device, args.precision)
+              for res in resolutions for ckpt in args.checkpointing for cache in args.cache]
+    print(f"{len(matrix)} configurations, {steps} steps each, device {device}, precision {args.precision}",
+          file=sys.stderr, flush=True)
+    results = []
+    t0 = time.perf_counter()
+    for i, bc in enumerate(matrix, 1):
+        print(f"[{i}/{len(matrix)}] {bc.label}", file=sys.stderr, flush=True)
+        results.append(_run_subprocess(bc))
+        print("  " + "  ".join(_row(results[-1])[1:]), file=sys.stderr, flush=True)
+    machine = next((r["machine"] for r in results if "machine" in r), {})
+    print(f"\nLoRA rank 16, batch 1, AdamW, UNet + TE; {steps} steps, median of steps {WARMUP_STEPS + 1}..{steps}; "
+          f"device {device}, precision {args.precision}; total {time.perf_counter() - t0:.0f}s")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    print(format_table(results))
+    if args.json:
+        from lib_train.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"machine": machine, "results": results}, indent=2))
+    return 0 if all(r.get("s_per_step_median") is not None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
