@@ -130,6 +130,27 @@ def tiny_config(tmp_path: Path, **overrides):
     return cfg
 
 
+def interop_spec_json(multiplier: float = 1.0) -> dict:
+    """The tiny SD1 architecture in the diffusers workers' ``spec.json`` terms (ldm UNet arguments, CLIPTextConfig,
+    VAE ddconfig; see tests/interop/diffusers_worker.py)."""
+    from lib_train.models.build import tiny_spec
+
+    s = tiny_spec("sd1")
+    u, t, v = s.unet, s.text, s.vae
+    return {
+        "unet": {"in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.model_channels,
+                 "channel_mult": u.channel_mult, "num_res_blocks": u.num_res_blocks,
+                 "attention_resolutions": u.attention_resolutions, "num_heads": u.num_heads,
+                 "num_head_channels": u.num_head_channels, "context_dim": u.context_dim,
+                 "transformer_depth": u.transformer_depth, "use_linear_in_transformer": u.use_linear_in_transformer},
+        "text_encoder": {"hidden_size": t.width, "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
+                         "intermediate_size": t.intermediate, "vocab_size": t.vocab_size,
+                         "max_position_embeddings": t.context_length, "hidden_act": "quick_gelu"},
+        "vae": {"ch": v.ch, "ch_mult": v.ch_mult, "num_res_blocks": v.num_res_blocks, "z_channels": v.z_channels},
+        "multiplier": multiplier,
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny SD1 checkpoint file with the full ldm key layout."""

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_bundle, make_images, tiny_state_dict
+from conftest import interop_spec_json, make_bundle, make_images, tiny_state_dict
 from safetensors.torch import load_file, save_file
 
 from lib_train.config import default_config
 from lib_train.embedding.files import load_embedding
 from lib_train.embedding.inject import Injection
-from lib_train.models.build import clip_tokenizer_files, tiny_spec
+from lib_train.models.build import clip_tokenizer_files
 from lib_train.models.conditioning import PLACEHOLDER_ID
 from lib_train.train.ti_trainer import prepare_embedding_data, train_embedding
 
@@ -31,24 +31,6 @@ VECTORS = 3
 
 pytestmark = pytest.mark.skipif(not Path(INTEROP_PYTHON).is_file(),
                                 reason="TRAINER_INTEROP_PYTHON is not set: run `bash tests/run.sh`")
-
-
-def _spec_json() -> dict:
-    """The tiny SD1 architecture in the worker's spec.json terms (ldm UNet args, CLIPTextConfig, VAE ddconfig)."""
-    s = tiny_spec("sd1")
-    u, t, v = s.unet, s.text, s.vae
-    return {
-        "unet": {"in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.model_channels,
-                 "channel_mult": u.channel_mult, "num_res_blocks": u.num_res_blocks,
-                 "attention_resolutions": u.attention_resolutions, "num_heads": u.num_heads,
-                 "num_head_channels": u.num_head_channels, "context_dim": u.context_dim,
-                 "transformer_depth": u.transformer_depth, "use_linear_in_transformer": u.use_linear_in_transformer},
-        "text_encoder": {"hidden_size": t.width, "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
-                         "intermediate_size": t.intermediate, "vocab_size": t.vocab_size,
-                         "max_position_embeddings": t.context_length, "hidden_act": "quick_gelu"},
-        "vae": {"ch": v.ch, "ch_mult": v.ch_mult, "num_res_blocks": v.num_res_blocks, "z_channels": v.z_channels},
-        "multiplier": 1.0,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +51,7 @@ def test_diffusers_loads_our_files_and_computes_our_conditioning(trained, tmp_pa
     work = tmp_path / "work"
     (work / "tokenizer").mkdir(parents=True)
     save_file(tiny_state_dict("sd1"), str(work / "checkpoint.safetensors"))
-    (work / "spec.json").write_text(json.dumps(_spec_json()))
+    (work / "spec.json").write_text(json.dumps(interop_spec_json()))
     for name in ("vocab.json", "merges.txt"):
         (work / "tokenizer" / name).write_bytes((clip_tokenizer_files() / name).read_bytes())
     for ext in (".safetensors", ".pt"):

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_bundle, make_images, tiny_config, tiny_state_dict
+from conftest import interop_spec_json, make_bundle, make_images, tiny_config, tiny_state_dict
 from safetensors.torch import load_file, save_file
 
-from lib_train.models.build import clip_tokenizer_files, tiny_spec
+from lib_train.models.build import clip_tokenizer_files
 from lib_train.network.kohya_file import read_lora_file
 from lib_train.network.lora import LoRANetwork
 from lib_train.train.lora_trainer import prepare_data, train_lora
@@ -28,24 +28,6 @@ INTEROP_PYTHON = os.environ.get("TRAINER_INTEROP_PYTHON", "")
 
 pytestmark = pytest.mark.skipif(not Path(INTEROP_PYTHON).is_file(),
                                 reason="TRAINER_INTEROP_PYTHON is not set: run `bash tests/run.sh`")
-
-
-def _spec_json(multiplier: float) -> dict:
-    s = tiny_spec("sd1")
-    u, t, v = s.unet, s.text, s.vae
-    return {
-        "unet": {"in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.model_channels,
-                 "channel_mult": u.channel_mult, "num_res_blocks": u.num_res_blocks,
-                 "attention_resolutions": u.attention_resolutions, "num_heads": u.num_heads,
-                 "num_head_channels": u.num_head_channels, "context_dim": u.context_dim,
-                 "transformer_depth": u.transformer_depth,
-                 "use_linear_in_transformer": u.use_linear_in_transformer},
-        "text_encoder": {"hidden_size": t.width, "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
-                         "intermediate_size": t.intermediate, "vocab_size": t.vocab_size,
-                         "max_position_embeddings": t.context_length, "hidden_act": "quick_gelu"},
-        "vae": {"ch": v.ch, "ch_mult": v.ch_mult, "num_res_blocks": v.num_res_blocks, "z_channels": v.z_channels},
-        "multiplier": multiplier,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +64,7 @@ def test_diffusers_loads_our_file_and_matches_our_outputs(trained, tmp_path, mul
     work = tmp_path / "work"
     (work / "tokenizer").mkdir(parents=True)
     save_file(tiny_state_dict("sd1"), str(work / "checkpoint.safetensors"))
-    (work / "spec.json").write_text(json.dumps(_spec_json(multiplier)))
+    (work / "spec.json").write_text(json.dumps(interop_spec_json(multiplier)))
     (work / "lora.safetensors").write_bytes(trained.read_bytes())
     tok = clip_tokenizer_files()
     for name in ("vocab.json", "merges.txt"):
