@@ -140,6 +140,9 @@ def _build_bundle(bc: BenchConfig):
         model.model.to(half)  # frozen UNet and text encoder in half precision; VAE fp32, LoRA fp32
         model.cond_stage_model.to(half)
     model.to(torch.device(bc.device))
+    from lib_train.models.attention import use_sdpa
+
+    use_sdpa(model.model.diffusion_model)  # as `python -m lib_train lora` does
     return ModelBundle.from_ldm(model, family="sd1")
 
 

@@ -263,6 +263,7 @@ def run_command(args: argparse.Namespace, cmd: Command) -> int:
     import torch
 
     from .models.bundle import ModelBundle
+    from .models.attention import use_sdpa
     from .models.checkpoint import load_checkpoint
     from .train.events import Commands
 
@@ -271,6 +272,7 @@ def run_command(args: argparse.Namespace, cmd: Command) -> int:
     print(f"Loading {cfg.model.checkpoint} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     model, info = load_checkpoint(cfg.model.checkpoint, prediction=cfg.model.prediction)
+    use_sdpa(model.model.diffusion_model)  # fused attention (the WebUI installs its own; headless we do)
     print(f"  {info.spec.family.upper()} model, {info.prediction}-prediction ({info.prediction_source}), "
           f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     if device.type == "cuda" and cfg.train.mixed_precision != "no":
