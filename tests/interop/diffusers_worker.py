@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from pathlib import Path
 
 ADAPTER = "trainer"
@@ -211,18 +210,9 @@ def run(workdir: Path, step: list[str]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: diffusers_worker.py <workdir>", file=sys.stderr)
-        return 2
-    step = ["starting"]
-    try:
-        run(Path(argv[1]), step)
-    except Exception as err:  # noqa: BLE001 - the caller reads the last line
-        traceback.print_exc()
-        message = " ".join(str(err).split())  # one line, so the caller can show the last line alone
-        print(f"diffusers_worker: {step[0]} failed: {type(err).__name__}: {message}", file=sys.stderr)
-        return 1
-    return 0
+    from worker_cli import worker_main
+
+    return worker_main("diffusers_worker", "<workdir>", run, argv, convert=lambda a: [Path(a[0])])
 
 
 if __name__ == "__main__":

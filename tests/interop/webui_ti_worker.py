@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import sys
-import traceback
 import types
 from pathlib import Path
 
@@ -92,18 +91,9 @@ def run(webui: str, repo: str, workdir: Path, step: list[str]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 4:
-        print("usage: webui_ti_worker.py <webui dir> <repo root> <workdir>", file=sys.stderr)
-        return 2
-    step = ["starting"]
-    try:
-        run(argv[1], argv[2], Path(argv[3]).resolve(), step)
-    except Exception as err:  # noqa: BLE001 - the caller reads the last line
-        traceback.print_exc()
-        print(f"webui_ti_worker: {step[0]} failed: {type(err).__name__}: {' '.join(str(err).split())}",
-              file=sys.stderr)
-        return 1
-    return 0
+    from worker_cli import worker_main
+
+    return worker_main("webui_ti_worker", "<webui dir> <repo root> <workdir>", run, argv, convert=lambda a: [a[0], a[1], Path(a[2]).resolve()])
 
 
 if __name__ == "__main__":
