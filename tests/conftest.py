@@ -124,10 +124,29 @@ def tiny_config(tmp_path: Path, **overrides):
     cfg.train.epochs = 1
     cfg.output.output_dir = str(tmp_path / "out")
     cfg.output.name = "tiny"
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg, overrides: dict):
+    """Set ``section__field=value`` overrides on a config (``train__epochs=2`` → ``cfg.train.epochs = 2``)."""
     for key, value in overrides.items():
         section, field = key.split("__")
         setattr(getattr(cfg, section), field, value)
     return cfg
+
+
+def fail_on_predict_call(bundle, n: int) -> None:
+    """Make the bundle's UNet call number ``n`` raise ``RuntimeError("boom")`` (an error in the middle of a run)."""
+    calls = {"n": 0}
+    real_predict = bundle.predict
+
+    def failing_predict(*a):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("boom")
+        return real_predict(*a)
+
+    bundle.predict = failing_predict
 
 
 def interop_spec_json(multiplier: float = 1.0) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_bundle, make_images, module_flags, state_hash
+from conftest import apply_overrides, fail_on_predict_call, make_bundle, make_images, module_flags, state_hash
 from safetensors import safe_open
 
 from lib_train.config import default_config
@@ -31,10 +31,7 @@ def ti_config(tmp_path, **overrides):
     cfg.train.epochs = 1
     cfg.output.output_dir = str(tmp_path / "out")
     cfg.output.name = "laohuang"
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        setattr(getattr(cfg, section), field, value)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 class Recorder(Events):
@@ -110,16 +107,7 @@ def test_exception_mid_step_restores_the_model(tmp_path):
     cfg = ti_config(tmp_path)
     bundle = make_bundle("sd1")
     before_hash, before_flags = state_hash(bundle.model), module_flags(bundle.model)
-    calls = {"n": 0}
-    real_predict = bundle.predict
-
-    def failing_predict(*a):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("boom")
-        return real_predict(*a)
-
-    bundle.predict = failing_predict
+    fail_on_predict_call(bundle, 2)
     with pytest.raises(RuntimeError, match="boom"):
         _run(cfg, bundle)
     assert state_hash(bundle.model) == before_hash and module_flags(bundle.model) == before_flags

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_bundle, make_images, module_flags, state_hash, tiny_config
+from conftest import fail_on_predict_call, make_bundle, make_images, module_flags, state_hash, tiny_config
 
 from lib_train.network.kohya_file import data_section_sha256, read_lora_file
 from lib_train.train.events import Commands, Events
@@ -90,16 +90,7 @@ def test_exception_mid_step_restores_the_model(dataset):
     cfg = tiny_config(dataset)
     bundle = make_bundle("sd1")
     before_hash, before_flags = state_hash(bundle.model), module_flags(bundle.model)
-    calls = {"n": 0}
-    real_predict = bundle.predict
-
-    def failing_predict(*a):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("boom")
-        return real_predict(*a)
-
-    bundle.predict = failing_predict
+    fail_on_predict_call(bundle, 3)
     with pytest.raises(RuntimeError, match="boom"):
         _run(cfg, bundle)
     assert state_hash(bundle.model) == before_hash
