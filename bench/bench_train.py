@@ -1,7 +1,12 @@
-"""LoRA training benchmark on a random-weight, full-size SD1.5 model.
+"""Training benchmark (LoRA or textual inversion) on a random-weight, full-size SD1.5 model.
 
-For each configuration of a matrix (resolution × gradient checkpointing × latent cache) it runs a short
-``train_lora`` (rank 16, batch 1, AdamW, UNet + text-encoder LoRA with te_lr 5e-5) on a synthetic dataset and reports:
+For each configuration of a matrix (resolution × gradient checkpointing × latent cache, and for embeddings × vector
+count) it runs a short training on a synthetic dataset and reports:
+
+- LoRA (``--method lora``, the default): ``train_lora``, rank 16, batch 1, AdamW, UNet + text-encoder LoRA with
+  te_lr 5e-5;
+- embedding (``--method embedding``): ``train_embedding``, batch 1, AdamW at lr 5e-3, the subject template, init
+  text "person", ``--vectors`` vectors per token (default 1,8);
 
 - ``s/step``: the median wall time of optimizer steps 3..N (steps 1-2 are warm-up: allocator, cuDNN autotuning);
   on CUDA the clock is read after ``torch.cuda.synchronize()``, so a step's time includes its queued GPU work;
@@ -21,9 +26,10 @@ kept in fp32, as ``python -m lib_train lora`` does; the LoRA stays fp32 under au
 
 Run from the repository root (never run by the test suite, asserts nothing)::
 
-    python bench/bench_lora.py --quick                 # 256² only: 4 configurations
-    python bench/bench_lora.py --json bench.json       # the full matrix
-    python bench/bench_lora.py --resolutions 512 --cache memory --steps 6
+    python bench/bench_train.py --quick                 # LoRA, 256² only: 4 configurations
+    python bench/bench_train.py --json bench.json       # the full LoRA matrix
+    python bench/bench_train.py --resolutions 512 --cache memory --steps 6
+    python bench/bench_train.py --method embedding --cache memory --checkpointing off   # TI: 256²/512² x 1/8 vectors
 """
 
 from __future__ import annotations
@@ -64,10 +70,13 @@ class BenchConfig:
     steps: int  # optimizer steps (the median uses steps WARMUP_STEPS+1..steps)
     device: str  # "cpu" or "cuda" (already resolved from "auto")
     precision: str  # the mixed_precision setting: "auto", "no", "fp16" or "bf16"
+    method: str = "lora"  # "lora" or "embedding"
+    vectors: int = 1  # embedding only: vectors per token
 
     @property
     def label(self) -> str:
-        return f"{self.resolution}² ckpt={'on' if self.checkpointing else 'off'} cache={self.cache}"
+        what = "LoRA" if self.method == "lora" else f"TI {self.vectors} vec"
+        return f"{what} {self.resolution}² ckpt={'on' if self.checkpointing else 'off'} cache={self.cache}"
 
 
 # --------------------------------------------------------------------------------------------- child process
@@ -162,18 +171,23 @@ def _make_dataset(root: Path, resolution: int, seed: int = 0) -> Path:
 
 
 def _train_config(bc: BenchConfig, data_dir: Path, out_dir: Path):
-    from lib_train.config import TrainConfig, validate
+    from lib_train.config import default_config, validate
 
-    cfg = TrainConfig()
+    cfg = default_config(bc.method)
     cfg.data.train_dir = str(data_dir)
     cfg.data.resolution = bc.resolution
     cfg.data.enable_buckets = False  # square images: one bucket
     cfg.data.min_bucket_side = min(cfg.data.min_bucket_side, bc.resolution)
     cfg.data.max_bucket_side = max(cfg.data.max_bucket_side, bc.resolution)
     cfg.data.cache_latents = bc.cache
-    cfg.network.rank = 16
     cfg.optim.optimizer = "AdamW"
-    cfg.optim.te_lr = 5e-5
+    if bc.method == "lora":
+        cfg.network.rank = 16
+        cfg.optim.te_lr = 5e-5
+    else:
+        cfg.embedding.vectors = bc.vectors
+        cfg.embedding.init_text = "person"
+        cfg.embedding.template = "subject"
     cfg.train.batch_size = 1
     cfg.train.max_steps = bc.steps
     cfg.train.mixed_precision = bc.precision
@@ -212,14 +226,17 @@ def run_one(bc: BenchConfig) -> dict:
     import torch
 
     from lib_train.train.lora_trainer import prepare_data, train_lora
+    from lib_train.train.ti_trainer import prepare_embedding_data, train_embedding
 
+    prepare, train = ((prepare_data, train_lora) if bc.method == "lora"
+                      else (prepare_embedding_data, train_embedding))
     cuda = bc.device == "cuda"
     t0 = time.perf_counter()
     bundle = _build_bundle(bc)
     build_s = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         cfg = _train_config(bc, _make_dataset(Path(tmp) / "data", bc.resolution), Path(tmp) / "out")
-        prep = prepare_data(cfg)
+        prep = prepare(cfg)
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         timer = _step_timer(sync)
         rss_model_kib = _proc_status_kib("VmRSS")
@@ -229,7 +246,7 @@ def run_one(bc: BenchConfig) -> dict:
             torch.cuda.reset_peak_memory_stats()
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
-        result = train_lora(cfg, bundle, prep, events=timer)
+        result = train(cfg, bundle, prep, events=timer)
         cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
     ends = timer.step_ends
     durations = [b - a for a, b in zip(ends, ends[1:])]  # durations[i] is step i + 2
@@ -342,7 +359,10 @@ def _resolutions(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="LoRA training benchmark on a random-weight full-size SD1.5 model.")
+    p = argparse.ArgumentParser(description="Training benchmark (LoRA or embedding) on a random-weight full-size "
+                                            "SD1.5 model.")
+    p.add_argument("--method", default="lora", choices=("lora", "embedding"), help="what to train (default lora)")
+    p.add_argument("--vectors", default="1,8", help="embedding only: comma-separated vector counts (default 1,8)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
     p.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
                    help="mixed precision (CPU always trains in fp32)")
@@ -377,8 +397,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     resolutions = [256] if args.quick else args.resolutions
-    matrix = [BenchConfig(res, ckpt, cache, steps, device, args.precision)
-              for res in resolutions for ckpt in args.checkpointing for cache in args.cache]
+    try:
+        vectors = [int(v) for v in args.vectors.split(",")] if args.method == "embedding" else [1]
+    except ValueError:
+        print(f"error: --vectors {args.vectors!r}: give comma-separated integers, e.g. 1,8", file=sys.stderr)
+        return 2
+    matrix = [BenchConfig(res, ckpt, cache, steps, device, args.precision, args.method, vec)
+              for res in resolutions for vec in vectors for ckpt in args.checkpointing for cache in args.cache]
     print(f"{len(matrix)} configurations, {steps} steps each, device {device}, precision {args.precision}",
           file=sys.stderr, flush=True)
     results = []
@@ -388,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(_run_subprocess(bc))
         print("  " + "  ".join(_row(results[-1])[1:]), file=sys.stderr, flush=True)
     machine = next((r["machine"] for r in results if "machine" in r), {})
-    print(f"\nLoRA rank 16, batch 1, AdamW, UNet + TE; {steps} steps, median of steps {WARMUP_STEPS + 1}..{steps}; "
+    what = ("LoRA rank 16, batch 1, AdamW, UNet + TE" if args.method == "lora"
+            else "embedding (textual inversion), batch 1, AdamW lr 5e-3, subject template")
+    print(f"\n{what}; {steps} steps, median of steps {WARMUP_STEPS + 1}..{steps}; "
           f"device {device}, precision {args.precision}; total {time.perf_counter() - t0:.0f}s")
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
     print(format_table(results))
