@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -103,6 +104,15 @@ LORA_FLAGS: list[Flag] = [
          "also save the resume state every N epochs (it is always saved on Ctrl-C)"),
     Flag("--trigger", "output.trigger_words", str, "trigger words (stored in the metadata and .json sidecar)"),
     Flag("--overwrite", "output.overwrite", _bool, "replace an existing NAME.safetensors"),
+    Flag("--sample-prompts", "sample.prompts", str, "sample images of these prompts (separate prompts with a new "
+                                                    "line or ' | '; [name] = the trigger words or embedding)"),
+    Flag("--sample-every-epochs", "sample.every_epochs", int, "make samples after every N epochs (0 = off)"),
+    Flag("--sample-every-steps", "sample.every_steps", int, "make samples every N steps (0 = off; with prompts and "
+                                                            "no interval: one set at the end)"),
+    Flag("--sample-negative", "sample.negative", str, "negative prompt of the samples"),
+    Flag("--sample-steps", "sample.steps", int, "DDIM steps per sample (default 20)"),
+    Flag("--sample-cfg", "sample.cfg_scale", float, "guidance scale of the samples (default 7)"),
+    Flag("--sample-seed", "sample.seed", int, "seed of the samples (fixed, so sets compare)"),
 ]
 _LORA_ONLY = {"--reg-data", "--rank", "--alpha", "--conv-rank", "--conv-alpha", "--network-dropout", "--train-unet",
               "--init-lora", "--te-lr", "--trigger"}
@@ -169,6 +179,8 @@ def _apply_flags(data: dict, args: argparse.Namespace, cmd: Command) -> dict:
         value = getattr(args, f.key)
         if value is not None:
             section, key = f.key.split(".")
+            if f.key == "sample.prompts":  # one line on a command line: ' | ' separates prompts
+                value = "\n".join(part.strip() for part in value.split(" | "))
             data[section][key] = value
     return data
 
@@ -197,6 +209,10 @@ class _CliEvents:
 
     def saved(self, path: str, kind: str) -> None:
         self._write(f"saved {kind}: {path}")
+
+    def sampled(self, paths: list[str], step: int) -> None:
+        folder = os.path.dirname(paths[0]) if paths else ""
+        self._write(f"samples at step {step}: {len(paths)} image(s) in {folder}")
 
     def progress(self, p) -> None:
         from tqdm import tqdm

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from .atomic import atomic_write_text, check_output_name
 from .errors import ConfigError, Problem, TrainerError
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 
 METHODS = ("lora", "embedding")
 
@@ -131,6 +131,23 @@ class OutputConfig:
 
 
 @dataclass
+class SampleConfig:
+    """Sample images during a run: the same prompts and seed each time, so they show how training progresses. The
+    last set also becomes the final file's ``.preview.png`` (the card picture in the WebUI)."""
+
+    prompts: str = ""  # one prompt per line ([name] = the embedding, or the trigger words); empty = no samples
+    every_epochs: int = 0  # sample after every N epochs (0 = off)
+    every_steps: int = 0  # sample every N steps (0 = off); with prompts and both 0: one set at the end
+    negative: str = ""  # negative prompt for every sample
+    steps: int = 20  # sampling steps
+    cfg_scale: float = 7.0  # classifier-free guidance scale
+    seed: int = 1234  # the seed of every sample (fixed, so sets compare across steps)
+    width: int = 0  # sample width in pixels (0 = data.resolution)
+    height: int = 0  # sample height in pixels (0 = data.resolution)
+    sampler: str = "Euler a"  # the WebUI's sampler name; headless runs use DDIM
+
+
+@dataclass
 class TrainConfig:
     version: int = CONFIG_VERSION
     method: str = "lora"
@@ -141,6 +158,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,7 +170,7 @@ class TrainConfig:
 SECTIONS = {f.name: f.type for f in fields(TrainConfig) if f.name not in ("version", "method")}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "network": NetworkConfig,
                     "embedding": EmbeddingConfig, "optim": OptimConfig, "train": TrainingConfig,
-                    "output": OutputConfig}
+                    "output": OutputConfig, "sample": SampleConfig}
 
 # Defaults that differ by method, applied before a file's or the command line's values.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -165,8 +183,12 @@ def _v1_to_v2(data: dict) -> None:
     """v2 added ``method = "embedding"`` and the ``[embedding]`` section; every v1 file is a valid v2 file."""
 
 
+def _v2_to_v3(data: dict) -> None:
+    """v3 added the ``[sample]`` section (off by default); every v2 file is a valid v3 file."""
+
+
 # Older config versions → a function that upgrades the dict in place to the next version.
-MIGRATIONS: dict[int, Callable[[dict], None]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 # Setting → command-line flag, for messages (filled by the CLI module; a setting without a flag is named alone).
 FLAGS: dict[str, str] = {}
@@ -379,8 +401,39 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
         bad("output.save_every_epochs", "save intervals must be 0 (off) or positive")
     if out.save_precision not in SAVE_PRECISIONS:
         bad("output.save_precision", f"must be one of {', '.join(SAVE_PRECISIONS)}")
+    _validate_sample(cfg, bad)
     if p:
         raise ConfigError(p)
+
+
+MAX_SAMPLE_PROMPTS = 16
+
+
+def sample_prompt_lines(text: str) -> list[str]:
+    """The sample prompts of ``sample.prompts``: one per non-blank line."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _validate_sample(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:
+    s = cfg.sample
+    prompts = sample_prompt_lines(s.prompts)
+    if s.every_epochs < 0 or s.every_steps < 0:
+        bad("sample.every_epochs", "sample intervals must be 0 (off) or positive")
+    if (s.every_epochs or s.every_steps) and not prompts:
+        bad("sample.prompts", "give at least one sample prompt (one per line), or set the sample intervals to 0")
+    if len(prompts) > MAX_SAMPLE_PROMPTS:
+        bad("sample.prompts", f"{len(prompts)} prompts; use at most {MAX_SAMPLE_PROMPTS} (each costs a generation "
+                              "every time samples are made)")
+    if not 1 <= s.steps <= 150:
+        bad("sample.steps", "must be between 1 and 150 (20 is typical)")
+    if not 1.0 <= s.cfg_scale <= 30.0 or not math.isfinite(s.cfg_scale):
+        bad("sample.cfg_scale", "must be between 1 and 30 (7 is typical)")
+    for key in ("width", "height"):
+        value = getattr(s, key)
+        if value and (value < 64 or value % 8 or value > 2048):
+            bad(f"sample.{key}", f"{value} is not a multiple of 8 between 64 and 2048 (0 = data.resolution)")
+    if not s.sampler.strip():
+        bad("sample.sampler", "give a sampler name such as 'Euler a' (headless runs always use DDIM)")
 
 
 def _validate_network(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:

@@ -27,10 +27,19 @@ def _cli(args, capsys):
 def test_cli_trains_a_lora_from_a_checkpoint_file(tmp_path, tiny_checkpoint, capsys):
     make_images(tmp_path / "data" / "2_thing", n=2)
     code, text = _cli(["--checkpoint", tiny_checkpoint, "--data", tmp_path / "data", "--output", tmp_path / "out",
-                       "--name", "mychar", "--epochs", "2", "--save-every-epochs", "1", *FAST], capsys)
+                       "--name", "mychar", "--epochs", "2", "--save-every-epochs", "1", "--trigger", "zqchar",
+                       "--sample-prompts", "a photo of [name] | [name], red", "--sample-every-epochs", "2",
+                       "--sample-steps", "2", *FAST], capsys)
     assert code == 0, text
     assert "2 images × 2 repeats × 2 epochs ÷ batch 1 = 8 steps" in text
     out = tmp_path / "out"
+    assert "samples at step 8: 2 image(s)" in text  # after epoch 2 only (every 2 epochs)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["mychar-000008-0.png", "mychar-000008-1.png"]
+    assert (out / "mychar.preview.png").is_file() and not (out / "mychar-000001.preview.png").exists()
+    import json
+
+    cfg = json.loads((out / "mychar.config.json").read_text())
+    assert cfg["sample"]["prompts"] == "a photo of [name]\n[name], red" and cfg["version"] == 3
     assert (out / "mychar.safetensors").is_file() and (out / "mychar-000001.safetensors").is_file()
     assert (out / "mychar.config.json").is_file()
     _, meta = read_lora_file(out / "mychar.safetensors")

@@ -46,7 +46,7 @@ class FakeBackend:
         return ui.Backend(wrap_gpu_call=self.wrap, create_job=self.create, run_job=self.run,
                           interrupt=lambda: None, latest_status=lambda: None,
                           host_status=lambda: (False, "no <model>"),
-                          default_output_dir=lambda name: f"/loras/sub/{name}")
+                          default_output_dir=lambda method, name: f"/{method}s/sub/{name}")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_field_defaults_are_the_config_defaults():
 
 
 def test_presets_name_existing_fields_with_valid_values():
-    assert len(ui_presets.PRESETS) == len(ui_presets.SUBJECTS) * len(ui_presets.VRAM_TIERS) == 9
+    assert len(ui_presets.PRESETS) == len(ui_presets.SUBJECTS) * len(ui_presets.VRAM_TIERS) == 12
     for name, preset in ui_presets.PRESETS.items():
         for key, value in preset.items():
             spec = ui_fields.SPECS[key]  # KeyError = a preset names a field the tab does not have
@@ -116,6 +116,22 @@ def test_presets_name_existing_fields_with_valid_values():
         values = [preset.get(k, v) for k, v in zip(ui_fields.KEYS, values)]
         cfg = from_dict(ui_fields.values_to_dict("lora", values))
         assert cfg.network.rank == preset["network.rank"]
+
+
+def test_each_preset_fits_its_memory_tier_by_the_estimate():
+    from lib_train.estimate import estimate
+
+    for name, preset in ui_presets.PRESETS.items():
+        tier_gb = float(name.split("·")[1].split()[0])
+        values = [preset.get(k, v) for k, v in zip(ui_fields.KEYS, ui_fields.config_to_values(default_config()))]
+        cfg = from_dict(ui_fields.values_to_dict("lora", values))
+        est = estimate(cfg, 1000)
+        assert est.vram_gib * 2**30 / 1e9 < 0.85 * tier_gb, (name, est.vram_gib)  # headroom for the estimate's error
+        if tier_gb > 6:
+            smaller = [t for t in ui_presets.VRAM_TIERS if float(t.split()[0]) < tier_gb][-1]
+            cheaper = ui_presets.PRESETS[name.replace(name.split("·")[1].strip(), smaller)]
+            values = [cheaper.get(k, v) for k, v in zip(ui_fields.KEYS, ui_fields.config_to_values(default_config()))]
+            assert estimate(from_dict(ui_fields.values_to_dict("lora", values)), 1000).vram_gib <= est.vram_gib
 
 
 def test_apply_preset_updates_only_the_preset_fields():
@@ -167,13 +183,22 @@ def test_train_click_sends_a_config_the_backend_accepts():
 
 
 def test_backend_refusal_is_shown_not_raised():
-    refusal = ConfigError([Problem("method", "'embedding' training is not available in the WebUI yet; use the "
-                                             "command line")])
+    refusal = ConfigError([Problem("output.name", "an embedding named 'me' is already loaded from /e/me.pt")])
     fake = FakeBackend(create_error=refusal)
     (html,) = _handlers(fake).train("task(x)", "embedding", *ui_fields.config_to_values(default_config("embedding")))
-    assert "not available in the WebUI yet" in html and "sd-trainer-error" in html
+    assert "output.name" in html and "already loaded from /e/me.pt" in html and "sd-trainer-error" in html
     (html,) = _handlers(FakeBackend()).resume("task(y)", "  ")
     assert "resume-state folder" in html
+
+
+def test_embedding_runs_default_to_the_embeddings_folder():
+    fake = FakeBackend()
+    values = ui_fields.config_to_values(default_config("embedding"))
+    values[ui_fields.KEYS.index("output.name")] = "me"
+    _handlers(fake).train("task(x2)", "embedding", *values)
+    (data, _), = fake.created
+    cfg = from_dict(data)
+    assert cfg.method == "embedding" and cfg.output.output_dir == "/embeddings/sub/me"
 
 
 def test_resume_passes_the_state_folder():
@@ -202,18 +227,49 @@ def test_scan_reports_counts_formula_and_gallery(tmp_path):
         write_caption(tmp_path / "5_cat" / f"{i}.txt", f"cat <{i}>")
     values = ui_fields.config_to_values(default_config("lora"))
     values[ui_fields.KEYS.index("data.train_dir")] = str(tmp_path)
-    html, gallery = _handlers(FakeBackend()).scan("lora", *values)
+    h = _handlers(FakeBackend())
+    html, gallery, scan, estimate = h.scan("lora", *values)
     assert "5_cat" in html and "Steps:" in html and "150" in html  # 3 images × 5 repeats × 10 epochs
     assert sorted(caption for _, caption in gallery) == ["cat <0>", "cat <1>", "cat <2>"]
+    assert "= 150 steps" in estimate and "GPU memory ≈" in estimate
+
+    # the live estimate recounts from the kept scan as settings change, without reading the folder again
+    values[ui_fields.KEYS.index("train.epochs")] = 4
+    values[ui_fields.KEYS.index("train.gradient_checkpointing")] = True
+    live = h.estimate(scan, "lora", *values)
+    assert "= 60 steps" in live and _gb(live) < _gb(estimate)
+    values[ui_fields.KEYS.index("train.batch_size")] = 0  # mid-edit: the memory figure stays, no traceback
+    assert "GPU memory" in h.estimate(scan, "lora", *values)
+    values[ui_fields.KEYS.index("train.batch_size")] = 1
+    assert "press Scan" in h.estimate(None, "lora", *values)
 
     save_image(tmp_path / "5_cat" / "tiny.png", (16, 16))
     (tmp_path / "5_cat" / "broken.png").write_bytes(b"not a png")
-    html, gallery = _handlers(FakeBackend()).scan("lora", *values)
-    assert "tiny.png" in html and "broken.png" in html and "Steps:" not in html and gallery == []
+    html, gallery, scan, _ = h.scan("lora", *values)
+    assert "tiny.png" in html and "broken.png" in html and "Steps:" not in html and gallery == [] and scan is None
 
     values[ui_fields.KEYS.index("data.train_dir")] = ""
-    html, _ = _handlers(FakeBackend()).scan("lora", *values)
+    html, *_ = h.scan("lora", *values)
     assert "data.train_dir" in html
+
+
+def _gb(html: str) -> float:
+    import re
+
+    return float(re.search(r"GPU memory ≈ <b>([0-9.]+) GB", html).group(1))
+
+
+def test_status_shows_the_loss_curve_and_samples(tmp_path):
+    sample = tmp_path / "me-000004-0.png"
+    save_image(sample, (64, 64))
+    status = dataclasses.asdict(JobStatus(id="j", method="lora", name="me", output_dir="/o", state="running",
+                                          loss_history=[[1, 0.5], [2, 0.25], [3, 0.4]], samples=[str(sample)],
+                                          sample_step=4))
+    fake = FakeBackend()
+    backend = dataclasses.replace(fake.backend(), latest_status=lambda: status)
+    html, shown = ui._Handlers(ui.WebuiInfo(lora_dir="/l"), backend).status()
+    assert "<svg class='sd-trainer-loss'" in html and "0.500" in html and "0.250" in html
+    assert shown == [str(sample)] and "Samples of step 4" in html
 
 
 def test_config_save_load_and_finished_run(tmp_path):

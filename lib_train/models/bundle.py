@@ -79,3 +79,10 @@ class ModelBundle:
         p = next(vae.parameters())
         posterior = vae.encode(pixels.to(p.device, p.dtype))
         return posterior.mode().float() * self.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents ``[B,4,h,w]`` → images in [-1, 1] ``[B,3,8h,8w]`` (fp32, on the VAE's device)."""
+        vae = self.vae
+        p = next(vae.parameters())
+        return vae.decode(latents.to(p.device, p.dtype) / self.scale_factor).float()

@@ -156,10 +156,17 @@ class TextConditioner:
 
     @property
     def token_embedding(self) -> torch.nn.Embedding:
-        """The text encoder's token-embedding table ``[vocab, width]`` (no position embedding)."""
+        """The text encoder's token-embedding table ``[vocab, width]`` (no position embedding).
+
+        Inside the WebUI the table is wrapped by the WebUI's ``EmbeddingsWithFixes`` (its embeddings database
+        splices vectors there only while its prompt wrapper runs); the table itself is the wrapper's ``wrapped``.
+        The wrapper calls it, so a hook on the table also fires through the wrapper."""
         if self.family == "sd1":
-            return self.embedder.transformer.text_model.embeddings.token_embedding
-        return self.embedder.model.token_embedding
+            table = self.embedder.transformer.text_model.embeddings.token_embedding
+        else:
+            table = self.embedder.model.token_embedding
+        inner = getattr(table, "wrapped", None)
+        return inner if isinstance(inner, torch.nn.Embedding) and not isinstance(table, torch.nn.Embedding) else table
 
     def tokenize_prompts(self, captions: list[str]) -> tuple[torch.Tensor, list[list[Fix]]]:
         """Token ids ``[B, k, 77]`` with every caption padded to the batch's chunk count ``k``, and the fixes of each

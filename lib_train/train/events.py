@@ -42,6 +42,9 @@ class Events:
     def warning(self, text: str) -> None:
         """Something the user should know that does not stop the run."""
 
+    def sampled(self, paths: list[str], step: int) -> None:
+        """A set of sample images was written (``sample`` settings) after optimizer step ``step``."""
+
 
 class SafeEvents(Events):
     """Forwards to another :class:`Events`, logging (not raising) its exceptions."""
@@ -66,6 +69,9 @@ class SafeEvents(Events):
 
     def warning(self, text: str) -> None:
         self._call("warning", text)
+
+    def sampled(self, paths: list[str], step: int) -> None:
+        self._call("sampled", paths, step)
 
 
 class Commands:

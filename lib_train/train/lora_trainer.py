@@ -21,6 +21,7 @@ from ..network.lora import LoRANetwork
 from .events import Commands, Events, SafeEvents
 from .metadata import RunFacts, lora_metadata
 from .prepare import PreparedData, dataset_summary, prepare_data
+from .sampling import Sampler
 from .session import SAVE_DTYPES, RunResult, TrainingSession, run_training
 from .sidecar import write_lora_sidecar
 from .state import LoadedState
@@ -33,8 +34,8 @@ class LoRASession(TrainingSession):
     divergence_hint = "Lower the learning rate, use bf16 instead of fp16, or lower network.alpha."
 
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, events: Events,
-                 commands: Commands, resume: LoadedState | None):
-        super().__init__(cfg, bundle, prep, events, commands, resume)
+                 commands: Commands, resume: LoadedState | None, sampler: Sampler | None = None):
+        super().__init__(cfg, bundle, prep, events, commands, resume, sampler)
         self.train_te = cfg.optim.te_lr > 0
         self.train_unet = cfg.network.train_unet
         self.net: LoRANetwork | None = None
@@ -42,6 +43,9 @@ class LoRASession(TrainingSession):
         self.text_cache: dict[str, torch.Tensor] = {}
         self.cache_text = not self.train_te and not (cfg.data.shuffle_caption or cfg.data.caption_dropout
                                                      or cfg.data.tag_dropout)
+
+    def sample_name_text(self) -> str:
+        return self.cfg.output.trigger_words.strip()
 
     # ---- setup
     def attach(self) -> None:
@@ -141,7 +145,9 @@ def _pad_tokens(z: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tens
 
 
 def train_lora(cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, *, events: Events | None = None,
-               commands: Commands | None = None, resume: LoadedState | None = None) -> RunResult:
+               commands: Commands | None = None, resume: LoadedState | None = None,
+               sampler: Sampler | None = None) -> RunResult:
     """Train a LoRA on ``bundle`` in place. See the module docstring for what is guaranteed about the model."""
-    session = LoRASession(cfg, bundle, prep, SafeEvents(events or Events()), commands or Commands(), resume)
+    session = LoRASession(cfg, bundle, prep, SafeEvents(events or Events()), commands or Commands(), resume,
+                          sampler)
     return run_training(session)

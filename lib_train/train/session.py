@@ -19,7 +19,7 @@ import random
 import time
 import warnings
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +31,12 @@ from ..errors import TrainerError
 from ..models.bundle import ModelBundle
 from ..models.guard import ModelGuard
 from . import loss as L
+from . import sampling
 from .checkpointing import GradientCheckpointing
 from .events import Commands, Events, Progress
 from .optim import build_optimizer, effective_lr, parse_optimizer_args, resolve_optimizer
 from .prepare import PreparedData
+from .sampling import Sampler, ddim_sampler
 from .schedule import make_scheduler
 from .state import LoadedState, RunState, save_state, state_dir_for
 
@@ -94,9 +96,12 @@ class TrainingSession:
     divergence_hint = "Lower the learning rate or use bf16 instead of fp16."
 
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, events: Events,
-                 commands: Commands, resume: LoadedState | None):
+                 commands: Commands, resume: LoadedState | None, sampler: Sampler | None = None):
         self.cfg, self.bundle, self.prep = cfg, bundle, prep
         self.events, self.commands, self.resume = events, commands, resume
+        self.sampler: Sampler = sampler or ddim_sampler
+        self.autocast: torch.dtype | None = None  # the run's autocast dtype (set by run_training)
+        self.last_samples: tuple[int, list[Path]] | None = None  # (step, paths) of the newest sample set
         self.device = bundle.device
         self.out_dir = Path(cfg.output.output_dir)
         self.name = cfg.output.name
@@ -153,6 +158,61 @@ class TrainingSession:
 
     def before_loop(self) -> None:
         """Called after latent caching, right before the first step."""
+
+    def sample_name_text(self) -> str:
+        """What ``[name]`` in a sample prompt becomes."""
+        return self.name
+
+    def sample_embedding(self) -> tuple[str, torch.Tensor] | None:
+        """The embedding being trained (its name and current vectors), for samplers that must register it."""
+        return None
+
+    # ---- samples
+    @contextmanager
+    def vae_ready(self):
+        """The VAE on the training device for the block (a run moves it to the CPU once latents are cached)."""
+        vae = self.bundle.vae
+        moved = next(vae.parameters()).device != self.device
+        if moved:
+            vae.to(self.device)
+        try:
+            yield vae
+        finally:
+            if moved:
+                vae.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def make_samples(self) -> None:
+        """One sample set (``[sample]``), written and reported; a failure is reported and turns sampling off for the
+        rest of the run (samples never stop training)."""
+        if not sampling.enabled(self.cfg) or (self.last_samples and self.last_samples[0] == self.step):
+            return
+        request = sampling.request_for(self.cfg, self.sample_name_text())
+        self.events.status(f"Sampling {len(request.prompts)} image(s) at step {self.step}")
+        try:
+            images = self.sampler(self, request)
+            paths = sampling.save_samples(self.out_dir, self.name, self.step, images)
+        except Exception as e:  # noqa: BLE001 - any sampler failure (out of memory too): report, keep training
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            note = (f"Sample images failed at step {self.step} and are turned off for the rest of this run: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            self.events.warning(note)
+            self.notes.append(note)
+            self.cfg.sample.prompts = ""
+            return
+        self.last_samples = (self.step, paths)
+        self.events.sampled([str(p) for p in paths], self.step)
+        self.events.status(f"Training: {self.prep.total_steps} steps")
+
+    def write_preview(self, model_file: str) -> None:
+        """``<stem>.preview.png`` from the first image of a sample set made at this step, if there is one."""
+        if self.last_samples and self.last_samples[0] == self.step and self.last_samples[1]:
+            try:
+                sampling.write_preview(model_file, self.last_samples[1][0])
+            except OSError as e:
+                self.events.warning(f"Could not write the preview image of {model_file}: {e}")
 
     # ---- shared
     def final_path(self) -> Path:
@@ -268,6 +328,7 @@ def run_training(session: TrainingSession) -> RunResult:
             ckpt = GradientCheckpointing(*session.checkpointed_modules())
         session.optimizer_name, optimizer, scheduler = session.build_optimizer()
         dtype = autocast_dtype(cfg.train.mixed_precision, session.device, events)
+        session.autocast = dtype
         scaler = make_scaler(dtype == torch.float16)
         if resume is not None and resume.scaler is not None and scaler.is_enabled():
             scaler.load_state_dict(resume.scaler)
@@ -319,6 +380,7 @@ def _loop(run: TrainingSession, optimizer, scheduler, scaler, autocast: torch.dt
         if last_save is not None and last_save[:2] == (stem, run.step):
             return last_save[2]
         path = run.save_model(stem, kind, epoch, finished)
+        run.write_preview(path)
         last_save = (stem, run.step, path)
         return path
 
@@ -367,6 +429,8 @@ def _loop(run: TrainingSession, optimizer, scheduler, scaler, autocast: torch.dt
                 run.loss_value = value
             emit(epoch)
             done = run.step >= prep.total_steps
+            if sampling.due(cfg, run.step) or (done and sampling.due(cfg, run.step, final=True)):
+                run.make_samples()
             if cfg.output.save_every_steps and run.step % cfg.output.save_every_steps == 0 and not done:
                 save(run.step_stem(run.step), "step", epoch + 1)
             if done:
@@ -382,6 +446,8 @@ def _loop(run: TrainingSession, optimizer, scheduler, scaler, autocast: torch.dt
                 run.save_state(optimizer, scheduler, scaler, next_epoch, next_batch)
         if run.step >= prep.total_steps:
             break
+        if sampling.due(cfg, run.step, epoch_end=epoch + 1):
+            run.make_samples()
         n_ep = cfg.output.save_every_epochs
         if n_ep and (epoch + 1) % n_ep == 0 and epoch + 1 < prep.total_epochs:
             save(run.epoch_stem(epoch + 1), "epoch", epoch + 1)
@@ -389,5 +455,8 @@ def _loop(run: TrainingSession, optimizer, scheduler, scaler, autocast: torch.dt
         if n_st and (epoch + 1) % n_st == 0 and epoch + 1 < prep.total_epochs:
             run.save_state(optimizer, scheduler, scaler, epoch + 1, 0)
 
+    if sampling.due(cfg, run.step, final=True):
+        run.make_samples()  # no-op when the last step already made a set
     final = run.save_model(run.name, "final", prep.total_epochs, finished=True)
+    run.write_preview(final)
     return RunResult("finished", run.step, prep.total_steps, run.saved, final, None, run.loss_value, run.notes)

@@ -34,6 +34,7 @@ from ..models.bundle import ModelBundle
 from ..models.conditioning import TextConditioner
 from .events import Commands, Events, SafeEvents
 from .prepare import PreparedData, prepare_data
+from .sampling import Sampler
 from .session import SAVE_DTYPES, RunResult, TrainingSession, run_training
 from .state import LoadedState
 
@@ -63,8 +64,8 @@ class EmbeddingSession(TrainingSession):
     noun = "embedding"
 
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, events: Events,
-                 commands: Commands, resume: LoadedState | None):
-        super().__init__(cfg, bundle, prep, events, commands, resume)
+                 commands: Commands, resume: LoadedState | None, sampler: Sampler | None = None):
+        super().__init__(cfg, bundle, prep, events, commands, resume, sampler)
         if not isinstance(bundle.encode_text, TextConditioner):
             raise TrainerError("This model's text conditioning cannot take embeddings (it is not a TextConditioner).")
         self.conditioner: TextConditioner = bundle.encode_text
@@ -101,6 +102,9 @@ class EmbeddingSession(TrainingSession):
             self.events.warning(warning)
             self.notes.append(warning)
         self.injection = Injection(self.conditioner, self.name, self.vectors)
+
+    def sample_embedding(self) -> tuple[str, torch.Tensor] | None:
+        return (self.name, self.vectors.detach()) if self.vectors is not None else None
 
     def detach(self) -> None:
         if self.injection is not None:
@@ -160,7 +164,8 @@ class EmbeddingSession(TrainingSession):
 
 
 def train_embedding(cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, *, events: Events | None = None,
-                    commands: Commands | None = None, resume: LoadedState | None = None) -> RunResult:
+                    commands: Commands | None = None, resume: LoadedState | None = None,
+                    sampler: Sampler | None = None) -> RunResult:
     """Train a textual-inversion embedding on ``bundle``; the model is left exactly as it was."""
     if resume is not None and resume.state.config.get("method") != "embedding":
         raise TrainerError("This resume state is not from an embedding run; resume it with the command that started "
@@ -169,5 +174,6 @@ def train_embedding(cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, *
     if resume is None and cfg.embedding.write_pt and pt.exists() and not cfg.output.overwrite:
         raise TrainerError(f"{pt} already exists. Choose another output.name, delete the file, or set "
                            "output.overwrite (--overwrite) to replace it.")
-    session = EmbeddingSession(cfg, bundle, prep, SafeEvents(events or Events()), commands or Commands(), resume)
+    session = EmbeddingSession(cfg, bundle, prep, SafeEvents(events or Events()), commands or Commands(), resume,
+                               sampler)
     return run_training(session)

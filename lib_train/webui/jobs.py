@@ -13,7 +13,8 @@ During a run, events update the job's status (state, step, total, loss, ETA, sav
 ``shared.state`` (``job_count``/``job_no`` = steps, ``textinfo``), so the WebUI's progress bar and ``/internal/progress``
 follow it; the WebUI's Interrupt (``shared.state.interrupted``) or :meth:`JobManager.interrupt` stops it after the
 current step, saving the file and the resume state. Outputs default to a folder per run under the method's WebUI
-folder (LoRA: ``--lora-dir``, default ``models/Lora``), and the WebUI's list is refreshed after each save so new files
+folder (LoRA: ``--lora-dir``, default ``models/Lora``; embeddings: ``--embeddings-dir``, default ``embeddings``), and
+the WebUI's list is refreshed after each save (Lora list rescan; embeddings database ``force_reload``) so new files
 show in the cards at once. What runs each method is the :data:`METHODS` table.
 """
 
@@ -32,12 +33,15 @@ from .. import config as config_mod
 from ..atomic import check_output_name
 from ..config import TrainConfig, from_dict, save_config, validate
 from ..errors import ConfigError, Problem, TrainerError
+from ..train import sampling
 from ..train.events import Commands, Events, Progress
 from ..train.lora_trainer import prepare_data, train_lora
 from ..train.prepare import PreparedData
 from ..train.state import LoadedState, load_state
+from ..train.ti_trainer import prepare_embedding_data, train_embedding
 
 ACTIVE_STATES = ("queued", "running")
+LOSS_POINTS = 1000  # the loss curve keeps at most this many points (every other one is dropped when it is full)
 
 
 @dataclass
@@ -63,6 +67,9 @@ class JobStatus:
     state_dir: str | None = None  # resume state, once written
     error: str = ""
     notes: list[str] = field(default_factory=list)  # warnings and adjustments the user should know about
+    samples: list[str] = field(default_factory=list)  # the newest set of sample images (``[sample]`` settings)
+    sample_step: int | None = None  # the step the newest samples were made at
+    loss_history: list[list[float]] = field(default_factory=list)  # [step, loss] pairs, thinned to ≤ LOSS_POINTS
     resumed_from: str | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -77,6 +84,7 @@ class Method:
     train: Callable[..., Any]  # train(cfg, bundle, prep, *, events, commands, resume) -> RunResult
     output_root: Callable[[], str]  # the WebUI folder its files go to by default (a run gets a subfolder)
     refresh: Callable[[], None]  # make the WebUI list new files
+    name_conflict: Callable[[TrainConfig], str | None] = lambda cfg: None  # why the run's name clashes, or None
 
 
 def lora_dir() -> str:
@@ -94,9 +102,39 @@ def refresh_lora_list() -> None:
         networks.list_available_networks()
 
 
+def embeddings_dir() -> str:
+    """The WebUI's embeddings folder (``--embeddings-dir``, default ``embeddings``): it loads every embedding file
+    below it, subfolders included, named by its file stem."""
+    from modules import paths, shared
+
+    return getattr(shared.cmd_opts, "embeddings_dir", None) or os.path.join(paths.data_path, "embeddings")
+
+
+def refresh_embeddings() -> None:
+    """Reload the WebUI's embeddings database, so new files show in the Textual Inversion cards and prompts."""
+    from modules import sd_hijack
+
+    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+
+
+def embedding_name_conflict(cfg: TrainConfig) -> str | None:
+    """The WebUI names an embedding by its file stem, one per name: another loaded file named like this run's final
+    file would make prompts get either of them."""
+    from modules import sd_hijack
+
+    other = sd_hijack.model_hijack.embedding_db.word_embeddings.get(cfg.output.name)
+    path = getattr(other, "filename", None)
+    if not path or Path(path).resolve().parent == Path(cfg.output.output_dir).resolve():
+        return None
+    return (f"an embedding named '{cfg.output.name}' is already loaded from {path}; the WebUI knows one embedding "
+            "per name, so prompts could get either file. Choose another name, or move or rename that file")
+
+
 # config ``method`` → how the WebUI runs it. A method missing here is refused with a clear message.
 METHODS: dict[str, Method] = {
     "lora": Method(prepare=prepare_data, train=train_lora, output_root=lora_dir, refresh=refresh_lora_list),
+    "embedding": Method(prepare=prepare_embedding_data, train=train_embedding, output_root=embeddings_dir,
+                        refresh=refresh_embeddings, name_conflict=embedding_name_conflict),
 }
 
 
@@ -127,6 +165,7 @@ class Job:
                                 total_steps=prep.total_steps, total_epochs=prep.total_epochs, notes=list(notes),
                                 resumed_from=resumed_from,
                                 step=resume.state.step if resume else 0)
+        self.start_step = self.status.step  # where this session of the run starts (a resumed run: its saved step)
         self.task_id = f"task(trainer-{job_id})"  # the id the WebUI's progress API knows it by
         self.thread: threading.Thread | None = None
 
@@ -156,6 +195,10 @@ class _JobEvents(Events):
         s = self.job.status
         s.step, s.total_steps, s.epoch, s.total_epochs = p.step, p.total_steps, p.epoch, p.total_epochs
         s.loss, s.lr, s.eta_s, s.elapsed_s = p.loss, p.lr, p.eta, p.elapsed
+        if p.loss is not None and (not s.loss_history or s.loss_history[-1][0] < p.step):
+            s.loss_history.append([p.step, p.loss])
+            if len(s.loss_history) > LOSS_POINTS:
+                s.loss_history[:] = s.loss_history[::2]
         shared.state.job_count = p.total_steps
         shared.state.job_no = p.step
         loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
@@ -173,6 +216,9 @@ class _JobEvents(Events):
 
     def warning(self, text: str) -> None:
         self.job.status.notes.append(text)
+
+    def sampled(self, paths: list[str], step: int) -> None:
+        self.job.status.samples, self.job.status.sample_step = list(paths), step
 
 
 class JobManager:
@@ -192,6 +238,20 @@ class JobManager:
 
     def active(self) -> Job | None:
         return next((j for j in self._jobs.values() if j.status.state in ACTIVE_STATES), None)
+
+    def measured_rate(self):
+        """The training speed of the newest job of this session that trained at least 3 steps (for the tab's time
+        estimate), as a :class:`~lib_train.estimate.MeasuredRate`; None before one."""
+        from ..estimate import rate_from_run
+
+        for job in self.jobs():
+            s = job.status
+            steps = s.step - job.start_step
+            if s.state not in ACTIVE_STATES and steps >= 3 and s.elapsed_s:
+                c = job.cfg
+                return rate_from_run(c.data.resolution, c.train.batch_size, c.optim.grad_accum, steps, s.elapsed_s,
+                                     s.name)
+        return None
 
     # ---- creation
     def create(self, data: dict[str, Any] | None = None, *, resume_dir: str | None = None) -> Job:
@@ -218,6 +278,15 @@ class JobManager:
         if resume is None and final.exists() and not cfg.output.overwrite:
             raise ConfigError([Problem("output.name", f"{final} already exists; choose another name, delete the "
                                                       "file, or set output.overwrite to replace it")])
+        conflict = method.name_conflict(cfg) if resume is None else None
+        if conflict:
+            raise ConfigError([Problem("output.name", conflict)])
+        if sampling.enabled(cfg):
+            from .sampling import check_sampler_name
+
+            problem = check_sampler_name(cfg.sample.sampler)
+            if problem:
+                raise ConfigError([Problem("sample.sampler", problem)])
         report = inspect_host()
         if not report.supported:
             raise TrainerError(report.reason)
@@ -285,6 +354,7 @@ class JobManager:
         from modules import errors, shared
 
         from .model import loaded_model_bundle, match_model_precision
+        from .sampling import webui_sampler
 
         s, cfg = job.status, job.cfg
         s.state, s.started_at = "running", time.time()
@@ -300,7 +370,7 @@ class JobManager:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 save_config(cfg, out_dir / f"{cfg.output.name}.config.json")
                 result = job.method.train(cfg, bundle, job.prep, events=events, commands=job.commands,
-                                          resume=job.resume)
+                                          resume=job.resume, sampler=webui_sampler)
             s.state, s.step = result.status, result.step
             s.final_file = result.final_file or s.final_file
             s.state_dir = result.state_dir or s.state_dir

@@ -9,8 +9,10 @@ puts back what it changed, however the run ends:
 - the options that shape text conditioning are pinned and restored: clip skip from ``model.clip_skip``
   (``CLIP_stop_at_last_layers``), emphasis "None" (brackets in captions are literal text, as in kohya), the new
   emphasis implementation, and comma padding backtrack 20 (the rule the headless conditioner uses);
-- text goes through the WebUI's own prompt wrapper ``sd_model.cond_stage_model(captions)`` (chunking, clip skip,
-  the embeddings database: a caption naming a loaded embedding gets it, as at inference), the UNet through
+- LoRA runs: text goes through the WebUI's own prompt wrapper ``sd_model.cond_stage_model(captions)`` (chunking,
+  clip skip, the embeddings database: a caption naming a loaded embedding gets it, as at inference). Embedding runs:
+  through the library's :class:`~lib_train.models.conditioning.TextConditioner` over the raw text encoder
+  (``cond_stage_model.wrapped``), which injects the vectors being trained by the WebUI's rules. The UNet goes through
   ``sd_model.apply_model`` (the WebUI casts to the model's dtype under ``devices.autocast()``);
 - the noise schedule is ``alphas_cumprod_original`` (fp32; see ``ModelBundle.alphas_cumprod``);
 - every weight of the model is frozen for the run (the WebUI leaves the UNet's ``requires_grad`` on; a backward
@@ -30,7 +32,7 @@ import torch
 
 from ..config import TrainConfig
 from ..models.bundle import ModelBundle
-from ..models.conditioning import COMMA_BACKTRACK
+from ..models.conditioning import COMMA_BACKTRACK, TextConditioner
 from .host import require_trainable_model
 
 # WebUI model dtype → ``train.mixed_precision`` that computes in it (the session's autocast and grad scaler).
@@ -137,9 +139,16 @@ def build_bundle(model: Any, family: str, cfg: TrainConfig) -> tuple[WebUIModelB
     note = "" if prediction == own else (f"model.prediction '{prediction}' overrides the loaded model's own "
                                          f"'{own}'; generation in the WebUI will still use '{own}'.")
     info = getattr(model, "sd_checkpoint_info", None)
+    embedder = model.cond_stage_model.wrapped
+    if cfg.method == "embedding":
+        # The vectors being trained are not in the WebUI's embeddings database (which is never touched): the library's
+        # conditioner over the raw encoder injects them, under the same rules as the WebUI's prompt wrapper
+        # (bit-identical: tests/test_embedding_webui.py, /trainer/v1/diagnostics/conditioning).
+        encode_text = TextConditioner(embedder, family, clip_skip=cfg.model.clip_skip if family == "sd1" else 1)
+    else:
+        encode_text = WebUIText(model.cond_stage_model)
     bundle = WebUIModelBundle(
-        model=model, family=family, prediction=prediction, text_encoder=model.cond_stage_model.wrapped,
-        encode_text=WebUIText(model.cond_stage_model),
+        model=model, family=family, prediction=prediction, text_encoder=embedder, encode_text=encode_text,
         checkpoint_name=os.path.basename(getattr(info, "filename", "") or ""),
         checkpoint_hashes=_checkpoint_hashes(info),
         resolution=768 if (family == "sd2" and prediction == "v") else 512)
@@ -172,6 +181,7 @@ def loaded_model_bundle(cfg: TrainConfig, note: Callable[[str], None] = lambda t
     hijack = sd_hijack.model_hijack
     comments, extra_params = list(hijack.comments), dict(hijack.extra_generation_params)
     hypernetworks = shared.loaded_hypernetworks
+    hijack.fixes = None  # nothing left over from a prompt wrapper call may reach the raw encoder
     unloaded = clear_loaded_networks(model)
     if unloaded:
         note(f"Took the LoRA networks applied by the last generation out of the weights: {', '.join(unloaded)}.")

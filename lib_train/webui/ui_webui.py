@@ -4,7 +4,8 @@
 Settings (section ``("sd_trainer", "Trainer")``, category "training"):
 
 - ``sd_trainer_output_subfolder`` — LoRA runs with an empty output folder go to
-  ``<Lora folder>/<this subfolder>/<run name>`` (empty: ``<Lora folder>/<run name>``).
+  ``<Lora folder>/<this subfolder>/<run name>`` (empty: ``<Lora folder>/<run name>``);
+- ``sd_trainer_embedding_subfolder`` — the same for embedding runs, under the embeddings folder.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ from typing import Any
 TAB = ("Trainer", "sd_trainer")  # label and id; the WebUI's own tab is ("Train", "train")
 SECTION = ("sd_trainer", "Trainer")
 OUTPUT_SUBFOLDER = "sd_trainer_output_subfolder"
+EMBEDDING_SUBFOLDER = "sd_trainer_embedding_subfolder"
+_SUBFOLDER_SETTING = {"lora": OUTPUT_SUBFOLDER, "embedding": EMBEDDING_SUBFOLDER}
 
 
-def _default_output_dir(name: str) -> str:
-    """``<Lora folder>/<subfolder setting>/<name>``, or "" (the job manager's own default) without a subfolder."""
+def _default_output_dir(method: str, name: str) -> str:
+    """``<method's WebUI folder>/<subfolder setting>/<name>``, or "" (the job manager's own default,
+    ``<folder>/<name>``) without a subfolder."""
     from modules import shared
 
-    from .jobs import lora_dir
+    from .jobs import METHODS
 
-    sub = str(shared.opts.data.get(OUTPUT_SUBFOLDER, "") or "").strip().strip("/\\")
-    return os.path.join(lora_dir(), sub, name) if sub else ""
+    setting = _SUBFOLDER_SETTING.get(method)
+    sub = str(shared.opts.data.get(setting, "") or "").strip().strip("/\\") if setting else ""
+    return os.path.join(METHODS[method].output_root(), sub, name) if sub and method in METHODS else ""
 
 
 def _run_job(job: Any) -> dict[str, Any]:
@@ -48,6 +53,12 @@ def _latest_status() -> dict[str, Any] | None:
     return jobs[0].snapshot() if jobs else None
 
 
+def _model_family() -> str:
+    from .host import inspect_host
+
+    return inspect_host().family or "sd1"
+
+
 def _host_status() -> tuple[bool, str]:
     from .host import FAMILY_LABELS, inspect_host
 
@@ -62,18 +73,23 @@ def backend():
     from modules import call_queue
 
     from .jobs import manager
+    from .preprocess import backend_preprocess, backend_upload, interrupt_preprocess
     from .ui import Backend
 
     return Backend(wrap_gpu_call=call_queue.wrap_gradio_gpu_call, create_job=manager.create, run_job=_run_job,
                    interrupt=_interrupt, latest_status=_latest_status, host_status=_host_status,
-                   default_output_dir=_default_output_dir)
+                   default_output_dir=_default_output_dir, measured_rate=manager.measured_rate,
+                   model_family=_model_family, preprocess=backend_preprocess, upload=backend_upload,
+                   interrupt_preprocess=interrupt_preprocess)
 
 
 def on_ui_tabs() -> list[tuple[Any, str, str]]:
     from .jobs import lora_dir
     from .ui import WebuiInfo, build_ui
 
-    return [(build_ui(WebuiInfo(lora_dir=lora_dir()), backend()), *TAB)]
+    from .preprocess import upscaler_names
+
+    return [(build_ui(WebuiInfo(lora_dir=lora_dir(), upscalers=tuple(upscaler_names())), backend()), *TAB)]
 
 
 def on_ui_settings() -> None:
@@ -82,3 +98,6 @@ def on_ui_settings() -> None:
     shared.opts.add_option(OUTPUT_SUBFOLDER, shared.OptionInfo(
         "", "Subfolder of the Lora folder for new LoRA runs", section=SECTION, category_id="training",
     ).info("a run named NAME goes to <Lora folder>/<subfolder>/NAME; empty: <Lora folder>/NAME"))
+    shared.opts.add_option(EMBEDDING_SUBFOLDER, shared.OptionInfo(
+        "", "Subfolder of the embeddings folder for new embedding runs", section=SECTION, category_id="training",
+    ).info("a run named NAME goes to <embeddings folder>/<subfolder>/NAME; empty: <embeddings folder>/NAME"))

@@ -13,8 +13,8 @@ named by the environment (nothing about this machine is hard-coded):
 - ``SD_WEBUI_TIMEOUT``: seconds to wait for startup and the model load (default 900).
 
 The server runs on the CPU (``--use-cpu all --no-half --precision full``, as the WebUI's own CI), on a free local
-port, with the API on and protected by a generated ``--api-auth`` pair, ``--lora-dir`` in a temporary folder (so test
-LoRAs never land in the user's Lora folder) and ``--skip-prepare-environment`` (nothing is installed or
+port, with the API on and protected by a generated ``--api-auth`` pair, ``--lora-dir`` and ``--embeddings-dir`` in a
+temporary folder (so test files never land in the user's folders) and ``--skip-prepare-environment`` (nothing is installed or
 downloaded). Its log is kept in the session's temporary folder and printed in failure messages.
 """
 
@@ -60,6 +60,7 @@ class WebUI:
     lora_dir: Path
     log: Path
     process: subprocess.Popen
+    embeddings_dir: Path | None = None  # the server's --embeddings-dir (a temporary folder)
 
     def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None, auth: bool = True,
                 timeout: float = 900) -> Response:
@@ -160,12 +161,14 @@ def webui(tmp_path_factory) -> WebUI:
         pytest.fail(f"no WebUI Python at {python}; set SD_WEBUI_PYTHON to the WebUI venv's python")
 
     tmp = tmp_path_factory.mktemp("webui")
-    lora_dir, log = tmp / "Lora", tmp / "webui.log"
+    lora_dir, embeddings_dir, log = tmp / "Lora", tmp / "embeddings", tmp / "webui.log"
+    embeddings_dir.mkdir()
     user, password = "trainer-tests", secrets.token_hex(8)
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", "DO_NOT_TRACK": "1"}
     env.update(dict(word.split("=", 1) for word in shlex.split(os.environ.get("SD_WEBUI_ENV", ""))))
     args = [python, "launch.py", *SERVER_FLAGS, "--port", str(port), "--lora-dir", str(lora_dir),
+            "--embeddings-dir", str(embeddings_dir),
             "--api-auth", f"{user}:{password}", *shlex.split(os.environ.get("SD_WEBUI_ARGS", ""))]
     timeout = float(os.environ.get("SD_WEBUI_TIMEOUT", "900"))
     with open(log, "wb") as out:
@@ -176,7 +179,7 @@ def webui(tmp_path_factory) -> WebUI:
         # No request before "Startup time:": one in that window kills the WebUI's startup (WEBUI.md §8b).
         _wait_for_log(log, "Startup time:", process, deadline)
         _wait_for_log(log, "Model loaded in", process, deadline)
-        yield WebUI(f"http://127.0.0.1:{port}", user, password, lora_dir, log, process)
+        yield WebUI(f"http://127.0.0.1:{port}", user, password, lora_dir, log, process, embeddings_dir)
     finally:
         _stop(process)
         print(f"WebUI log: {log}", file=sys.stderr)

@@ -113,7 +113,8 @@ def test_headless_conditioning_equals_the_webuis(webui, clip_skip):
 
 @pytest.fixture(scope="session")
 def finished_run(webui, lora_config, initial_state) -> dict:
-    job = webui.post("/trainer/v1/jobs", lora_config("trainer_test", STEPS))
+    job = webui.post("/trainer/v1/jobs", lora_config("trainer_test", STEPS, sample={
+        "prompts": "[name]\n[name], blue", "every_steps": 2, "steps": 2, "sampler": "Euler"}))
     assert job["state"] == "queued" and job["total_steps"] == STEPS
     status = webui.wait_job(job["id"])
     return {"status": status, "after": webui.get("/trainer/v1/model-hash")}
@@ -127,6 +128,14 @@ def test_lora_run_completes_into_the_lora_folder(webui, finished_run):
     assert Path(s["output_dir"]) == out.resolve()
     assert s["final_file"] == str(out / "trainer_test.safetensors") and Path(s["final_file"]).is_file()
     assert s["saved"] == [s["final_file"]]
+    # samples through the WebUI's own txt2img at step 2 and at the end, the last one the card picture
+    assert s["sample_step"] == STEPS and [Path(p).name for p in s["samples"]] == [
+        f"trainer_test-{STEPS:06d}-0.png", f"trainer_test-{STEPS:06d}-1.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "trainer_test-000002-0.png", "trainer_test-000002-1.png", "trainer_test-000003-0.png",
+        "trainer_test-000003-1.png"]
+    assert (out / "trainer_test.preview.png").read_bytes() == Path(s["samples"][0]).read_bytes()
+    assert len(s["loss_history"]) == STEPS and [p[0] for p in s["loss_history"]] == [1, 2, 3]
     sidecar = json.loads((out / "trainer_test.json").read_text(encoding="utf-8"))
     assert sidecar == {"sd version": "SD1", "activation text": "thing"}
     assert json.loads((out / "trainer_test.config.json").read_text())["model"]["checkpoint"] == ""
@@ -194,6 +203,60 @@ def test_interrupt_resume_and_webui_interrupt_leave_the_model_unchanged(webui, l
     assert webui.get("/trainer/v1/model-hash") == initial_state
     assert webui.request("POST", f"/trainer/v1/jobs/{third['id']}/resume").status == 409
     assert [j["state"] for j in webui.get("/trainer/v1/jobs")][:3] == ["finished", "interrupted", "interrupted"]
+
+
+EMB = "zqtrainemb"  # a made-up word: several tokens, none of them a whole known word
+
+
+def _embedding_config(dataset: Path, name: str, **output) -> dict:
+    return {"method": "embedding",
+            "data": {"train_dir": str(dataset), "resolution": 64, "min_bucket_side": 64, "max_bucket_side": 128},
+            "embedding": {"vectors": 2, "init_text": "thing", "template": "subject"},
+            "optim": {"lr": 0.05}, "train": {"max_steps": 3},
+            "output": {"name": name, "save_every_epochs": 0, "save_every_steps": 2, **output},
+            "sample": {"prompts": "a photo of [name]", "every_steps": 2, "steps": 2, "sampler": "Euler"}}
+
+
+@pytest.fixture(scope="session")
+def embedding_run(webui, dataset, initial_state) -> dict:
+    before, _ = _txt2img(webui, f"a photo of {EMB}")  # no such embedding yet: plain text
+    job = webui.post("/trainer/v1/jobs", _embedding_config(dataset, EMB))
+    assert job["method"] == "embedding" and job["total_steps"] == 3
+    status = webui.wait_job(job["id"])
+    return {"status": status, "after": webui.get("/trainer/v1/model-hash"), "image_before": before}
+
+
+def test_embedding_run_completes_into_the_embeddings_folder(webui, embedding_run):
+    s = embedding_run["status"]
+    assert s["state"] == "finished" and s["step"] == 3 and s["error"] == "", s
+    out = webui.embeddings_dir / EMB  # default: a folder per run in the WebUI's --embeddings-dir
+    assert Path(s["output_dir"]) == out.resolve()
+    assert s["saved"] == [str(out / f"{EMB}-000002.safetensors"), str(out / f"{EMB}.safetensors")]
+    assert all(Path(p).is_file() for p in s["saved"])
+    # samples with the vectors of step 2 and of the end (registered in the WebUI's database only while sampling)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"{EMB}-000002-0.png", f"{EMB}-000003-0.png"]
+    assert (out / f"{EMB}-000002.preview.png").is_file() and (out / f"{EMB}.preview.png").is_file()
+    assert (out / "samples" / f"{EMB}-000002-0.png").read_bytes() != (out / "samples" / f"{EMB}-000003-0.png").read_bytes()
+
+
+def test_model_is_unchanged_after_an_embedding_run(initial_state, embedding_run):
+    assert embedding_run["after"] == initial_state
+
+
+def test_new_embedding_is_loaded_without_a_manual_refresh(webui, embedding_run):
+    loaded = webui.get("/sdapi/v1/embeddings")["loaded"]
+    assert loaded[EMB]["vectors"] == 2 and loaded[EMB]["shape"] == 768
+    assert loaded[f"{EMB}-000002"]["vectors"] == 2  # the intermediate save too: the grid compares them
+    image, info = _txt2img(webui, f"a photo of {EMB}")
+    assert f"{EMB}:" in info and "TI hashes" in info  # the WebUI used our file
+    assert image != embedding_run["image_before"]
+
+
+def test_an_embedding_name_loaded_from_elsewhere_is_refused(webui, dataset, embedding_run, tmp_path):
+    clash = _embedding_config(dataset, EMB, output_dir=str(tmp_path / "elsewhere"))
+    problems = _problems(webui.request("POST", "/trainer/v1/jobs", body=clash))
+    assert list(problems) == [("body", "output", "name")]
+    assert "already loaded from" in problems[("body", "output", "name")]
 
 
 def test_log_has_no_errors_from_our_code(webui):

@@ -1,0 +1,159 @@
+"""Sample images during a run (``[sample]`` in the config): the same prompts, seeds and settings every time, so
+a set made at step 200 compares with the one at step 400.
+
+When samples are made is :func:`due` (every N steps, after every N epochs, and once more at the end so the final
+file has a picture). What makes them is a :class:`Sampler`:
+
+- headless runs use :func:`ddim_sampler`, a deterministic DDIM (η = 0) with classifier-free guidance over the
+  session's own conditioning (the LoRA being trained is applied in place, the embedding injected), decoded by the
+  model's VAE;
+- in the WebUI, ``lib_train.webui.sampling`` runs the WebUI's own txt2img processing, with the sampler named by
+  ``sample.sampler``.
+
+Images are written atomically as ``samples/<name>-<step:06d>-<i>.png`` in the output folder; the run copies the
+first image of the set made at a save's step to ``<file stem>.preview.png`` (the card picture of the WebUI's Lora
+and Textual Inversion tabs).
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import torch
+from PIL import Image
+
+from ..atomic import atomic_write_bytes
+from ..config import TrainConfig, sample_prompt_lines
+
+if TYPE_CHECKING:
+    from .session import TrainingSession
+
+NAME_TAG = "[name]"
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One set of samples: a prompt per image, everything else shared."""
+
+    prompts: tuple[str, ...]  # ``[name]`` already filled in
+    negative: str
+    steps: int
+    cfg_scale: float
+    seed: int  # image i uses seed + i (as the WebUI numbers a batch's seeds)
+    width: int
+    height: int
+    sampler: str  # the WebUI's sampler name (headless: always DDIM)
+
+
+class Sampler(Protocol):
+    def __call__(self, session: "TrainingSession", request: SampleRequest) -> list[Image.Image]:
+        """The images of ``request`` made with the model as it is trained right now (one per prompt)."""
+
+
+def enabled(cfg: TrainConfig) -> bool:
+    return bool(sample_prompt_lines(cfg.sample.prompts))
+
+
+def request_for(cfg: TrainConfig, name_text: str) -> SampleRequest:
+    """The run's sample set; ``[name]`` in a prompt becomes ``name_text`` (the embedding's name, or the LoRA's
+    trigger words)."""
+    s, res = cfg.sample, cfg.data.resolution
+    prompts = tuple(" ".join(line.replace(NAME_TAG, name_text).split()) for line in sample_prompt_lines(s.prompts))
+    return SampleRequest(prompts=prompts, negative=s.negative, steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed,
+                         width=s.width or res, height=s.height or res, sampler=s.sampler)
+
+
+def due(cfg: TrainConfig, step: int, *, epoch_end: int | None = None, final: bool = False) -> bool:
+    """Whether a set is due after optimizer step ``step`` (``epoch_end``: the 1-based epoch that just ended;
+    ``final``: the run's last step)."""
+    s = cfg.sample
+    if not enabled(cfg):
+        return False
+    if final:
+        return True
+    if epoch_end is not None:
+        return bool(s.every_epochs) and epoch_end % s.every_epochs == 0
+    return bool(s.every_steps) and step % s.every_steps == 0
+
+
+def save_samples(out_dir: Path, name: str, step: int, images: list[Image.Image]) -> list[Path]:
+    """Write ``samples/<name>-<step:06d>-<i>.png`` atomically; returns the paths."""
+    folder = Path(out_dir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        paths.append(atomic_write_bytes(folder / f"{name}-{step:06d}-{i}.png", buf.getvalue()))
+    return paths
+
+
+def write_preview(model_file: str | Path, sample: Path) -> Path:
+    """Copy ``sample`` to ``<model file stem>.preview.png`` (what the WebUI's cards show)."""
+    target = Path(model_file).parent / f"{Path(model_file).stem}.preview.png"
+    return atomic_write_bytes(target, Path(sample).read_bytes())
+
+
+def ddim_timesteps(steps: int, train_steps: int = 1000) -> list[int]:
+    """The ``steps`` timesteps DDIM visits, first (noisiest) to last: uniform spacing ``train_steps // steps``,
+    shifted by one (ldm's "uniform" discretisation)."""
+    stride = max(train_steps // steps, 1)
+    return [t + 1 for t in range(0, train_steps, stride)][:steps][::-1]
+
+
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """One image in [-1, 1] ``[3,H,W]`` → an RGB PIL image."""
+    arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+def ddim_denoise(model_out: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, ac: torch.Tensor,
+                 timesteps: list[int], prediction: str) -> torch.Tensor:
+    """DDIM (η = 0) from noise ``x`` at ``timesteps[0]`` to the clean latents: ``model_out(x, t)`` is the guided
+    model output (ε, or v for ``prediction == "v"``), ``ac`` the fp32 ``alphas_cumprod``."""
+    for j, t in enumerate(timesteps):
+        a_t = ac[t]
+        a_prev = ac[timesteps[j + 1]] if j + 1 < len(timesteps) else ac[0]
+        out = model_out(x, t)
+        if prediction == "v":
+            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+            eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+        else:
+            eps = out
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+@torch.no_grad()
+def ddim_sampler(session: "TrainingSession", request: SampleRequest) -> list[Image.Image]:
+    """Deterministic DDIM with classifier-free guidance on the session's bundle (headless runs)."""
+    bundle, device = session.bundle, session.device
+    ac = bundle.alphas_cumprod.to(device)
+    ts = ddim_timesteps(request.steps, ac.shape[0])
+    ctx = torch.autocast(device.type, dtype=session.autocast) if session.autocast else nullcontext()
+    images = []
+    for i, prompt in enumerate(request.prompts):
+        gen = torch.Generator().manual_seed(request.seed + i)
+        x = torch.randn((1, 4, request.height // 8, request.width // 8), generator=gen).to(device)
+        with ctx:
+            cond = session.condition([prompt])
+            uncond = session.condition([request.negative]) if request.cfg_scale != 1 else None
+
+        def guided(x_t: torch.Tensor, t: int) -> torch.Tensor:
+            tt = torch.full((1,), t, device=device, dtype=torch.long)
+            with ctx:
+                out_c = bundle.predict(x_t, tt, cond).float()
+                if uncond is None:
+                    return out_c
+                out_u = bundle.predict(x_t, tt, uncond).float()
+            return out_u + request.cfg_scale * (out_c - out_u)
+
+        latents = ddim_denoise(guided, x, ac, ts, bundle.prediction)
+        with session.vae_ready():
+            images.append(to_image(bundle.decode_latents(latents)[0]))
+    return images
