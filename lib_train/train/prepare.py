@@ -42,12 +42,24 @@ class PreparedData:
     fingerprint: str
 
 
-def prepare_data(cfg: TrainConfig) -> PreparedData:
-    """Scan the dataset, assign buckets and count steps. Raises :class:`DatasetError` with every problem found."""
+@dataclass
+class StepPlan:
+    """How a scanned dataset is cut into steps under a config's bucket and batch settings."""
+
+    items: list
+    plans: list
+    entries: list
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    total_epochs: int
+    formula: str
+
+
+def plan_steps(cfg: TrainConfig, scan) -> StepPlan:
+    """Buckets and step counts for the usable images of ``scan`` (no image is read: the scan has their sizes).
+    Raises :class:`DatasetError` when no training image is usable."""
     d = cfg.data
-    scan = scan_dataset(d.train_dir, reg_dir=d.reg_dir or None, caption_extension=d.caption_extension,
-                        default_repeats=d.default_repeats, min_side=d.min_image_side)
-    scan.raise_if_problems()
     items = [it for it in scan.items if it.samples_per_epoch > 0]
     if not any(not it.is_reg for it in items):
         raise DatasetError([Problem(str(d.train_dir), "no usable training images were found; add .png/.jpg/.webp "
@@ -69,12 +81,23 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     formula = step_formula(entries, batch_size=bs, epochs=total_epochs, gradient_accumulation_steps=accum)
     if cfg.train.max_steps > 0:
         formula += f"; stopping at max_steps = {total_steps}"
+    return StepPlan(items, plans, entries, per_epoch, steps_per_epoch, total_steps, total_epochs, formula)
+
+
+def prepare_data(cfg: TrainConfig) -> PreparedData:
+    """Scan the dataset, assign buckets and count steps. Raises :class:`DatasetError` with every problem found."""
+    d = cfg.data
+    scan = scan_dataset(d.train_dir, reg_dir=d.reg_dir or None, caption_extension=d.caption_extension,
+                        default_repeats=d.default_repeats, min_side=d.min_image_side)
+    scan.raise_if_problems()
+    sp = plan_steps(cfg, scan)
+    items, plans = sp.items, sp.plans
     fingerprint = hashlib.sha256(json.dumps(
         [[str(it.path), it.caption, it.samples_per_epoch, it.is_reg, p.bucket, p.crop] for it, p in zip(items, plans)]
     ).encode()).hexdigest()
-    return PreparedData(scan=scan, items=items, plans=plans, entries=entries, batches_per_epoch=per_epoch,
-                        steps_per_epoch=steps_per_epoch, total_steps=total_steps, total_epochs=total_epochs,
-                        formula=formula, bucket_info=bucket_info(plans, [it.samples_per_epoch for it in items]),
+    return PreparedData(scan=scan, items=items, plans=plans, entries=sp.entries, batches_per_epoch=sp.batches_per_epoch,
+                        steps_per_epoch=sp.steps_per_epoch, total_steps=sp.total_steps, total_epochs=sp.total_epochs,
+                        formula=sp.formula, bucket_info=bucket_info(plans, [it.samples_per_epoch for it in items]),
                         fingerprint=fingerprint)
 
 

@@ -175,6 +175,8 @@ def register_routes(_demo: Any, app: FastAPI) -> None:
     """``on_app_started`` callback: add every route of this module to the WebUI's app."""
     from modules import shared
 
+    from .preprocess import preprocess_route
+
     deps = [Depends(require_auth)] if shared.cmd_opts.api_auth else []
     routes = [
         ("/jobs", create_job, "POST"),
@@ -185,6 +187,7 @@ def register_routes(_demo: Any, app: FastAPI) -> None:
         ("/host", host_status, "GET"),
         ("/model-hash", model_hash, "GET"),
         ("/diagnostics/conditioning", conditioning_check, "POST"),
+        ("/preprocess", preprocess_route, "POST"),
     ]
     for path, endpoint, method in routes:
         app.add_api_route(PREFIX + path, endpoint, methods=[method], dependencies=deps, response_model=None,

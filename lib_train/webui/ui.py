@@ -25,11 +25,16 @@ from ..config import METHODS, TrainConfig, from_dict, load_config, save_config
 from ..data import scan_dataset
 from ..errors import ConfigError, DatasetError, Problem, TrainerError
 from . import ui_render
-from .ui_fields import GROUPS, KEYS, METHOD_GROUPS, SPECS, FieldSpec, config_to_values, method_default_changes, \
-    values_to_dict
+from .ui_fields import GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, config_to_values, \
+    method_default_changes, values_to_dict
 from .ui_presets import PRESETS
+from .ui_preprocess import build_preprocess_panel
 
 GALLERY_IMAGES = 24  # images shown after a scan
+# Settings the live estimate depends on (a change of any of them refreshes it).
+ESTIMATE_KEYS = ("data.resolution", "data.enable_buckets", "data.cache_latents", "train.batch_size", "train.epochs",
+                 "train.max_steps", "train.gradient_checkpointing", "train.mixed_precision", "optim.optimizer",
+                 "optim.grad_accum", "optim.te_lr", "network.rank", "network.conv_rank", "network.train_unet")
 _RUN_FILE = re.compile(r"^(?P<name>.+?)(-step\d+|-\d+)?$")  # NAME, NAME-000003, NAME-step00000020
 
 
@@ -38,6 +43,7 @@ class WebuiInfo:
     """Facts about the WebUI the tab is built in (read once, at UI build time)."""
 
     lora_dir: str  # where LoRA runs go by default (``--lora-dir``), a run per subfolder
+    upscalers: tuple[str, ...] = ()  # the WebUI's upscaler names (the preprocessing panel's crop upscaler)
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,12 @@ class Backend:
     interrupt: Callable[[], dict | None]  # stop the active job after its step → its status dict; None if none
     latest_status: Callable[[], dict | None]  # the newest job's status dict; None before the first job
     host_status: Callable[[], tuple[bool, str]]  # (trainable, text): can the loaded checkpoint be trained here?
-    default_output_dir: Callable[[str], str]  # run name → output folder for an empty one ("" = the backend's)
+    default_output_dir: Callable[[str, str], str]  # (method, run name) → folder for an empty one ("" = the backend's)
+    measured_rate: Callable[[], Any] = lambda: None  # a lib_train.estimate.MeasuredRate from a run here, or None
+    model_family: Callable[[], str] = lambda: "sd1"  # the loaded checkpoint's family, for the estimate
+    preprocess: Callable[[dict], dict] | None = None  # run the WebUI's preprocessing (:mod:`.preprocess`); None: no panel
+    upload: Callable[..., dict] | None = None  # store uploaded files in a run folder
+    interrupt_preprocess: Callable[[], None] | None = None  # stop a preprocessing run after its current image
 
 
 def js_kwarg(function: str) -> dict[str, str]:
@@ -89,7 +100,7 @@ def _component(spec: FieldSpec) -> gr.components.Component:
                            allow_custom_value=spec.key == "embedding.template", **common)
     if spec.kind in (int, float):
         return gr.Number(info=spec.info, precision=0 if spec.kind is int else None, **common)
-    return gr.Textbox(info=spec.info, lines=1, **common)
+    return gr.Textbox(info=spec.info, lines=MULTILINE.get(spec.key, 1), **common)
 
 
 class _Handlers:
@@ -142,8 +153,13 @@ class _Handlers:
             return ui_render.error(e)
 
     # ---- dataset
-    def scan(self, method: str, *values: Any) -> tuple[str, list[tuple[str, str]]]:
-        """The validation report and the first :data:`GALLERY_IMAGES` train images with their captions."""
+    def scan(self, method: str, *values: Any) -> tuple[str, list[tuple[str, str]], Any, str]:
+        """The validation report, the first :data:`GALLERY_IMAGES` train images with their captions, the scan (kept
+        for the live estimate) and the estimate."""
+        report, gallery, scan = self._scan(method, values)
+        return report, gallery, scan, self.estimate(scan, method, *values)
+
+    def _scan(self, method: str, values: tuple[Any, ...]) -> tuple[str, list[tuple[str, str]], Any]:
         from ..train.prepare import prepare_data
 
         try:
@@ -160,18 +176,39 @@ class _Handlers:
                     scan.problems.append(Problem(d.train_dir, "no usable training images were found; add "
                                                               ".png/.jpg/.webp images in N_name sub-folders such "
                                                               "as '10_mychar'"))
-                return ui_render.scan_report(scan, None), []
+                return ui_render.scan_report(scan, None), [], None
         except TrainerError as e:
-            return ui_render.error(e), []
+            return ui_render.error(e), [], None
         shown = [it for it in prep.items if not it.is_reg][:GALLERY_IMAGES]
-        return ui_render.scan_report(prep.scan, prep), [(str(it.path), it.caption or "(no caption)") for it in shown]
+        return (ui_render.scan_report(prep.scan, prep),
+                [(str(it.path), it.caption or "(no caption)") for it in shown], prep.scan)
+
+    def estimate(self, scan: Any, method: str, *values: Any) -> str:
+        """GPU memory and (with a measured rate) time for the settings; the step count once a scan is kept."""
+        from ..estimate import estimate
+        from ..train.prepare import plan_steps
+
+        try:
+            cfg = from_dict(values_to_dict(method, values))
+        except TrainerError as e:
+            return ui_render.error(e)
+        steps = formula = None
+        if scan is not None:
+            try:
+                plan = plan_steps(cfg, scan)
+                steps, formula = plan.total_steps, plan.formula
+            except (TrainerError, ValueError, ZeroDivisionError):
+                pass  # settings mid-edit (e.g. batch size 0): the validation at Train names them
+        family = self.backend.model_family() or "sd1"
+        est = estimate(cfg, steps, family if family in ("sd1", "sd2") else "sd1", self.backend.measured_rate())
+        return ui_render.estimate_html(est, steps, formula)
 
     # ---- running
     def _request(self, method: str, values: tuple[Any, ...]) -> dict[str, Any]:
         data = values_to_dict(method, values)
         out = data["output"]
-        if method == "lora" and not str(out["output_dir"]).strip() and str(out["name"]).strip():
-            out["output_dir"] = self.backend.default_output_dir(str(out["name"]).strip())
+        if not str(out["output_dir"]).strip() and str(out["name"]).strip():
+            out["output_dir"] = self.backend.default_output_dir(method, str(out["name"]).strip())
         return data
 
     def _run(self, create: Callable[[], Any]) -> tuple[str]:
@@ -197,9 +234,12 @@ class _Handlers:
         return ui_render.message("Stopping after the current step; the file and the resume state are saved.") + \
             ui_render.job_status(status)
 
-    def status(self) -> str:
+    def status(self) -> tuple[str, list[str]]:
+        """The newest job's status (with its loss curve) and its newest sample images."""
         status = self.backend.latest_status()
-        return ui_render.job_status(status) if status else ui_render.message("No training job in this session yet.")
+        if not status:
+            return ui_render.message("No training job in this session yet."), []
+        return ui_render.job_status(status), [p for p in status.get("samples") or [] if Path(p).is_file()]
 
     def check_host(self) -> str:
         ok, text = self.backend.host_status()
@@ -234,10 +274,15 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
                     apply_preset = gr.Button("Apply preset", elem_id="sd_trainer_apply_preset", scale=0)
                 with gr.Accordion("Dataset", open=True, elem_id="sd_trainer_group_dataset"):
                     fields_of("dataset")
+                    if backend.preprocess is not None and backend.upload is not None:
+                        build_preprocess_panel(backend.preprocess, backend.upload, comps["data.train_dir"],
+                                               wrap_gpu_call=backend.wrap_gpu_call, upscalers=info.upscalers,
+                                               backend_interrupt=backend.interrupt_preprocess)
                     scan = gr.Button("Scan", elem_id="sd_trainer_scan")
                     report = gr.HTML(elem_id="sd_trainer_report")
                     gallery = gr.Gallery(label="First images and captions", elem_id="sd_trainer_dataset_gallery",
                                          columns=6, height="auto", show_label=True)
+                    scan_state = gr.State(None)
                 for gid, title, _ in GROUPS:
                     if gid == "dataset":
                         continue
@@ -268,16 +313,25 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
                     resume_dir = gr.Textbox(label="Resume state folder (.NAME-state or the run's output folder)",
                                             elem_id="sd_trainer_resume_dir")
                     resume = gr.Button("Resume", elem_id="sd_trainer_resume", scale=0)
+                estimate_box = gr.HTML(ui_render.message("The estimate appears when settings change or after Scan."),
+                                       elem_id="sd_trainer_estimate")
                 gr.HTML(elem_id="sd_trainer_progress")  # sd_trainer_start's progress callback writes here
                 output = gr.HTML(elem_id="sd_trainer_output")
                 job = gr.HTML(elem_id="sd_trainer_job")
+                samples = gr.Gallery(label="Newest samples", elem_id="sd_trainer_samples", columns=4,
+                                     height="auto")
 
         fields = [comps[k] for k in KEYS]
         method_groups = [accordions[g] for g in METHOD_GROUPS]
         check.click(fn=h.check_host, inputs=[], outputs=[host])
         apply_preset.click(fn=h.apply_preset, inputs=[preset], outputs=fields)
         method.change(fn=h.method_changed, inputs=[method, *fields], outputs=method_groups + fields)
-        scan.click(fn=h.scan, inputs=[method, *fields], outputs=[report, gallery])
+        scan.click(fn=h.scan, inputs=[method, *fields], outputs=[report, gallery, scan_state, estimate_box])
+        for key in ESTIMATE_KEYS:
+            comps[key].change(fn=h.estimate, inputs=[scan_state, method, *fields], outputs=[estimate_box],
+                              show_progress=False)
+        method.change(fn=h.estimate, inputs=[scan_state, method, *fields], outputs=[estimate_box],
+                      show_progress=False)
         save.click(fn=h.save_config, inputs=[config_path, method, *fields], outputs=[config_msg])
         load.click(fn=h.load_config, inputs=[config_path], outputs=[method, *fields, config_msg])
         load_run.click(fn=h.load_run, inputs=[run_path], outputs=[method, *fields, config_msg])
@@ -286,5 +340,5 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
         resume.click(fn=backend.wrap_gpu_call(h.resume, extra_outputs=[]), inputs=[task_id, resume_dir],
                      outputs=[output], **js_kwarg("sd_trainer_start"))
         interrupt.click(fn=h.interrupt, inputs=[], outputs=[job])
-        refresh.click(fn=h.status, inputs=[], outputs=[job])
+        refresh.click(fn=h.status, inputs=[], outputs=[job, samples], show_progress=False)
     return blocks

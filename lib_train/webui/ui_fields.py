@@ -69,7 +69,19 @@ LABELS: dict[str, str] = {
     "output.name": "Name",
     "output.trigger_words": "Trigger words",
     "output.save_state_every_epochs": "Save resume state every N epochs",
+    "sample.prompts": "Sample prompts (one per line; [name] = embedding / trigger words)",
+    "sample.every_epochs": "Sample every N epochs",
+    "sample.every_steps": "Sample every N steps",
+    "sample.negative": "Negative prompt",
+    "sample.steps": "Sampling steps",
+    "sample.cfg_scale": "CFG scale",
+    "sample.seed": "Seed",
+    "sample.width": "Width (0 = resolution)",
+    "sample.height": "Height (0 = resolution)",
+    "sample.sampler": "Sampler",
 }
+# Text settings shown as a multi-line box.
+MULTILINE = {"sample.prompts": 3}
 
 # Where each component sits: (group id, title, keys). Group ids are the accordions' elem_id suffixes.
 GROUPS: list[tuple[str, str, list[str]]] = [
@@ -93,6 +105,9 @@ GROUPS: list[tuple[str, str, list[str]]] = [
     ("output", "Output", ["output.name", "output.output_dir", "output.trigger_words", "output.save_every_epochs",
                           "output.save_every_steps", "output.save_precision", "output.save_state_every_epochs",
                           "output.overwrite", "output.comment"]),
+    ("samples", "Sample images", ["sample.prompts", "sample.every_epochs", "sample.every_steps", "sample.negative",
+                                  "sample.steps", "sample.cfg_scale", "sample.seed", "sample.width", "sample.height",
+                                  "sample.sampler"]),
 ]
 # Groups shown only for one method (the other method ignores that config section).
 METHOD_GROUPS = {"network": "lora", "embedding": "embedding"}

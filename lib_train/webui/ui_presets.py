@@ -7,8 +7,9 @@ tab sets those fields and leaves every other field as it is. :data:`PRESETS` is 
   *character* (one person/character: no flips, the trigger word kept first while tags shuffle),
   *style* (a look across many subjects: higher rank, UNet only, flips),
   *concept* (an object, pose or outfit: flips, a little noise offset);
-- :data:`VRAM_TIERS` — SD1.x/SD2.x at 512 px: 8 GB (batch 1 with gradient checkpointing), 12 GB (batch 2),
-  24 GB (batch 4).
+- :data:`VRAM_TIERS` — SD1.x/SD2.x at 512 px: 6 GB (batch 1, gradient checkpointing, 8-bit AdamW with a fallback
+  to AdamW where bitsandbytes cannot run), 8 GB (batch 1 with gradient checkpointing), 12 GB (batch 2), 24 GB
+  (batch 4). :mod:`lib_train.estimate` gives each a planning figure under its tier.
 
 All presets use AdamW with min-SNR weighting (γ = 5) and a cosine schedule; learning rates are the usual ones for
 LoRA at batch 1-4 (1e-4 UNet, 5e-5 text encoder). They are starting points, not guarantees.
@@ -30,12 +31,17 @@ SUBJECTS: dict[str, dict[str, Any]] = {
 }
 
 VRAM_TIERS: dict[str, dict[str, Any]] = {
-    "8 GB": {"train.batch_size": 1, "train.gradient_checkpointing": True, "data.cache_latents": "memory"},
-    "12 GB": {"train.batch_size": 2, "train.gradient_checkpointing": False, "data.cache_latents": "memory"},
-    "24 GB": {"train.batch_size": 4, "train.gradient_checkpointing": False, "data.cache_latents": "memory"},
+    "6 GB": {"train.batch_size": 1, "train.gradient_checkpointing": True, "data.cache_latents": "memory",
+             "optim.optimizer": "AdamW8bit", "optim.allow_fallback": True},
+    "8 GB": {"train.batch_size": 1, "train.gradient_checkpointing": True, "data.cache_latents": "memory",
+             "optim.optimizer": "AdamW", "optim.allow_fallback": False},
+    "12 GB": {"train.batch_size": 2, "train.gradient_checkpointing": False, "data.cache_latents": "memory",
+              "optim.optimizer": "AdamW", "optim.allow_fallback": False},
+    "24 GB": {"train.batch_size": 4, "train.gradient_checkpointing": False, "data.cache_latents": "memory",
+              "optim.optimizer": "AdamW", "optim.allow_fallback": False},
 }
 
-_COMMON: dict[str, Any] = {"optim.optimizer": "AdamW", "optim.lr": 1e-4, "optim.scheduler": "cosine",
+_COMMON: dict[str, Any] = {"optim.lr": 1e-4, "optim.scheduler": "cosine",
                            "optim.warmup_steps": 0, "train.min_snr_gamma": 5.0, "data.resolution": 512}
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -106,4 +106,67 @@ def job_status(s: dict[str, Any]) -> str:
         parts.append("<p>Saved:</p>" + _list((f"<code>{_e(p)}</code>" for p in s["saved"]), "sd-trainer-files"))
     if s.get("notes"):
         parts.append("<p>Notes:</p>" + _list((_e(n) for n in s["notes"]), "sd-trainer-notes"))
+    if len(s.get("loss_history") or []) >= 2:
+        parts.append(loss_curve_svg(s["loss_history"]))
+    if s.get("samples"):
+        parts.append(f"<p>Samples of step {_e(s.get('sample_step'))}: "
+                     + ", ".join(f"<code>{_e(p)}</code>" for p in s["samples"]) + "</p>")
     return "<div class='sd-trainer-job'>" + "".join(parts) + "</div>"
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """A trailing moving average (the loss of single steps is noisy: the timestep is random)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def loss_curve_svg(points: list[list[float]] | list[tuple[float, float]], width: int = 520, height: int = 170) -> str:
+    """An inline SVG of ``[step, loss]`` points: the raw loss (light) and a moving average (bold), with the step
+    and loss ranges on the axes."""
+    steps = [float(p[0]) for p in points]
+    losses = [float(p[1]) for p in points]
+    smooth = _smooth(losses, max(1, len(losses) // 20))
+    left, right, top, bottom = 52, 8, 8, 22
+    w, h = width - left - right, height - top - bottom
+    s0, s1 = steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1
+    lo, hi = min(losses), max(losses)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+
+    def xy(step: float, loss: float) -> str:
+        return f"{left + (step - s0) / (s1 - s0) * w:.1f},{top + (hi - loss) / (hi - lo) * h:.1f}"
+
+    raw = " ".join(xy(a, b) for a, b in zip(steps, losses))
+    avg = " ".join(xy(a, b) for a, b in zip(steps, smooth))
+    label = "font-size='11' fill='currentColor'"
+    return (f"<svg class='sd-trainer-loss' viewBox='0 0 {width} {height}' width='{width}' height='{height}' "
+            f"role='img' aria-label='loss curve'>"
+            f"<rect x='{left}' y='{top}' width='{w}' height='{h}' fill='none' stroke='currentColor' "
+            f"stroke-opacity='0.3'/>"
+            f"<polyline points='{raw}' fill='none' stroke='currentColor' stroke-opacity='0.35' stroke-width='1'/>"
+            f"<polyline points='{avg}' fill='none' stroke='#e8743b' stroke-width='2'/>"
+            f"<text x='{left - 4}' y='{top + 10}' text-anchor='end' {label}>{hi:.3f}</text>"
+            f"<text x='{left - 4}' y='{top + h}' text-anchor='end' {label}>{lo:.3f}</text>"
+            f"<text x='{left}' y='{height - 6}' {label}>step {int(s0)}</text>"
+            f"<text x='{left + w}' y='{height - 6}' text-anchor='end' {label}>step {int(steps[-1])} · "
+            f"loss {smooth[-1]:.4f} (avg)</text></svg>")
+
+
+def estimate_html(est, steps: int | None, formula: str | None) -> str:
+    """The live estimate (:class:`lib_train.estimate.Estimate`) with the step count when the dataset is scanned."""
+    parts = []
+    if formula:
+        parts.append(f"<p class='sd-trainer-ok'>Steps: {_e(formula)}</p>")
+    else:
+        parts.append("<p>Steps: press Scan to count the dataset's images.</p>")
+    breakdown = ", ".join(f"{_e(k)} {v:.1f}" for k, v in est.parts.items())
+    parts.append(f"<p>GPU memory ≈ <b>{est.vram_gib:.1f} GB</b> ({breakdown})</p>")
+    if est.seconds is not None:
+        parts.append(f"<p>Time ≈ <b>{_duration(est.seconds)}</b> for {steps} steps</p>")
+    parts.append(f"<p class='sd-trainer-note'>{_e(est.note)}</p>")
+    return "<div class='sd-trainer-estimate'>" + "".join(parts) + "</div>"
