@@ -95,6 +95,8 @@ LORA_FLAGS: list[Flag] = [
                                                                             "memory"),
     Flag("--min-snr-gamma", "train.min_snr_gamma", float, "min-SNR loss weighting (5 is common; 0 = off)"),
     Flag("--noise-offset", "train.noise_offset", float, "noise offset (0.05-0.1; 0 = off)"),
+    Flag("--offload-vae", "train.offload_vae", _bool, "GPU: move the VAE to the CPU once latents are cached "
+                                                      "(default on)"),
     Flag("--output", "output.output_dir", str, "output folder"),
     Flag("--name", "output.name", str, "output name: NAME.safetensors, NAME-000001.safetensors, ..."),
     Flag("--save-every-epochs", "output.save_every_epochs", int, "save NAME-<epoch> every N epochs (0 = off)"),

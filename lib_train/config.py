@@ -115,6 +115,7 @@ class TrainingConfig:
     min_snr_gamma: float = 0.0  # min-SNR loss weighting (5 is common; 0 = off)
     noise_offset: float = 0.0  # noise offset (0.05-0.1 helps very dark/bright images; 0 = off)
     log_every: int = 10  # read the loss back from the device every N steps (each read is a sync)
+    offload_vae: bool = True  # GPU: move the VAE to the CPU once latents are cached (frees its memory for training)
 
 
 @dataclass

@@ -74,7 +74,7 @@ def estimate(cfg: TrainConfig, steps: int | None, family: str = "sd1",
     wbytes = 2 if half else 4
     params = MODEL_PARAMS[family]
     weights = (params["unet"] + params["text_encoder"]) * wbytes
-    if cfg.data.cache_latents == "off":
+    if cfg.data.cache_latents == "off" or not cfg.train.offload_vae:
         weights += params["vae"] * wbytes
     parts = {"model weights": weights / GIB}
     if cfg.method == "lora":

@@ -305,3 +305,14 @@ def test_tab_is_distinct_from_the_builtin_train_tab():
     css = (Path(__file__).resolve().parents[1] / "style.css").read_text()
     rules = [line for line in css.splitlines() if line.strip() and not line.startswith(("/*", " ", "}"))]
     assert rules and all(r.startswith("#tab_sd_trainer") for r in rules)
+
+
+def test_settings_defaults_become_the_initial_values():
+    blocks = ui.build_ui(ui.WebuiInfo(lora_dir="/l", defaults={"sample.prompts": "a photo of [name]",
+                                                               "sample.every_epochs": 2, "train.offload_vae": False}),
+                         FakeBackend().backend())
+    by_id = {b.elem_id: b for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["sd_trainer_sample_prompts"].value == "a photo of [name]"
+    assert by_id["sd_trainer_sample_every_epochs"].value == 2
+    assert by_id["sd_trainer_train_offload_vae"].value is False
+    assert by_id["sd_trainer_train_epochs"].value == 10  # untouched fields keep the config default

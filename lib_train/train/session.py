@@ -339,7 +339,7 @@ def run_training(session: TrainingSession) -> RunResult:
             session.cache_latents()
         except Stopped:
             return RunResult("interrupted", session.step, prep.total_steps, session.saved, notes=session.notes)
-        if cfg.data.cache_latents != "off" and session.device.type == "cuda":
+        if cfg.train.offload_vae and cfg.data.cache_latents != "off" and session.device.type == "cuda":
             bundle.vae.to("cpu")  # the VAE is not needed any more: free its memory for training
             torch.cuda.empty_cache()
         session.before_loop()

@@ -94,12 +94,27 @@ def lora_dir() -> str:
     return getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
 
 
+def drop_conditioning_caches() -> None:
+    """Empty the WebUI's prompt-conditioning caches. They are keyed by prompt text and extra-network tags, not by
+    the files those name, so a prompt generated before a run (``<lora:NAME:1>`` of a file that did not exist yet, or
+    an embedding's name) would get its old conditioning back afterwards (with "persistent cond cache" on, the WebUI's
+    default)."""
+    from modules import processing
+
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+
+
 def refresh_lora_list() -> None:
+    """Rescan the Lora folder, so new files show in the Lora cards and ``<lora:…>`` tags find them."""
     from .model import lora_extension
 
     networks = lora_extension()
     if networks is not None:
         networks.list_available_networks()
+    drop_conditioning_caches()
 
 
 def embeddings_dir() -> str:
@@ -115,6 +130,7 @@ def refresh_embeddings() -> None:
     from modules import sd_hijack
 
     sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+    drop_conditioning_caches()
 
 
 def embedding_name_conflict(cfg: TrainConfig) -> str | None:

@@ -15,7 +15,7 @@ id as the first input, which ``sd_trainer_start()`` (javascript/trainer.js) fill
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +44,7 @@ class WebuiInfo:
 
     lora_dir: str  # where LoRA runs go by default (``--lora-dir``), a run per subfolder
     upscalers: tuple[str, ...] = ()  # the WebUI's upscaler names (the preprocessing panel's crop upscaler)
+    defaults: dict[str, Any] = field(default_factory=dict)  # "section.field" → the tab's initial value (Settings)
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,9 @@ def config_file_for_run(path: str) -> Path:
     return found
 
 
-def _component(spec: FieldSpec) -> gr.components.Component:
+def _component(spec: FieldSpec, value: Any) -> gr.components.Component:
     elem_id = "sd_trainer_" + spec.key.replace(".", "_")
-    common = {"label": spec.label, "value": spec.default, "elem_id": elem_id}
+    common = {"label": spec.label, "value": value, "elem_id": elem_id}
     if spec.kind is bool:
         return gr.Checkbox(info=spec.info, **common)
     if spec.choices is not None:
@@ -256,7 +257,7 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
         keys = next(keys for gid, _, keys in GROUPS if gid == group)
         with gr.Row(variant="compact"):
             for key in keys:
-                comps[key] = _component(SPECS[key])
+                comps[key] = _component(SPECS[key], info.defaults.get(key, SPECS[key].default))
 
     with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Row():

@@ -5,7 +5,12 @@ Settings (section ``("sd_trainer", "Trainer")``, category "training"):
 
 - ``sd_trainer_output_subfolder`` — LoRA runs with an empty output folder go to
   ``<Lora folder>/<this subfolder>/<run name>`` (empty: ``<Lora folder>/<run name>``);
-- ``sd_trainer_embedding_subfolder`` — the same for embedding runs, under the embeddings folder.
+- ``sd_trainer_embedding_subfolder`` — the same for embedding runs, under the embeddings folder;
+- ``sd_trainer_sample_prompts`` / ``sd_trainer_sample_every_epochs`` — the tab's initial sample prompts and interval
+  (the interval applies only with prompts: samples need prompts);
+- ``sd_trainer_offload_vae`` — the tab's initial "move the VAE to the CPU after caching latents".
+
+Tab defaults take effect when the tab is built (after "Reload UI" or a restart), like the WebUI's own ui-config.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ TAB = ("Trainer", "sd_trainer")  # label and id; the WebUI's own tab is ("Train"
 SECTION = ("sd_trainer", "Trainer")
 OUTPUT_SUBFOLDER = "sd_trainer_output_subfolder"
 EMBEDDING_SUBFOLDER = "sd_trainer_embedding_subfolder"
+SAMPLE_PROMPTS = "sd_trainer_sample_prompts"
+SAMPLE_EVERY_EPOCHS = "sd_trainer_sample_every_epochs"
+OFFLOAD_VAE = "sd_trainer_offload_vae"
 _SUBFOLDER_SETTING = {"lora": OUTPUT_SUBFOLDER, "embedding": EMBEDDING_SUBFOLDER}
 
 
@@ -89,10 +97,25 @@ def on_ui_tabs() -> list[tuple[Any, str, str]]:
 
     from .preprocess import upscaler_names
 
-    return [(build_ui(WebuiInfo(lora_dir=lora_dir(), upscalers=tuple(upscaler_names())), backend()), *TAB)]
+    info = WebuiInfo(lora_dir=lora_dir(), upscalers=tuple(upscaler_names()), defaults=tab_defaults())
+    return [(build_ui(info, backend()), *TAB)]
+
+
+def tab_defaults() -> dict[str, Any]:
+    """The tab's initial values from our Settings section."""
+    from modules import shared
+
+    opts = shared.opts.data
+    prompts = str(opts.get(SAMPLE_PROMPTS, "") or "")
+    out: dict[str, Any] = {"train.offload_vae": bool(opts.get(OFFLOAD_VAE, True))}
+    if prompts.strip():
+        out["sample.prompts"] = prompts
+        out["sample.every_epochs"] = int(opts.get(SAMPLE_EVERY_EPOCHS, 1) or 0)
+    return out
 
 
 def on_ui_settings() -> None:
+    import gradio as gr
     from modules import shared
 
     shared.opts.add_option(OUTPUT_SUBFOLDER, shared.OptionInfo(
@@ -101,3 +124,15 @@ def on_ui_settings() -> None:
     shared.opts.add_option(EMBEDDING_SUBFOLDER, shared.OptionInfo(
         "", "Subfolder of the embeddings folder for new embedding runs", section=SECTION, category_id="training",
     ).info("a run named NAME goes to <embeddings folder>/<subfolder>/NAME; empty: <embeddings folder>/NAME"))
+    shared.opts.add_option(SAMPLE_PROMPTS, shared.OptionInfo(
+        "", "Default sample prompts for new runs (one per line; [name] = trigger words / embedding)",
+        gr.Textbox, {"lines": 3}, section=SECTION, category_id="training",
+    ).info("empty: no samples unless a run sets them; takes effect after Reload UI"))
+    shared.opts.add_option(SAMPLE_EVERY_EPOCHS, shared.OptionInfo(
+        1, "Default sample interval for new runs (epochs)", gr.Slider, {"minimum": 0, "maximum": 50, "step": 1},
+        section=SECTION, category_id="training",
+    ).info("used with the default sample prompts; 0 = one set at the end of the run"))
+    shared.opts.add_option(OFFLOAD_VAE, shared.OptionInfo(
+        True, "Move the VAE to the CPU during training (after latents are cached)", section=SECTION,
+        category_id="training",
+    ).info("frees about 160 MB of GPU memory; samples move it back for the moment they need it"))

@@ -44,6 +44,9 @@ def test_extension_loads_without_errors(webui):
     assert host["supported"] is True and host["family"] == "sd1" and host["reason"] == ""
     assert host["checkpoint"]
     assert webui.get("/trainer/v1/jobs") == []
+    options = webui.get("/sdapi/v1/options")  # our Settings section
+    assert options["sd_trainer_output_subfolder"] == "" and options["sd_trainer_offload_vae"] is True
+    assert {"sd_trainer_embedding_subfolder", "sd_trainer_sample_prompts", "sd_trainer_sample_every_epochs"} <= set(options)
 
 
 def test_routes_require_the_api_credentials(webui):
