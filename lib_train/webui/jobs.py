@@ -37,7 +37,7 @@ from ..train import sampling
 from ..train.events import Commands, Events, Progress
 from ..train.lora_trainer import prepare_data, train_lora
 from ..train.prepare import PreparedData
-from ..train.state import LoadedState, load_state
+from ..train.state import LoadedState, load_state, state_dir_for
 from ..train.ti_trainer import prepare_embedding_data, train_embedding
 
 ACTIVE_STATES = ("queued", "running")
@@ -308,6 +308,12 @@ class JobManager:
             raise TrainerError(report.reason)
         prep = method.prepare(cfg)
         job = Job(cfg, prep, method, resume, str(Path(resume_dir).resolve()) if resume_dir else None, notes)
+        if resume is not None:  # the loss curve goes on from the interrupted job's (when it ran in this session)
+            state_dir = state_dir_for(cfg.output.output_dir, cfg.output.name).resolve()
+            before = next((j for j in self.jobs() if j.status.state_dir
+                           and Path(j.status.state_dir).resolve() == state_dir), None)
+            if before is not None:
+                job.status.loss_history = [p for p in before.status.loss_history if p[0] <= job.status.step]
         with self._lock:
             self._refuse_if_busy()
             self._jobs[job.status.id] = job
@@ -394,6 +400,10 @@ class JobManager:
                 s.loss = result.last_loss
             if s.state == "interrupted" and s.state_dir is None:
                 s.phase = "Interrupted before the first step; nothing to resume"
+            elif s.state == "finished":
+                s.phase = f"Finished {s.step} steps"
+            elif s.state == "interrupted":
+                s.phase = f"Interrupted after step {s.step}; the file and the resume state are saved"
         except TrainerError as e:
             s.state, s.error = "error", str(e)
         except Exception as e:  # noqa: BLE001 - a bug: keep the traceback in the log, the message in the status

@@ -59,9 +59,12 @@ def _ok(webui, **options) -> dict:
     return r.body
 
 
-def _sizes(root: Path, pattern: str = "*.png") -> dict[str, tuple[int, int]]:
+def _sizes(root: Path, pattern: str = "*.png", *, hidden: bool = False) -> dict[str, tuple[int, int]]:
+    """Image sizes under ``root`` by relative path; files in hidden folders (``.focal-debug``) only with ``hidden``."""
     out = {}
     for p in sorted(root.rglob(pattern)):
+        if not hidden and any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
         with Image.open(p) as im:
             out[p.relative_to(root).as_posix()] = im.size
     return out

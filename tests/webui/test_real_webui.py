@@ -202,6 +202,8 @@ def test_interrupt_resume_and_webui_interrupt_leave_the_model_unchanged(webui, l
 
     third = webui.wait_job(webui.post(f"/trainer/v1/jobs/{second['id']}/resume")["id"])
     assert third["state"] == "finished" and third["step"] == total, third
+    assert [p[0] for p in third["loss_history"]] == list(range(1, total + 1))  # one curve across the sessions
+    assert third["phase"] == f"Finished {total} steps" and second["phase"].startswith("Interrupted after step")
     assert Path(third["final_file"]).name == "trainer_int.safetensors"
     assert webui.get("/trainer/v1/model-hash") == initial_state
     assert webui.request("POST", f"/trainer/v1/jobs/{third['id']}/resume").status == 409
