@@ -3,8 +3,8 @@ with the settings of ``bench_train.py --method embedding`` (batch 1, 4 random-no
 a subject template, init text "person"), for a side-by-side with our trainer.
 
 It talks to the WebUI's own API (``--api``): ``POST /sdapi/v1/create/embedding`` then ``/sdapi/v1/train/embedding``,
-each configuration twice (``--steps A,B``); s/step = (time of B steps − time of A steps) / (B − A), so dataset
-preparation and the first-step overhead cancel out. With ``--pid`` (the WebUI's process id, same user, Linux) it
+each configuration after a 1-step warm-up call, then twice (``--steps A,B``); s/step = (time of B steps − time of A
+steps) / (B − A), so dataset preparation and the first-step overhead cancel out. With ``--pid`` (the WebUI's process id, same user, Linux) it
 also reports the process's peak resident memory during each training call (``VmHWM`` after resetting it through
 ``/proc/PID/clear_refs``), which includes the loaded model.
 
@@ -109,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         for res in (int(x) for x in args.resolutions.split(",")):
             data = _dataset(Path(tmp), res)
             for vec in (int(x) for x in args.vectors.split(",")):
+                # A fresh embedding per call: the WebUI continues an embedding from its saved step, and its database
+                # may still hold the previous call's object for a name that was just re-created.
                 name = f"zqbench{res}v{vec}"
-                ta, _ = _train(args, name, vec, data, Path(tmp) / "logs", res, a)
-                tb, peak = _train(args, name, vec, data, Path(tmp) / "logs", res, b)
+                _train(args, name + "w", vec, data, Path(tmp) / "logs", res, 1)  # warm-up: first-call costs stay out
+                ta, _ = _train(args, name + "a", vec, data, Path(tmp) / "logs", res, a)
+                tb, peak = _train(args, name + "b", vec, data, Path(tmp) / "logs", res, b)
                 rows.append((f"WebUI TI {vec} vec {res}²", (tb - ta) / (b - a), ta, tb, peak))
                 print(f"{rows[-1][0]}: {rows[-1][1]:.2f} s/step ({a} steps {ta:.1f}s, {b} steps {tb:.1f}s), "
                       f"peak RSS {peak if peak is None else round(peak, 2)} GiB", file=sys.stderr, flush=True)
