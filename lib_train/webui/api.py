@@ -113,6 +113,18 @@ def list_jobs() -> list[dict[str, Any]]:
     return [job.snapshot() for job in manager.jobs()]
 
 
+def list_runs() -> list[dict[str, Any]]:
+    """Training runs on disk (LoRA runs under the Lora folder, embedding runs under the embeddings folder), with
+    their files in training order — what the epoch × weight grid offers."""
+    from .grid_script import list_runs as runs_on_disk
+
+    return [{"label": r.label, "kind": r.kind, "name": r.name, "folder": str(r.folder),
+             "config": str(r.config) if r.config else None,
+             "files": [{"stem": f.stem, "path": str(f.path), "role": f.role, "epoch": f.epoch, "step": f.step}
+                       for f in r.files]}
+            for r in runs_on_disk()]
+
+
 def get_job(job_id: str) -> dict[str, Any]:
     return _job_or_404(job_id).snapshot()
 
@@ -182,6 +194,7 @@ def register_routes(_demo: Any, app: FastAPI) -> None:
         ("/jobs", create_job, "POST"),
         ("/jobs", list_jobs, "GET"),
         ("/jobs/{job_id}", get_job, "GET"),
+        ("/runs", list_runs, "GET"),
         ("/jobs/{job_id}/interrupt", interrupt_job, "POST"),
         ("/jobs/{job_id}/resume", resume_job, "POST"),
         ("/host", host_status, "GET"),
