@@ -70,7 +70,7 @@ def webui_sampler(session: Any, request: SampleRequest) -> list[Image.Image]:
     p.do_not_reload_embeddings = True
     p.cached_c, p.cached_uc = [None, None], [None, None]  # per call: the shared caches ignore changed weights
     p.scripts = None
-    job_count, job_no = shared.state.job_count, shared.state.job_no
+    job, job_count, job_no = shared.state.job, shared.state.job_count, shared.state.job_no
     try:
         with session.vae_ready():
             processed = processing.process_images(p)
@@ -78,7 +78,8 @@ def webui_sampler(session: Any, request: SampleRequest) -> list[Image.Image]:
         p.close()
         if registered is not None:
             registered.remove()
-        shared.state.job_count, shared.state.job_no = job_count, job_no  # the run's step count, not the samples'
+        # the run's task name and step count, not the samples' ("Batch 2 out of 2")
+        shared.state.job, shared.state.job_count, shared.state.job_no = job, job_count, job_no
     images = list(processed.images)
     if images:
         shared.state.assign_current_image(images[0])  # the progress bar's live preview shows the newest sample
