@@ -134,6 +134,14 @@ def test_each_preset_fits_its_memory_tier_by_the_estimate():
             assert estimate(from_dict(ui_fields.values_to_dict("lora", values)), 1000).vram_gib <= est.vram_gib
 
 
+def test_a_preset_keeps_an_embeddings_learning_rate_and_leaves_the_network():
+    name = "character · 6 GB"
+    updates = ui._Handlers.apply_preset(name, "embedding")
+    changed = {k: u["value"] for k, u in zip(ui_fields.KEYS, updates) if "value" in u}
+    assert changed["train.gradient_checkpointing"] is True and changed["optim.optimizer"] == "AdamW8bit"
+    assert "optim.lr" not in changed and not any(k.startswith("network.") for k in changed)
+
+
 def test_apply_preset_updates_only_the_preset_fields():
     name = "style · 24 GB"
     updates = ui._Handlers.apply_preset(name)

@@ -31,6 +31,7 @@ from .ui_presets import PRESETS
 from .ui_preprocess import build_preprocess_panel
 
 GALLERY_IMAGES = 24  # images shown after a scan
+LORA_ONLY_PRESET = {"optim.lr", "optim.te_lr"}  # preset fields an embedding run keeps its own values for
 # Settings the live estimate depends on (a change of any of them refreshes it).
 ESTIMATE_KEYS = ("data.resolution", "data.enable_buckets", "data.cache_latents", "train.batch_size", "train.epochs",
                  "train.max_steps", "train.gradient_checkpointing", "train.mixed_precision", "optim.optimizer",
@@ -112,8 +113,12 @@ class _Handlers:
 
     # ---- settings
     @staticmethod
-    def apply_preset(name: str) -> list[Any]:
+    def apply_preset(name: str, method: str = "lora") -> list[Any]:
+        """The preset's fields; for an embedding run only its memory and data settings (a LoRA's learning rates
+        and network would be wrong for the vectors)."""
         preset = PRESETS.get(name or "", {})
+        if method == "embedding":
+            preset = {k: v for k, v in preset.items() if not k.startswith("network.") and k not in LORA_ONLY_PRESET}
         return [gr.update(value=preset[k]) if k in preset else gr.update() for k in KEYS]
 
     @staticmethod
@@ -270,7 +275,7 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
                 with gr.Row():
                     method = gr.Radio(list(METHODS), value="lora", label="Method", elem_id="sd_trainer_method",
                                       info="lora: a LoRA network; embedding: a textual-inversion embedding")
-                    preset = gr.Dropdown(list(PRESETS), label="Preset (LoRA: subject · GPU memory)",
+                    preset = gr.Dropdown(list(PRESETS), label="Preset (subject · GPU memory)",
                                          elem_id="sd_trainer_preset")
                     apply_preset = gr.Button("Apply preset", elem_id="sd_trainer_apply_preset", scale=0)
                 with gr.Accordion("Dataset", open=True, elem_id="sd_trainer_group_dataset"):
@@ -325,7 +330,7 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
         fields = [comps[k] for k in KEYS]
         method_groups = [accordions[g] for g in METHOD_GROUPS]
         check.click(fn=h.check_host, inputs=[], outputs=[host])
-        apply_preset.click(fn=h.apply_preset, inputs=[preset], outputs=fields)
+        apply_preset.click(fn=h.apply_preset, inputs=[preset, method], outputs=fields)
         method.change(fn=h.method_changed, inputs=[method, *fields], outputs=method_groups + fields)
         scan.click(fn=h.scan, inputs=[method, *fields], outputs=[report, gallery, scan_state, estimate_box])
         for key in ESTIMATE_KEYS:
