@@ -280,7 +280,7 @@ def test_status_shows_the_loss_curve_and_samples(tmp_path):
     assert shown == [str(sample)] and "Samples of step 4" in html and "Epoch × weight grid" not in html
     status.update(state="finished", saved=["/o/me-000001.safetensors", "/o/me.safetensors"])
     html, _ = ui._Handlers(ui.WebuiInfo(lora_dir="/l"), backend).status()
-    assert "Epoch × weight grid" in html and "run 'me'" in html  # where to compare the saved epochs
+    assert "Epoch × weight grid (training run: me)" in html  # where to compare the saved epochs
 
 
 def test_config_save_load_and_finished_run(tmp_path):

@@ -105,8 +105,8 @@ def job_status(s: dict[str, Any]) -> str:
     if s.get("saved"):
         parts.append("<p>Saved:</p>" + _list((f"<code>{_e(p)}</code>" for p in s["saved"]), "sd-trainer-files"))
         if s.get("state") == "finished" and len(s["saved"]) > 1:
-            parts.append(message("Compare the saved files: txt2img → Script → \"Epoch × weight grid\", run "
-                                 f"'{s['name']}'.", "ok"))
+            parts.append(message("Compare the saved files in txt2img → Script → Epoch × weight grid (training run: "
+                                 f"{s['name']}).", "ok"))
     if s.get("notes"):
         parts.append("<p>Notes:</p>" + _list((_e(n) for n in s["notes"]), "sd-trainer-notes"))
     if len(s.get("loss_history") or []) >= 2:
