@@ -327,3 +327,18 @@ def test_settings_defaults_become_the_initial_values():
     assert by_id["sd_trainer_sample_every_epochs"].value == 2
     assert by_id["sd_trainer_train_offload_vae"].value is False
     assert by_id["sd_trainer_train_epochs"].value == 10  # untouched fields keep the config default
+
+
+def test_a_shared_webui_keeps_config_files_in_its_folders(tmp_path):
+    fake = FakeBackend()
+    backend = dataclasses.replace(fake.backend(), allowed_roots=lambda: [str(tmp_path / "Lora")])
+    h = ui._Handlers(ui.WebuiInfo(lora_dir="/l"), backend)
+    values = ui_fields.config_to_values(default_config())
+    assert "--hide-ui-dir-config" in h.save_config("/tmp/evil.json", "lora", *values)
+    assert not Path("/tmp/evil.json").exists()
+    assert "Saved" in h.save_config(str(tmp_path / "Lora" / "c.json"), "lora", *values)
+    *_, msg = h.load_config("/etc/passwd.json")
+    assert "--hide-ui-dir-config" in msg
+    *_, msg = h.load_config(str(tmp_path / "Lora" / "c.json"))
+    assert "Loaded" in msg
+

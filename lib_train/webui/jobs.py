@@ -154,6 +154,38 @@ METHODS: dict[str, Method] = {
 }
 
 
+def _inside(path: str, roots) -> bool:
+    real = os.path.realpath(path)
+    return any(real == os.path.realpath(r) or real.startswith(os.path.realpath(r) + os.sep) for r in roots)
+
+
+def folder_policy_problems(cfg: TrainConfig, *, data_root: str, output_root: str) -> list[Problem]:
+    """On a shared WebUI (``--hide-ui-dir-config``: its owner does not let users name server folders) a run may only
+    read datasets from the upload folder and write (or continue from) files in the method's WebUI folder; the
+    problems of ``cfg`` against that rule, each naming the setting."""
+    rule = "this WebUI runs with --hide-ui-dir-config, so only folders under {} can be used"
+    checks = [("data.train_dir", cfg.data.train_dir, data_root), ("data.reg_dir", cfg.data.reg_dir, data_root),
+              ("output.output_dir", cfg.output.output_dir, output_root),
+              ("network.init_from", cfg.network.init_from, output_root),
+              ("embedding.init_from", cfg.embedding.init_from, output_root)]
+    if cfg.embedding.template not in config_mod.TEMPLATES:  # a template file
+        checks.append(("embedding.template", cfg.embedding.template, data_root))
+    return [Problem(key, rule.format(root)) for key, value, root in checks
+            if value and not _inside(value, [root])]
+
+
+def restricted_roots() -> dict[str, str] | None:
+    """``{"data": upload folder, "lora": Lora folder, "embedding": embeddings folder}`` when the WebUI runs with
+    ``--hide-ui-dir-config``; None when users may name any folder."""
+    from modules import shared
+
+    if not getattr(shared.cmd_opts, "hide_ui_dir_config", False):
+        return None
+    from .preprocess import upload_root
+
+    return {"data": upload_root(), "lora": lora_dir(), "embedding": embeddings_dir()}
+
+
 class JobConflict(TrainerError):
     """Another job is queued or running."""
 
@@ -280,6 +312,10 @@ class JobManager:
         from .host import inspect_host
 
         self._refuse_if_busy()
+        roots = restricted_roots()
+        if resume_dir and roots is not None and not _inside(resume_dir, roots.values()):
+            raise ConfigError([Problem("resume_dir", f"this WebUI runs with --hide-ui-dir-config: resume states "
+                                                     f"can only be read from {', '.join(roots.values())}")])
         resume = None
         if resume_dir:
             resume = load_state(resume_dir)
@@ -289,6 +325,10 @@ class JobManager:
             raise ConfigError([Problem("method", f"'{cfg.method}' training is not available in the WebUI yet; use "
                                                  f"the command line: python -m lib_train {cfg.method} ...")])
         notes = self._settle_paths(cfg, method)
+        if roots is not None and method is not None:
+            problems = folder_policy_problems(cfg, data_root=roots["data"], output_root=method.output_root())
+            if problems:
+                raise ConfigError(problems)
         validate(cfg, headless=False)  # an unknown method is reported here
         final = Path(cfg.output.output_dir) / f"{cfg.output.name}.safetensors"
         if resume is None and final.exists() and not cfg.output.overwrite:

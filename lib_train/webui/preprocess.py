@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from PIL import Image, ImageOps
 
-from ..data.preprocess_plan import Hooks, Operations, PreprocessOptions, PreprocessPlan, make_plan, \
+from ..data.preprocess_plan import Hooks, Operations, PreprocessOptions, PreprocessPlan, default_dest, make_plan, \
     options_from_dict, run_plan, store_uploads
 from ..errors import ConfigError, Problem, ProblemsError, TrainerError
 
@@ -295,17 +295,21 @@ def _check_upscaler(o: PreprocessOptions) -> None:
                                                f"{', '.join(upscaler_names())}")])
 
 
-def _check_folders_allowed(plan: PreprocessPlan) -> None:
+def _check_folders_allowed(o: PreprocessOptions) -> None:
     """With ``--hide-ui-dir-config`` (a shared server; the WebUI then refuses folder inputs) only folders under
-    the upload folder may be read or written."""
+    the upload folder may be read or written. Checked before anything looks into the folders, so nothing about a
+    folder outside is revealed."""
     from modules import shared
 
     if not shared.cmd_opts.hide_ui_dir_config:
         return
     root = Path(os.path.realpath(upload_root()))
+    source = Path(os.path.realpath(os.path.expanduser(o.source_dir or ".")))
+    dest = Path(os.path.realpath(os.path.expanduser(o.dest_dir))) if o.dest_dir else \
+        Path(os.path.realpath(default_dest(source)))
     problems = [Problem(key, f"this WebUI runs with --hide-ui-dir-config, so only folders under {root} (uploads) "
                              "can be used")
-                for key, folder in (("source_dir", plan.source), ("dest_dir", plan.dest))
+                for key, folder in (("source_dir", source), ("dest_dir", dest))
                 if root not in folder.parents]
     if problems:
         raise ConfigError(problems)
@@ -315,9 +319,9 @@ def run_preprocess(options: dict[str, Any] | PreprocessOptions) -> dict[str, Any
     """Plan, load, process; the caller holds the queue lock and ``shared.state`` is open. Returns
     :class:`~lib_train.data.preprocess_plan.PreprocessResult` as a dict; raises TrainerError subclasses."""
     o = options if isinstance(options, PreprocessOptions) else options_from_dict(options)
+    _check_folders_allowed(o)
     _check_upscaler(o)
     plan = make_plan(o)
-    _check_folders_allowed(plan)
     with ExitStack() as stack:
         ops = build_operations(plan, stack)
         return run_plan(plan, ops, _state_hooks()).to_dict()

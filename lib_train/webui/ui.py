@@ -14,6 +14,7 @@ id as the first input, which ``sd_trainer_start()`` (javascript/trainer.js) fill
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class Backend:
     preprocess: Callable[[dict], dict] | None = None  # run the WebUI's preprocessing (:mod:`.preprocess`); None: no panel
     upload: Callable[..., dict] | None = None  # store uploaded files in a run folder
     interrupt_preprocess: Callable[[], None] | None = None  # stop a preprocessing run after its current image
+    allowed_roots: Callable[[], list[str] | None] = lambda: None  # folders config files may be read from/written to
+    # (a shared WebUI with --hide-ui-dir-config); None = any
 
 
 def js_kwarg(function: str) -> dict[str, str]:
@@ -133,8 +136,19 @@ class _Handlers:
                            "loaded checkpoint."] if cfg.model.checkpoint else [])
         return [cfg.method, *config_to_values(cfg), "".join(ui_render.message(n, "ok") for n in notes)]
 
+    def _check_path(self, path: str) -> None:
+        """Refuse a config path outside the allowed folders of a shared WebUI."""
+        roots = self.backend.allowed_roots()
+        if roots is None:
+            return
+        real = os.path.realpath(path)
+        if not any(real == os.path.realpath(r) or real.startswith(os.path.realpath(r) + os.sep) for r in roots):
+            raise TrainerError(f"This WebUI runs with --hide-ui-dir-config: config files can only be read from or "
+                               f"written to {', '.join(roots)}.")
+
     def load_config(self, path: str) -> list[Any]:
         try:
+            self._check_path(path.strip())
             cfg = load_config(path.strip())
             return self._filled(cfg, f"Loaded {path.strip()}")
         except TrainerError as e:
@@ -143,14 +157,15 @@ class _Handlers:
     def load_run(self, path: str) -> list[Any]:
         try:
             config_file = config_file_for_run(path)
+            self._check_path(str(config_file))
             return self._filled(load_config(config_file), f"Loaded the settings of the run from {config_file}")
         except TrainerError as e:
             return [gr.update()] * (len(KEYS) + 1) + [ui_render.error(e)]
 
-    @staticmethod
-    def save_config(path: str, method: str, *values: Any) -> str:
+    def save_config(self, path: str, method: str, *values: Any) -> str:
         path = path.strip()
         try:
+            self._check_path(path)
             if Path(path).suffix.lower() not in (".json", ".toml"):
                 raise TrainerError(f"'{path}': give a file name ending in .json or .toml.")
             cfg = from_dict(values_to_dict(method, values))

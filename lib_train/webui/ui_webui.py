@@ -61,6 +61,13 @@ def _latest_status() -> dict[str, Any] | None:
     return jobs[0].snapshot() if jobs else None
 
 
+def _allowed_roots() -> list[str] | None:
+    from .jobs import restricted_roots
+
+    roots = restricted_roots()
+    return None if roots is None else list(roots.values())
+
+
 def _model_family() -> str:
     from .host import inspect_host
 
@@ -88,7 +95,7 @@ def backend():
                    interrupt=_interrupt, latest_status=_latest_status, host_status=_host_status,
                    default_output_dir=_default_output_dir, measured_rate=manager.measured_rate,
                    model_family=_model_family, preprocess=backend_preprocess, upload=backend_upload,
-                   interrupt_preprocess=interrupt_preprocess)
+                   interrupt_preprocess=interrupt_preprocess, allowed_roots=_allowed_roots)
 
 
 def on_ui_tabs() -> list[tuple[Any, str, str]]:
