@@ -293,5 +293,25 @@ def test_bad_arguments_are_answered_422_with_the_field(webui, grid_run):
     assert r.status == 422 and r.body["detail"] == "keep_file: choose the file to keep"
 
 
+def test_an_embedding_run_makes_a_grid_too(webui, dataset):
+    name = "zqgridemb"
+    body = {"method": "embedding",
+            "data": {"train_dir": str(dataset), "resolution": SIZE, "min_bucket_side": SIZE, "max_bucket_side": 128},
+            "embedding": {"vectors": 1, "init_text": "thing"}, "optim": {"lr": 0.05}, "train": {"max_steps": 2},
+            "output": {"name": name, "save_every_epochs": 0, "save_every_steps": 1}}
+    status = webui.wait_job(webui.post("/trainer/v1/jobs", body)["id"])
+    assert status["state"] == "finished", status
+    run = next(r for r in webui.get("/trainer/v1/runs") if r["kind"] == "embedding" and r["name"] == name)
+    assert [f["stem"] for f in run["files"]] == [f"{name}-000001", name]
+    args = [run["label"], [], "0.5, 1", "Nothing", "", False, True, "", 1.0, False, "grid"]
+    r = txt2img(webui, f"a photo of {name}", seed=7, script_args=args)
+    grid, cells = r["pixels"][0], r["pixels"][1:]
+    assert grid.shape[:2] == (2 * SIZE, 2 * SIZE) and len(cells) == 4
+    prompts = [t.splitlines()[0] for t in r["info"]["infotexts"][1:]]
+    assert prompts == [f"a photo of ({name}-000001:0.5)", f"a photo of ({name}:0.5)", f"a photo of {name}-000001",
+                       f"a photo of {name}"]  # files across, weights down; weight 1 = the plain name
+    assert len({c.tobytes() for c in cells}) == 4
+
+
 def test_log_has_no_errors_from_our_code(webui):
     assert our_errors_in_log(webui.log_text()) == []
