@@ -85,6 +85,16 @@ def check_output_name(name: str, field: str = "name") -> str | None:
     return None
 
 
+def is_within(path: str | os.PathLike, roots) -> bool:
+    """Whether ``path`` (links resolved) is one of ``roots`` or inside one of them."""
+    real = Path(os.path.realpath(os.path.expanduser(path)))
+    for root in roots:
+        r = Path(os.path.realpath(os.path.expanduser(root)))
+        if real == r or r in real.parents:
+            return True
+    return False
+
+
 def safe_child(root: str | os.PathLike, name: str) -> Path:
     """``root / name`` resolved, raising :class:`TrainerError` if it would escape ``root``."""
     root_p = Path(root).resolve()

@@ -135,6 +135,16 @@ def apply_overrides(cfg, overrides: dict):
     return cfg
 
 
+def assert_clear_error(code: int, text: str, needles) -> None:
+    """A command line refused bad input the way users should see it: exit code 2, one "error: " message naming
+    every ``needle`` (the flag, file or value), no traceback."""
+    assert code == 2, text
+    assert text.startswith("error: "), text
+    assert "Traceback" not in text
+    for needle in needles:
+        assert needle in text, (needle, text)
+
+
 def fail_on_predict_call(bundle, n: int) -> None:
     """Make the bundle's UNet call number ``n`` raise ``RuntimeError("boom")`` (an error in the middle of a run)."""
     calls = {"n": 0}

@@ -102,6 +102,8 @@ class TrainingSession:
         self.sampler: Sampler = sampler or ddim_sampler
         self.autocast: torch.dtype | None = None  # the run's autocast dtype (set by run_training)
         self.last_samples: tuple[int, list[Path]] | None = None  # (step, paths) of the newest sample set
+        self.sampling_failed = False  # a sampler failure turns samples off for this session (not in the config:
+        # the resume state keeps the settings, and a resumed run tries again)
         self.device = bundle.device
         self.out_dir = Path(cfg.output.output_dir)
         self.name = cfg.output.name
@@ -186,7 +188,8 @@ class TrainingSession:
     def make_samples(self) -> None:
         """One sample set (``[sample]``), written and reported; a failure is reported and turns sampling off for the
         rest of the run (samples never stop training)."""
-        if not sampling.enabled(self.cfg) or (self.last_samples and self.last_samples[0] == self.step):
+        if self.sampling_failed or not sampling.enabled(self.cfg) or (
+                self.last_samples and self.last_samples[0] == self.step):
             return
         request = sampling.request_for(self.cfg, self.sample_name_text())
         self.events.status(f"Sampling {len(request.prompts)} image(s) at step {self.step}")
@@ -200,7 +203,7 @@ class TrainingSession:
                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             self.events.warning(note)
             self.notes.append(note)
-            self.cfg.sample.prompts = ""
+            self.sampling_failed = True
             return
         self.last_samples = (self.step, paths)
         self.events.sampled([str(p) for p in paths], self.step)

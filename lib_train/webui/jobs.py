@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import config as config_mod
-from ..atomic import check_output_name
+from ..atomic import check_output_name, is_within
 from ..config import TrainConfig, from_dict, save_config, validate
 from ..errors import ConfigError, Problem, TrainerError
 from ..train import sampling
@@ -154,11 +154,6 @@ METHODS: dict[str, Method] = {
 }
 
 
-def _inside(path: str, roots) -> bool:
-    real = os.path.realpath(path)
-    return any(real == os.path.realpath(r) or real.startswith(os.path.realpath(r) + os.sep) for r in roots)
-
-
 def folder_policy_problems(cfg: TrainConfig, *, data_root: str, output_root: str) -> list[Problem]:
     """On a shared WebUI (``--hide-ui-dir-config``: its owner does not let users name server folders) a run may only
     read datasets from the upload folder and write (or continue from) files in the method's WebUI folder; the
@@ -171,7 +166,7 @@ def folder_policy_problems(cfg: TrainConfig, *, data_root: str, output_root: str
     if cfg.embedding.template not in config_mod.TEMPLATES:  # a template file
         checks.append(("embedding.template", cfg.embedding.template, data_root))
     return [Problem(key, rule.format(root)) for key, value, root in checks
-            if value and not _inside(value, [root])]
+            if value and not is_within(value, [root])]
 
 
 def restricted_roots() -> dict[str, str] | None:
@@ -313,7 +308,7 @@ class JobManager:
 
         self._refuse_if_busy()
         roots = restricted_roots()
-        if resume_dir and roots is not None and not _inside(resume_dir, roots.values()):
+        if resume_dir and roots is not None and not is_within(resume_dir, roots.values()):
             raise ConfigError([Problem("resume_dir", f"this WebUI runs with --hide-ui-dir-config: resume states "
                                                      f"can only be read from {', '.join(roots.values())}")])
         resume = None
@@ -450,9 +445,7 @@ class JobManager:
             s.state, s.error = "error", f"{type(e).__name__}: {e}"
             errors.report(f"sd-webui-trainer: job {s.id} failed", exc_info=True)
         finally:
-            s.ended_at = time.time()
-            if s.saved:
-                job.method.refresh()
+            s.ended_at = time.time()  # the WebUI's lists were refreshed after each save (_JobEvents.saved)
             job.release()
         return s
 

@@ -41,6 +41,7 @@ from PIL import Image, ImageOps
 
 from ..data.preprocess_plan import Hooks, Operations, PreprocessOptions, PreprocessPlan, default_dest, make_plan, \
     options_from_dict, run_plan, store_uploads
+from ..atomic import is_within
 from ..errors import ConfigError, Problem, ProblemsError, TrainerError
 
 UPLOAD_SUBFOLDER = "trainer-datasets"  # uploads go to <WebUI data dir>/trainer-datasets/<run>/<N>_<concept>/
@@ -303,14 +304,13 @@ def _check_folders_allowed(o: PreprocessOptions) -> None:
 
     if not shared.cmd_opts.hide_ui_dir_config:
         return
-    root = Path(os.path.realpath(upload_root()))
-    source = Path(os.path.realpath(os.path.expanduser(o.source_dir or ".")))
-    dest = Path(os.path.realpath(os.path.expanduser(o.dest_dir))) if o.dest_dir else \
-        Path(os.path.realpath(default_dest(source)))
+    root = os.path.realpath(upload_root())
+    source = o.source_dir or "."
+    dest = o.dest_dir or default_dest(os.path.realpath(os.path.expanduser(source)))
     problems = [Problem(key, f"this WebUI runs with --hide-ui-dir-config, so only folders under {root} (uploads) "
                              "can be used")
                 for key, folder in (("source_dir", source), ("dest_dir", dest))
-                if root not in folder.parents]
+                if not is_within(folder, [root]) or os.path.realpath(folder) == root]
     if problems:
         raise ConfigError(problems)
 

@@ -14,7 +14,6 @@ id as the first input, which ``sd_trainer_start()`` (javascript/trainer.js) fill
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from ..atomic import is_within
 from ..config import METHODS, TrainConfig, from_dict, load_config, save_config
 from ..data import scan_dataset
 from ..errors import ConfigError, DatasetError, Problem, TrainerError
@@ -141,8 +141,7 @@ class _Handlers:
         roots = self.backend.allowed_roots()
         if roots is None:
             return
-        real = os.path.realpath(path)
-        if not any(real == os.path.realpath(r) or real.startswith(os.path.realpath(r) + os.sep) for r in roots):
+        if not is_within(path, roots):
             raise TrainerError(f"This WebUI runs with --hide-ui-dir-config: config files can only be read from or "
                                f"written to {', '.join(roots)}.")
 
