@@ -4,7 +4,7 @@ Memory = frozen weights in the compute dtype + trainable state + activations + a
 
 - weights: parameter counts of the SD1.5 / SD2 modules (UNet, text encoder, VAE) × 2 bytes (fp16/bf16; 4 with
   ``mixed_precision = "no"``). The VAE leaves the GPU once latents are cached (``cache_latents`` ≠ "off");
-- trainable state: LoRA parameters (:data:`LORA_PARAMS_PER_RANK`, counted from the real module layouts by
+- trainable state: LoRA parameters (the family's ``lora_params_per_rank``, counted from the real module layouts by
   ``tests/test_estimate.py``) × (4 B weight + 4 B gradient + the optimizer's bytes per parameter); an embedding's
   vectors are negligible;
 - activations: :data:`ACT_GIB_PER_MPIX` × megapixels × batch, a fit of ``bench/bench_train.py`` CPU measurements
@@ -18,20 +18,16 @@ estimate needs a measured rate (seconds per step per megapixel from a run on thi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .config import TrainConfig
+from .models.families import DEFAULT, FAMILIES
 
 GIB = 2**30
-# Parameters of the frozen modules (full-size layouts; counted from the real model code).
-MODEL_PARAMS = {
-    "sd1": {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863},
-    "sd2": {"unet": 865_910_724, "text_encoder": 354_032_640, "vae": 83_653_863},
-}
-# LoRA parameters per unit of rank with kohya's default targets (Linear/1x1); with LoCon (conv rank > 0) the
-# ResBlock/Down/Upsample children add 1x1/Linear targets at the rank ("locon_linear") and 3x3 ones at the conv rank.
-LORA_PARAMS_PER_RANK = {"sd1": {"unet": 423_936, "text_encoder": 165_888, "locon_linear": 82_880, "conv": 544_000},
-                        "sd2": {"unet": 432_128, "text_encoder": 423_936, "locon_linear": 82_880, "conv": 544_000}}
+# Parameters of the frozen modules and LoRA parameters per unit of rank, by family name (the family table's counts;
+# see families.ModelParams / families.LoRAParams).
+MODEL_PARAMS = {name: asdict(f.params) for name, f in FAMILIES.items()}
+LORA_PARAMS_PER_RANK = {name: asdict(f.lora_params_per_rank) for name, f in FAMILIES.items()}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "lion8bit": 1, "dadaptadam": 12, "prodigy": 16,
                          "adafactor": 4}
 ACT_GIB_PER_MPIX = {False: 9.66e-6 * 2**20, True: 5.3e-6 * 2**20}  # fp32, by gradient checkpointing
@@ -67,7 +63,7 @@ def lora_params(cfg: TrainConfig, family: str) -> int:
     return total
 
 
-def estimate(cfg: TrainConfig, steps: int | None, family: str = "sd1",
+def estimate(cfg: TrainConfig, steps: int | None, family: str = DEFAULT.name,
              rate: MeasuredRate | None = None) -> Estimate:
     """The estimate for ``cfg`` (``steps``: the run's optimizer steps, when known)."""
     half = cfg.train.mixed_precision != "no"

@@ -611,14 +611,12 @@ class KeepResult:
 
 def _family_of(sidecar: dict, meta: dict[str, str]) -> str:
     """The sidecar's ``sd version`` as a family key (kept as it is), else the version the metadata implies."""
+    from .models.families import family_name_from_metadata
+
     reverse = {v: k for k, v in SD_VERSIONS.items()}
     if "sd version" in sidecar:
         return reverse.get(str(sidecar["sd version"]), "unknown")
-    if str(meta.get("ss_base_model_version", "")).startswith("sdxl"):
-        return "sdxl"
-    if meta.get("ss_v2") == "True":
-        return "sd2"
-    return "sd1" if meta else "unknown"
+    return family_name_from_metadata(meta)
 
 
 def write_preferred_weight(model_file: str | os.PathLike, weight: float) -> Path:

@@ -28,7 +28,7 @@ import torch
 from .. import __version__
 from ..atomic import atomic_write
 from ..errors import TrainerError
-from ..train.metadata import architecture
+from ..models.families import get_family, labels_text
 
 EMB_KEY = "emb_params"
 IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # kohya writes this for every TI file
@@ -45,9 +45,10 @@ class EmbeddingFile:
 def embedding_metadata(*, title: str, family: str, prediction: str, resolution: int, started_at: float,
                        clip_skip: int = 1, description: str = "") -> dict[str, str]:
     """modelspec metadata of one saved file; ``title`` is its stem, which is also the name prompts use."""
+    fam = get_family(family)
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture(family, prediction, "textual-inversion"),
+        "modelspec.architecture": fam.modelspec_architecture(prediction, "textual-inversion"),
         "modelspec.implementation": IMPLEMENTATION,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
@@ -57,8 +58,9 @@ def embedding_metadata(*, title: str, family: str, prediction: str, resolution: 
         "modelspec.description": description or f"textual-inversion embedding trained with sd-webui-trainer "
                                                 f"{__version__}",
     }
-    if family == "sd1" and clip_skip > 1:
-        meta["modelspec.encoder_layer"] = str(clip_skip)
+    layer = fam.encoder_layer(clip_skip)
+    if layer is not None:
+        meta["modelspec.encoder_layer"] = str(layer)
     return meta
 
 
@@ -117,7 +119,8 @@ def _from_data(data, path: Path) -> EmbeddingFile:
             raise TrainerError(f"{path}: string_to_param must hold exactly one tensor")
         vec = next(iter(params.values()))
     elif {"clip_l", "clip_g"} <= set(data):
-        raise TrainerError(f"{path} is an SDXL embedding (clip_l + clip_g); this trainer trains SD1.x/SD2.x ones")
+        raise TrainerError(f"{path} is an SDXL embedding (clip_l + clip_g); this trainer trains "
+                           f"{labels_text('/')} ones")
     else:
         tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
         if EMB_KEY in tensors:

@@ -25,9 +25,10 @@ def count_tokens(text: str) -> int:
 
 
 def init_token_ids(conditioner: TextConditioner, init_text: str, n: int) -> list[int]:
-    """The token ids whose embedding rows initialise ``n`` vectors (SD1: truncated to ``n``)."""
+    """The token ids whose embedding rows initialise ``n`` vectors (SD1: truncated to ``n``, by the text-encoder
+    kind's ``truncates_init_text``)."""
     ids = conditioner.text_ids(init_text)
-    return ids[:n] if conditioner.family == "sd1" else ids
+    return ids[:n] if conditioner.kind.truncates_init_text else ids
 
 
 def init_vectors(conditioner: TextConditioner, init_text: str, n: int) -> torch.Tensor:

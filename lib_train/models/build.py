@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .spec import SD1, SD2, ModelSpec, TextSpec
+from .families import SD1, get_family
+from .spec import ModelSpec, TextSpec
 
-# v1-inference.yaml / v2-inference.yaml values that are not architecture (schedule, scaling, conditioning).
+# v1-inference.yaml / v2-inference.yaml values that are not architecture (schedule, conditioning); the latent scale
+# factor is the family's (families.Family.latent_scale).
 LINEAR_START = 0.00085
 LINEAR_END = 0.012
 TIMESTEPS = 1000
-SCALE_FACTOR = 0.18215
 
 
 def _bpe_path() -> str:
@@ -154,16 +155,14 @@ def ldm_config(spec: ModelSpec, parameterization: str = "eps") -> dict:
     )
     ddconfig = dict(double_z=True, z_channels=v.z_channels, resolution=256, in_channels=3, out_ch=3, ch=v.ch,
                     ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks, attn_resolutions=[], dropout=0.0)
-    text = dict(spec.text.__dict__)
-    if spec.family == SD1:
-        cond = {"target": f"{__name__}.OfflineFrozenCLIPEmbedder", "params": {"text": text}}
-    else:
-        cond = {"target": f"{__name__}.OfflineFrozenOpenCLIPEmbedder",
-                "params": {"text": text, "layer": "penultimate"}}
+    family = get_family(spec.family)
+    kind = family.text_encoder.kind
+    cond = {"target": f"{__name__}.{kind.offline_class}",
+            "params": {"text": dict(spec.text.__dict__), **kind.offline_params}}
     return dict(
         linear_start=LINEAR_START, linear_end=LINEAR_END, num_timesteps_cond=1, log_every_t=200,
         timesteps=TIMESTEPS, first_stage_key="jpg", cond_stage_key="txt", image_size=64, channels=4,
-        cond_stage_trainable=False, conditioning_key="crossattn", monitor=None, scale_factor=SCALE_FACTOR,
+        cond_stage_trainable=False, conditioning_key="crossattn", monitor=None, scale_factor=family.latent_scale,
         use_ema=False, parameterization=parameterization,
         unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
         first_stage_config={"target": "ldm.models.autoencoder.AutoencoderKL",
@@ -187,18 +186,18 @@ def build_latent_diffusion(spec: ModelSpec, parameterization: str = "eps"):
     return model
 
 
-def tiny_spec(family: str = SD1) -> ModelSpec:
+def tiny_spec(family: str = SD1.name) -> ModelSpec:
     """A small model with the full SD key layout (every module type and block of the real architecture) for tests and
-    quick checks: UNet width 32, text width 32 with 2 layers, VAE width 32 with 8× downsampling."""
-    from .spec import TextSpec, UNetSpec, VAESpec, unet_heads
+    quick checks: UNet width 32, text width 32 with 2 layers (3 for open_clip), VAE width 32 with 8× downsampling."""
+    from .spec import UNetSpec, VAESpec
 
-    heads, head_ch = unet_heads(family, 32)
-    sd2 = family == SD2
+    fam = get_family(family)
+    heads, head_ch = fam.unet_heads(32)
     return ModelSpec(
-        family=family,
-        unet=UNetSpec(model_channels=32, context_dim=32, use_linear_in_transformer=sd2, num_heads=heads,
+        family=fam.name,
+        unet=UNetSpec(model_channels=32, context_dim=32, use_linear_in_transformer=fam.linear_proj, num_heads=heads,
                       num_head_channels=head_ch),
-        text=TextSpec(width=32, layers=3 if sd2 else 2, heads=4, intermediate=128 if sd2 else 64, projection_dim=32),
+        text=TextSpec(width=32, heads=4, projection_dim=32, **fam.text_encoder.kind.tiny_text),
         vae=VAESpec(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1),
     )
 

@@ -13,30 +13,38 @@ from typing import Any, Callable
 import torch
 
 from .conditioning import TextConditioner
+from .families import Family, get_family
 
 
 @dataclass
 class ModelBundle:
     model: Any  # ldm LatentDiffusion
-    family: str  # "sd1" | "sd2"
+    family: str  # a family name (families.FAMILIES)
     prediction: str  # "eps" | "v"
     text_encoder: torch.nn.Module  # the ldm embedder (FrozenCLIPEmbedder / FrozenOpenCLIPEmbedder)
     encode_text: Callable[[list[str]], torch.Tensor]  # captions → [B, 77·k, width]
     checkpoint_name: str = ""
     checkpoint_hashes: Callable[[], dict[str, str]] = field(default=lambda: {})  # lazily computed (full-file hash)
-    resolution: int = 512  # native resolution (modelspec)
 
     @classmethod
     def from_ldm(cls, model, *, family: str, prediction: str | None = None, clip_skip: int = 1,
                  max_chunks: int = 3, checkpoint_name: str = "", checkpoint_hashes=None) -> "ModelBundle":
         """Bundle a plain ldm model, conditioning from the raw text modules (:class:`TextConditioner`)."""
         embedder = model.cond_stage_model
-        conditioner = TextConditioner(embedder, family, clip_skip=clip_skip if family == "sd1" else 1,
-                                      max_chunks=max_chunks)
+        conditioner = TextConditioner(embedder, family, clip_skip=clip_skip, max_chunks=max_chunks)
         pred = prediction or getattr(model, "parameterization", "eps")
         return cls(model=model, family=family, prediction=pred, text_encoder=embedder, encode_text=conditioner,
-                   checkpoint_name=checkpoint_name, checkpoint_hashes=checkpoint_hashes or (lambda: {}),
-                   resolution=768 if (family == "sd2" and pred == "v") else 512)
+                   checkpoint_name=checkpoint_name, checkpoint_hashes=checkpoint_hashes or (lambda: {}))
+
+    @property
+    def family_rules(self) -> Family:
+        """The record of :attr:`family` (every rule that differs between model families)."""
+        return get_family(self.family)
+
+    @property
+    def resolution(self) -> int:
+        """The model's native resolution (modelspec)."""
+        return self.family_rules.native_resolution(self.prediction)
 
     @property
     def unet(self) -> torch.nn.Module:

@@ -13,7 +13,8 @@ import torch
 
 from ..errors import TrainerError
 from .build import build_latent_diffusion
-from .spec import SD2, UNET_PREFIX, ModelSpec, infer_spec
+from .families import get_family
+from .spec import UNET_PREFIX, ModelSpec, infer_spec
 
 # Prefixes whose weights the model must find in the file (others, such as model_ema.*, are ignored).
 _REQUIRED = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
@@ -109,11 +110,13 @@ def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto"):
     """Build the ldm model for ``path`` and load its weights. Returns ``(LatentDiffusion, CheckpointInfo)``.
 
     Prediction type: ``prediction`` when not "auto"; else a ``<checkpoint>.yaml`` next to the file; else a ``v_pred``
-    marker tensor in the file; else, for full-size SD2 weights, the WebUI's probe; else epsilon.
+    marker tensor in the file; else, for full-size weights of a family that has one (SD2), the WebUI's probe; else
+    the family's default (epsilon).
     """
     path = str(path)
     sd = read_state_dict(path)
     spec = infer_spec(sd)
+    family = get_family(spec.family)
     source = "flag"
     if prediction == "auto":
         yaml_pred = _yaml_prediction(path)
@@ -122,7 +125,7 @@ def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto"):
         elif "v_pred" in sd:
             prediction, source = "v", "v_pred marker in the checkpoint"
         else:
-            prediction, source = "eps", "default"
+            prediction, source = family.default_prediction, "default"
     model = build_latent_diffusion(spec, "v" if prediction == "v" else "eps")
     dtype_sd = {k: v for k, v in sd.items() if k.startswith(_REQUIRED)}
     missing, _unexpected = model.load_state_dict(dtype_sd, strict=False)
@@ -131,9 +134,9 @@ def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto"):
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise TrainerError(f"{path} is missing weights this model needs: {shown}. The file may be truncated or "
                            "not a full SD checkpoint.")
-    if (source == "default" and spec.family == SD2 and spec.is_full_size
+    if (source == "default" and family.probe_v_prediction and spec.is_full_size
             and _probe_v_prediction(model.model.diffusion_model, spec.unet.context_dim)):
-        prediction, source = "v", "the WebUI's SD2 v-prediction probe"
+        prediction, source = "v", f"the WebUI's {family.short} v-prediction probe"
         model.parameterization = "v"
     info = CheckpointInfo(path=path, name=os.path.basename(path), spec=spec, prediction=prediction,
                           prediction_source=source)

@@ -10,8 +10,9 @@ For a plain caption (no emphasis syntax) the WebUI's prompt wrapper (FORMATS.md 
 4. pads every caption of a batch to the same number of chunks with empty chunks;
 5. encodes each chunk separately and concatenates the outputs along the token axis: ``[B, 77·k, width]``.
 
-Layer choice: SD1 with clip skip N>1 takes ``hidden_states[-N]`` and applies the final layer norm, else the last
-hidden state; SD2 always takes the penultimate block's output through ``ln_final`` (clip skip does not apply).
+Layer choice: the family's text-encoder kind (:mod:`.text_encoders`): HF CLIP (SD1) with clip skip N>1 takes
+``hidden_states[-N]`` and applies the final layer norm, else the last hidden state; open_clip (SD2) always takes the
+penultimate block's output through ``ln_final`` (clip skip does not apply to SD2: :meth:`Family.clip_skip`).
 Captions longer than ``max_chunks`` chunks are cut (as kohya's ``max_token_length``); :func:`chunk_tokens` reports it.
 
 Placeholders (textual-inversion embeddings, FORMATS.md §C.5/§E.4): when a :class:`Placeholders` registry is set on
@@ -25,10 +26,12 @@ placeholder slots to the next chunk but leaves their fix with the chunk they wer
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Protocol, Tuple
 
 import torch
+
+from .families import get_family
+from .text_encoders import TokenIds
 
 CHUNK = 75
 COMMA_BACKTRACK = 20
@@ -54,14 +57,6 @@ class Placeholders(Protocol):
 
     def splice(self, embeds: torch.Tensor, fixes: list[list[Fix]]) -> torch.Tensor:
         """Token-embedding output ``[rows, 77, width]`` → the same with each row's fixes' vectors in place."""
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    bos: int
-    eos: int
-    pad: int
-    comma: int
 
 
 def chunk_prompt(tokens: Sequence[int], comma: int, *, max_chunks: int = 3, backtrack: int = COMMA_BACKTRACK,
@@ -125,30 +120,25 @@ def chunk_ids(chunk: list[int], ids: TokenIds) -> list[int]:
 
 
 class TextConditioner:
-    """Encodes captions with an ldm ``FrozenCLIPEmbedder`` (SD1) or ``FrozenOpenCLIPEmbedder`` (SD2).
+    """Encodes captions with the ldm text embedder of a one-encoder family (SD1 ``FrozenCLIPEmbedder``, SD2
+    ``FrozenOpenCLIPEmbedder``).
 
     The encoder is called under the caller's grad mode, so LoRA on the text encoder receives gradients. Set
     ``placeholders`` to inject embedding vectors (see the module docstring); ``None`` (the default) encodes plain text.
     """
 
     def __init__(self, embedder, family: str, *, clip_skip: int = 1, max_chunks: int = 3):
+        """``family``: a family name; ``clip_skip``: the ``model.clip_skip`` setting (the family says whether it
+        applies)."""
         self.embedder = embedder
         self.family = family
-        self.clip_skip = clip_skip
+        fam = get_family(family)
+        self.kind = fam.text_encoder.kind  # tokenizer, token-embedding table and encoding of this text encoder
+        self.clip_skip = fam.clip_skip(clip_skip)
         self.max_chunks = max_chunks
         self.truncated_captions = 0  # how many captions were longer than max_chunks × 75 tokens
         self.placeholders: Placeholders | None = None
-        if family == "sd1":
-            tok = embedder.tokenizer
-            self._encode_text = lambda text: tok(text, add_special_tokens=False, truncation=False)["input_ids"]
-            self.ids = TokenIds(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.eos_token_id,
-                                comma=tok.get_vocab()[",</w>"])
-        else:
-            from open_clip.tokenizer import _tokenizer as simple
-
-            self._encode_text = simple.encode
-            self.ids = TokenIds(bos=simple.encoder["<start_of_text>"], eos=simple.encoder["<end_of_text>"], pad=0,
-                                comma=simple.encoder[",</w>"])
+        self._encode_text, self.ids = self.kind.tokenizer(embedder)
 
     def text_ids(self, text: str) -> list[int]:
         """The token ids of ``text`` without BOS/EOS, untruncated (the WebUI's ``cond_stage_model.tokenize``)."""
@@ -161,10 +151,7 @@ class TextConditioner:
         Inside the WebUI the table is wrapped by the WebUI's ``EmbeddingsWithFixes`` (its embeddings database
         splices vectors there only while its prompt wrapper runs); the table itself is the wrapper's ``wrapped``.
         The wrapper calls it, so a hook on the table also fires through the wrapper."""
-        if self.family == "sd1":
-            table = self.embedder.transformer.text_model.embeddings.token_embedding
-        else:
-            table = self.embedder.model.token_embedding
+        table = self.kind.token_embedding(self.embedder)
         inner = getattr(table, "wrapped", None)
         return inner if isinstance(inner, torch.nn.Embedding) and not isinstance(table, torch.nn.Embedding) else table
 
@@ -199,15 +186,7 @@ class TextConditioner:
             splice = self.placeholders.splice
             hook = self.token_embedding.register_forward_hook(lambda _m, _args, out: splice(out, fixes))
         try:
-            if self.family == "sd1":
-                tr = self.embedder.transformer
-                if self.clip_skip > 1:
-                    out = tr(input_ids=flat, output_hidden_states=True)
-                    z = tr.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
-                else:
-                    z = tr(input_ids=flat).last_hidden_state
-            else:
-                z = self.embedder.encode_with_transformer(flat)
+            z = self.kind.encode(self.embedder, flat, self.clip_skip)
         finally:
             if hook is not None:
                 hook.remove()

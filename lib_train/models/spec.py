@@ -6,7 +6,7 @@ full-size SD1.5 / SD2 checkpoint and the tiny random-weight models the tests bui
 
 Head counts cannot be read from weights. We follow the official configs (SD1 UNet: 8 heads; SD2 UNet: 64 channels per
 head; CLIP text: 64 channels per head) and, for widths too small for that (test models), fall back to the rules in
-:func:`unet_heads` / :func:`text_heads`, which the test-model builder uses too.
+:meth:`.families.Family.unet_heads` / :func:`text_heads`, which the test-model builder uses too.
 """
 
 from __future__ import annotations
@@ -16,15 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
 from ..errors import TrainerError
-
-SD1 = "sd1"
-SD2 = "sd2"
-FAMILIES = (SD1, SD2)
+from .families import SD1, SD2, family_from_state_dict, get_family, labels_text
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-SD1_TE_PREFIX = "cond_stage_model.transformer."
-SD2_TE_PREFIX = "cond_stage_model.model."
 
 
 @dataclass
@@ -50,7 +45,7 @@ class TextSpec:
     intermediate: int = 3072
     vocab_size: int = 49408
     context_length: int = 77
-    projection_dim: int = 768  # SD2 (open_clip) only: text_projection columns
+    projection_dim: int = 768  # open_clip (SD2) only: text_projection columns
 
 
 @dataclass
@@ -64,7 +59,7 @@ class VAESpec:
 
 @dataclass
 class ModelSpec:
-    family: str = SD1
+    family: str = SD1.name  # a key of families.FAMILIES
     unet: UNetSpec = field(default_factory=UNetSpec)
     text: TextSpec = field(default_factory=TextSpec)
     vae: VAESpec = field(default_factory=VAESpec)
@@ -77,14 +72,6 @@ class ModelSpec:
         return self.unet.model_channels == 320 and self.text.width in (768, 1024)
 
 
-def unet_heads(family: str, model_channels: int) -> tuple[int, int]:
-    """(num_heads, num_head_channels) for the ldm UNetModel: SD1 8 heads; SD2 64 channels per head (8 heads when the
-    width is not a multiple of 64, as in tiny test models)."""
-    if family == SD2 and model_channels % 64 == 0:
-        return -1, 64
-    return 8, -1
-
-
 def text_heads(width: int) -> int:
     """CLIP text heads: 64 channels per head (ViT-L 768 → 12, ViT-H 1024 → 16); 8 channels per head below 64."""
     return width // 64 if width >= 64 and width % 64 == 0 else max(1, width // 8)
@@ -92,25 +79,27 @@ def text_heads(width: int) -> int:
 
 def sd15_spec() -> ModelSpec:
     """The full-size SD1.5 layout (v1-inference.yaml)."""
-    return ModelSpec(family=SD1)
+    return ModelSpec(family=SD1.name)
 
 
 def sd2_spec() -> ModelSpec:
     """The full-size SD2.x layout (v2-inference.yaml; the 768-v model has the same weights layout)."""
     return ModelSpec(
-        family=SD2,
+        family=SD2.name,
         unet=UNetSpec(context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64),
         text=TextSpec(width=1024, layers=24, heads=16, intermediate=4096, projection_dim=1024),
     )
 
 
 def detect_family(sd: Mapping[str, object]) -> str:
-    """``"sd1"`` or ``"sd2"`` from the text-encoder keys; TrainerError for SDXL, SD3, inpainting and non-SD files."""
+    """The family name (a key of ``families.FAMILIES``) from the text-encoder keys; TrainerError for SDXL, SD3,
+    inpainting and non-SD files."""
     keys = sd.keys()
+    only = f"this version trains {labels_text(' and ')} models only."
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise TrainerError("This checkpoint is an SDXL model; this version trains SD1.x and SD2.x models only.")
+        raise TrainerError(f"This checkpoint is an SDXL model; {only}")
     if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
-        raise TrainerError("This checkpoint is an SD3 model; this version trains SD1.x and SD2.x models only.")
+        raise TrainerError(f"This checkpoint is an SD3 model; {only}")
     if UNET_PREFIX + "input_blocks.0.0.weight" not in sd:
         hint = ""
         if any(k.startswith("lora_") for k in keys):
@@ -118,18 +107,15 @@ def detect_family(sd: Mapping[str, object]) -> str:
         elif any(k.startswith(("down_blocks.", "unet.")) for k in keys):
             hint = " It looks like a diffusers-format file; use a single-file A1111/ldm checkpoint."
         raise TrainerError(f"This file is not a Stable Diffusion checkpoint (no UNet weights found).{hint}")
-    if SD1_TE_PREFIX + "text_model.embeddings.token_embedding.weight" in sd:
-        family = SD1
-    elif SD2_TE_PREFIX + "token_embedding.weight" in sd:
-        family = SD2
-    else:
+    family = family_from_state_dict(sd)
+    if family is None:
         raise TrainerError("This checkpoint has no text encoder that this version knows (expected the CLIP text "
                            "encoder of SD1.x or the OpenCLIP encoder of SD2.x).")
     in_ch = _shape(sd, UNET_PREFIX + "input_blocks.0.0.weight")[1]
     if in_ch != 4:
         kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(in_ch, f"a {in_ch}-channel")
         raise TrainerError(f"This checkpoint is {kind} model; train on the normal (4-channel) base model instead.")
-    return family
+    return family.name
 
 
 def _shape(sd: Mapping[str, object], key: str) -> tuple[int, ...]:
@@ -146,7 +132,7 @@ def _indices(keys, pattern: str) -> list[int]:
 
 def infer_spec(sd: Mapping[str, object]) -> ModelSpec:
     """Read the architecture from a checkpoint state dict (keys as saved by ldm / the WebUI)."""
-    family = detect_family(sd)
+    family = get_family(detect_family(sd))
     keys = list(sd.keys())
     u = UNET_PREFIX
     model_channels = _shape(sd, u + "input_blocks.0.0.weight")[0]
@@ -165,7 +151,7 @@ def infer_spec(sd: Mapping[str, object]) -> ModelSpec:
     depth = len(_indices(keys, re.escape(u) + rf"input_blocks\.{first_attn}\.1\.transformer_blocks\.(\d+)\."))
     proj_in = _shape(sd, u + f"input_blocks.{first_attn}.1.proj_in.weight")
     context_dim = _shape(sd, u + f"input_blocks.{first_attn}.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    heads, head_ch = unet_heads(family, model_channels)
+    heads, head_ch = family.unet_heads(model_channels)
     unet = UNetSpec(
         in_channels=4, out_channels=_shape(sd, u + "out.2.weight")[0], model_channels=model_channels,
         channel_mult=channel_mult, num_res_blocks=num_res_blocks, attention_resolutions=attention_res,
@@ -173,22 +159,13 @@ def infer_spec(sd: Mapping[str, object]) -> ModelSpec:
         num_heads=heads, num_head_channels=head_ch,
     )
 
-    if family == SD1:
-        p = SD1_TE_PREFIX + "text_model."
-        vocab, width = _shape(sd, p + "embeddings.token_embedding.weight")
-        layers = len(_indices(keys, re.escape(p) + r"encoder\.layers\.(\d+)\."))
-        text = TextSpec(width=width, layers=layers, heads=text_heads(width),
-                        intermediate=_shape(sd, p + "encoder.layers.0.mlp.fc1.weight")[0], vocab_size=vocab,
-                        context_length=_shape(sd, p + "embeddings.position_embedding.weight")[0],
-                        projection_dim=width)
-    else:
-        p = SD2_TE_PREFIX
-        vocab, width = _shape(sd, p + "token_embedding.weight")
-        layers = len(_indices(keys, re.escape(p) + r"transformer\.resblocks\.(\d+)\."))
-        text = TextSpec(width=width, layers=layers, heads=text_heads(width),
-                        intermediate=_shape(sd, p + "transformer.resblocks.0.mlp.c_fc.weight")[0], vocab_size=vocab,
-                        context_length=_shape(sd, p + "positional_embedding")[0],
-                        projection_dim=_shape(sd, p + "text_projection")[1])
+    te = family.text_encoder
+
+    def count(prefix: str) -> int:
+        return len(_indices(keys, re.escape(prefix) + r"(\d+)\."))
+
+    fields = te.kind.text_spec(lambda key: _shape(sd, key), count, te.checkpoint_prefix)
+    text = TextSpec(heads=text_heads(fields["width"]), **fields)
 
     v = VAE_PREFIX
     ch = _shape(sd, v + "encoder.conv_in.weight")[0]
@@ -198,4 +175,4 @@ def infer_spec(sd: Mapping[str, object]) -> ModelSpec:
                   num_res_blocks=len(_indices(keys, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")),
                   z_channels=_shape(sd, v + "decoder.conv_in.weight")[1],
                   embed_dim=_shape(sd, v + "quant_conv.weight")[0] // 2)
-    return ModelSpec(family=family, unet=unet, text=text, vae=vae)
+    return ModelSpec(family=family.name, unet=unet, text=text, vae=vae)

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TrainerError
-from .naming import te_key_stems, unet_key_stem, unet_stem_is_locon
+from ..models.families import FAMILIES, Family, labels_text
+from .naming import UNET_PREFIX, te_key_stems, unet_key_stem, unet_stem_is_locon
 
 _PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
-_FAMILIES = ("sd1", "sd2")
 
 
 def _layer(layer: nn.Linear | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -279,20 +279,20 @@ def _unet_adapters(unet: nn.Module, rank: int, alpha: float | None, conv_rank: i
             pair = LoRAPair.for_conv(module, conv_rank, conv_alpha, dropout)
         adapters.append(_LinearConvAdapter(stem, module, pair))
     if not adapters:
-        raise TrainerError("found no LoRA target modules in the UNet; only SD1.x/SD2.x (ldm UNetModel) are supported")
+        raise TrainerError(f"found no LoRA target modules in the UNet; only {labels_text('/')} (ldm UNetModel) are "
+                           "supported")
     return adapters
 
 
-def _text_encoder_adapters(text_encoder: nn.Module, family: str, rank: int, alpha: float | None,
+def _text_encoder_adapters(text_encoder: nn.Module, family: Family, rank: int, alpha: float | None,
                            dropout: float) -> list[_Adapter]:
     """Text-encoder targets (FORMATS §A.2, §A.3.3): SD1 CLIP q/k/v/out + fc1/fc2; SD2 fused MHA (q/k/v/out) +
     c_fc/c_proj of every resblock but the last (0..22 on the real model). ``text_encoder`` is the ldm embedder
     (module paths relative to it)."""
     adapters: list[_Adapter] = []
-    resblocks = [p for p, _ in text_encoder.named_modules() if p.startswith("model.transformer.resblocks.")
-                 and p.count(".") == 3]
+    num_layers = family.text_encoder.kind.num_layers(text_encoder)
     for path, module in text_encoder.named_modules():
-        stems = te_key_stems(family, path, num_layers=len(resblocks))
+        stems = te_key_stems(family.name, path, num_layers=num_layers)
         if not stems:
             continue
         if isinstance(module, nn.MultiheadAttention) and len(stems) == 4:
@@ -305,9 +305,9 @@ def _text_encoder_adapters(text_encoder: nn.Module, family: str, rank: int, alph
             adapters.append(_LinearConvAdapter(stems[0], module, pair))
         else:
             raise TrainerError(f"text-encoder module '{path}' is a {type(module).__name__}, not the layer an "
-                               f"{family.upper()} text encoder has there; this model is not supported")
+                               f"{family.short} text encoder has there; this model is not supported")
     if not adapters:
-        raise TrainerError(f"found no LoRA target modules in the text encoder; is this an {family.upper()} model?")
+        raise TrainerError(f"found no LoRA target modules in the text encoder; is this an {family.short} model?")
     return adapters
 
 
@@ -352,14 +352,15 @@ class LoRANetwork(nn.Module):
                   train_unet: bool = True, train_text_encoder: bool = True, dropout: float = 0.0) -> LoRANetwork:
         """kohya's default target set (FORMATS §A.2) on an ldm ``UNetModel`` and/or ldm text embedder.
 
-        ``family``: "sd1" (``text_encoder.transformer`` is an HF ``CLIPTextModel``) or "sd2"
-        (``text_encoder.model`` is an open_clip text tower). ``rank``/``alpha``: Linear and 1×1 conv targets;
+        ``family``: a family name (:data:`lib_train.models.families.FAMILIES`): SD1's ``text_encoder.transformer`` is
+        an HF ``CLIPTextModel``, SD2's ``text_encoder.model`` an open_clip text tower. ``rank``/``alpha``: Linear
+        and 1×1 conv targets;
         ``conv_rank``/``conv_alpha``: set ``conv_rank`` for LoCon (adds ResBlock/Down/Upsample targets; 3×3 convs
         get these). Alpha 0/None ⇒ alpha = its rank. ``text_encoder=None`` or ``train_text_encoder=False`` ⇒ no
         text-encoder LoRA; ``train_unet=False`` ⇒ no UNet LoRA. Raises :class:`TrainerError` for bad settings.
         """
-        if family not in _FAMILIES:
-            raise TrainerError(f"LoRA training supports SD1.x and SD2.x models here, not '{family}'")
+        if family not in FAMILIES:
+            raise TrainerError(f"LoRA training supports {labels_text(' and ')} models here, not '{family}'")
         _check_rank(rank, "rank (network dim)")
         _check_alpha(alpha, "alpha")
         if conv_rank is not None:
@@ -371,7 +372,7 @@ class LoRANetwork(nn.Module):
         if train_unet and unet is not None:
             adapters += _unet_adapters(unet, rank, alpha, conv_rank, conv_alpha, dropout)
         if train_text_encoder and text_encoder is not None:
-            adapters += _text_encoder_adapters(text_encoder, family, rank, alpha, dropout)
+            adapters += _text_encoder_adapters(text_encoder, FAMILIES[family], rank, alpha, dropout)
         if not adapters:
             raise TrainerError("nothing to train: the LoRA covers neither the UNet nor the text encoder")
         return cls(adapters)
@@ -410,14 +411,16 @@ class LoRANetwork(nn.Module):
         for pair in self.pairs.values():
             pair.multiplier = float(value)
 
-    def _params(self, prefix: str) -> list[nn.Parameter]:
-        return [p for stem, pair in self.pairs.items() if stem.startswith(prefix) for p in pair.parameters()]
+    def _params(self, unet: bool) -> list[nn.Parameter]:
+        return [p for stem, pair in self.pairs.items() if stem.startswith(UNET_PREFIX) == unet
+                for p in pair.parameters()]
 
     def unet_parameters(self) -> list[nn.Parameter]:
-        return self._params("lora_unet_")
+        return self._params(unet=True)
 
     def text_encoder_parameters(self) -> list[nn.Parameter]:
-        return self._params("lora_te_")
+        """The parameters of every text encoder's pairs (all stems but the UNet's)."""
+        return self._params(unet=False)
 
     def param_groups(self, unet_lr: float, te_lr: float) -> list[dict]:
         """Optimizer groups ``{"name", "params", "lr"}`` for UNet and text encoder.

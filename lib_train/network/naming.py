@@ -5,10 +5,12 @@ Pure string functions. A *stem* is the part of a kohya key before ``.lora_down.w
 
 - UNet (§A.3.1): the ldm path relative to ``UNetModel`` (``input_blocks.1.1.proj_in``) is renamed to the
   diffusers layout (``down_blocks.0.attentions.0.proj_in``) and prefixed ``lora_unet_``.
-- Text encoder (§A.3.3): HF CLIP names under ``text_model.encoder.layers.{i}``, prefixed ``lora_te_``. SD1 paths are
-  already HF names; SD2 open_clip resblocks are renamed (``mlp.c_fc`` → ``mlp.fc1``, ``mlp.c_proj`` → ``mlp.fc2``)
-  and the fused ``attn`` (``nn.MultiheadAttention``) gives four stems q/k/v/out. SD2 conditions on the penultimate
-  resblock, so its last resblock (23 of 0..23) is never targeted.
+- Text encoder (§A.3.3): HF CLIP names under ``text_model.encoder.layers.{i}``, prefixed with the family's text-encoder
+  prefix (``lora_te_``). The names come from the family's text-encoder kind
+  (:meth:`lib_train.models.text_encoders.TextEncoderKind.lora_names`): SD1 paths are already HF names; SD2 open_clip
+  resblocks are renamed (``mlp.c_fc`` → ``mlp.fc1``, ``mlp.c_proj`` → ``mlp.fc2``) and the fused ``attn``
+  (``nn.MultiheadAttention``) gives four stems q/k/v/out. SD2 conditions on the penultimate resblock, so its last
+  resblock (23 of 0..23) is never targeted.
 
 Every function returns None (UNet) or an empty list (text encoder) for a module that is never targeted.
 """
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 import re
 
+from ..models.families import get_family, names_text
+
 UNET_PREFIX = "lora_unet_"
-TE_PREFIX = "lora_te_"
 
 # ResBlock child → diffusers ResnetBlock2D child (§A.3.1 "resnet suffix").
 _RESNET_SUFFIX = {
@@ -106,20 +109,13 @@ def unet_stem_is_locon(stem: str) -> bool:
     return stem.startswith(UNET_PREFIX) and _LOCON_STEM.search(stem) is not None
 
 
-_SD1_TE_PATH = re.compile(
-    r"^transformer\.text_model\.encoder\.layers\.(\d+)\.(self_attn\.(q|k|v|out)_proj|mlp\.fc1|mlp\.fc2)$"
-)
-_SD2_TE_PATH = re.compile(r"^model\.transformer\.resblocks\.(\d+)\.(attn|mlp\.c_fc|mlp\.c_proj)$")
-_SD2_QKVO = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-
 def te_key_stems(family: str, path: str, num_layers: int = 24) -> list[str]:
     """kohya stems for a text-encoder module path relative to the ldm embedder; ``[]`` if never targeted.
 
-    - ``family="sd1"`` (``FrozenCLIPEmbedder``):
+    - SD1 (``FrozenCLIPEmbedder``):
       ``transformer.text_model.encoder.layers.{i}.self_attn.{q,k,v,out}_proj`` and ``.mlp.fc1`` / ``.mlp.fc2`` → one
       stem each, e.g. ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``.
-    - ``family="sd2"`` (``FrozenOpenCLIPEmbedder``), resblocks ``0 .. num_layers-2`` only (0..22 for the real
+    - SD2 (``FrozenOpenCLIPEmbedder``), resblocks ``0 .. num_layers-2`` only (0..22 for the real
       24-layer ViT-H; SD2 uses the penultimate layer's output and kohya never writes layer 23, §A.3.3;
       ``num_layers`` is the tower's resblock count and is ignored for SD1):
       ``model.transformer.resblocks.{i}.attn`` (the fused ``nn.MultiheadAttention``) → four stems, in this order,
@@ -127,18 +123,9 @@ def te_key_stems(family: str, path: str, num_layers: int = 24) -> list[str]:
       ``.mlp.c_proj`` → ``..._mlp_fc2``. The MHA's child ``attn.out_proj`` returns ``[]``: it is trained through the
       MHA, as A1111 applies it (§A.3.3).
     """
-    if family == "sd1":
-        m = _SD1_TE_PATH.match(path)
-        if m is None:
-            return []
-        return [f"{TE_PREFIX}text_model_encoder_layers_{m.group(1)}_{m.group(2).replace('.', '_')}"]
-    if family == "sd2":
-        m = _SD2_TE_PATH.match(path)
-        if m is None or int(m.group(1)) >= num_layers - 1:
-            return []
-        base = f"{TE_PREFIX}text_model_encoder_layers_{m.group(1)}_"
-        child = m.group(2)
-        if child == "attn":
-            return [f"{base}self_attn_{p}" for p in _SD2_QKVO]
-        return [base + ("mlp_fc1" if child == "mlp.c_fc" else "mlp_fc2")]
-    raise ValueError(f"unknown text-encoder family {family!r}; expected 'sd1' or 'sd2'")
+    try:
+        fam = get_family(family)
+    except ValueError:
+        raise ValueError(f"unknown text-encoder family {family!r}; expected {names_text(repr)}") from None
+    te = fam.text_encoder
+    return [_stem(te.lora_prefix, name) for name in te.kind.lora_names(path, num_layers)]

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import TrainConfig
+from ..models.families import get_family
 
 
 @dataclass
@@ -24,7 +25,7 @@ class RunFacts:
 
     session_id: int
     started_at: float  # unix time
-    family: str  # "sd1" | "sd2"
+    family: str  # a family name (lib_train.models.families)
     prediction: str  # "eps" | "v"
     checkpoint_name: str
     checkpoint_hashes: dict[str, str]  # {"legacy": 8 hex, "sha256": 64 hex} where known
@@ -40,24 +41,12 @@ class RunFacts:
     bucket_info: dict[str, Any] | None
 
 
-def base_model_version(family: str, prediction: str) -> str:
-    return {"sd1": "sd_v1", "sd2": "sd_v2"}[family] + ("_v" if prediction == "v" else "")
-
-
-def architecture(family: str, prediction: str, kind: str = "lora") -> str:
-    if family == "sd1":
-        arch = "stable-diffusion-v1"
-    else:
-        arch = "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
-    return f"{arch}/{kind}"
-
-
 def lora_metadata(cfg: TrainConfig, facts: RunFacts, *, stem: str, epoch: int, step: int,
                   finished_at: float | None = None) -> dict[str, str]:
     """Metadata for one saved file; ``stem`` is its file stem (also the WebUI alias, ``ss_output_name``)."""
     d, n, o, t = cfg.data, cfg.network, cfg.optim, cfg.train
-    sd1 = facts.family == "sd1"
-    clip_skip = cfg.model.clip_skip if sd1 and cfg.model.clip_skip > 1 else None
+    fam = get_family(facts.family)
+    clip_skip = fam.encoder_layer(cfg.model.clip_skip)
     network_args = {"conv_dim": str(n.conv_rank), "conv_alpha": str(n.conv_alpha)} if n.conv_rank else None
     res = f"({d.resolution}, {d.resolution})"
     meta: dict[str, Any] = {
@@ -69,8 +58,8 @@ def lora_metadata(cfg: TrainConfig, facts: RunFacts, *, stem: str, epoch: int, s
         "ss_sd_model_name": facts.checkpoint_name,
         "ss_sd_model_hash": facts.checkpoint_hashes.get("legacy"),
         "ss_new_sd_model_hash": facts.checkpoint_hashes.get("sha256"),
-        "ss_v2": not sd1,
-        "ss_base_model_version": base_model_version(facts.family, facts.prediction),
+        "ss_v2": fam.ss_v2,
+        "ss_base_model_version": fam.ss_base_model_version(facts.prediction),
         "ss_clip_skip": clip_skip,
         "ss_max_token_length": d.max_token_length,
         "ss_network_module": "networks.lora",
@@ -118,7 +107,7 @@ def lora_metadata(cfg: TrainConfig, facts: RunFacts, *, stem: str, epoch: int, s
         "ss_training_finished_at": finished_at,
         # modelspec (SAI model spec), FORMATS.md §B.2
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture(facts.family, facts.prediction),
+        "modelspec.architecture": fam.modelspec_architecture(facts.prediction),
         "modelspec.implementation": "diffusers",
         "modelspec.title": stem,
         "modelspec.resolution": f"{d.resolution}x{d.resolution}",

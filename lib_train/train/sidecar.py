@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-
-SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+from ..models.families import SIDECAR_SD_VERSIONS as SD_VERSIONS  # family name → "sd version"
 
 
 def write_lora_sidecar(model_file: str | Path, *, family: str, activation_text: str = "",

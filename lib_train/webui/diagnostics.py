@@ -56,8 +56,7 @@ def compare_conditioning(model: Any, family: str, prompts: list[str], clip_skip:
 
     from .model import conditioning_options, pinned_options
 
-    ours = TextConditioner(model.cond_stage_model.wrapped, family, clip_skip=clip_skip if family == "sd1" else 1,
-                           max_chunks=64)
+    ours = TextConditioner(model.cond_stage_model.wrapped, family, clip_skip=clip_skip, max_chunks=64)
     results = []
     with pinned_options(conditioning_options(clip_skip)), torch.no_grad():
         for prompt in prompts:

@@ -20,45 +20,47 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import TrainerError
+from ..models.families import FAMILIES, family_from_live, labels_text
 
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x"}
+FAMILY_LABELS = {name: f.label for name, f in FAMILIES.items()}
+_LOAD = f"load an {labels_text()} checkpoint to train"
 _FILES_NOTE = "The LoRA files this extension writes still load there for generation."
 
 
 @dataclass(frozen=True)
 class HostReport:
     supported: bool
-    family: str | None  # "sd1" | "sd2" when supported
+    family: str | None  # a family name (lib_train.models.families) when supported
     checkpoint: str  # the loaded checkpoint's title ("" when none)
     reason: str  # why training cannot run here ("" when supported)
 
 
 def classify_model(model: Any) -> tuple[str | None, str]:
-    """``(family, "")`` for a trainable SD1/SD2 ldm model, else ``(None, reason)``."""
+    """``(family name, "")`` for a trainable SD1/SD2 ldm model, else ``(None, reason)``."""
     if model is None:
-        return None, "No checkpoint is loaded. Pick an SD1.x or SD2.x checkpoint in the checkpoint list, then start again."
+        return None, (f"No checkpoint is loaded. Pick an {labels_text()} checkpoint in the checkpoint list, then "
+                      "start again.")
     ldm_like = (hasattr(model, "cond_stage_model") and hasattr(model, "model")
                 and hasattr(model.model, "diffusion_model"))
     if getattr(model, "is_sd3", False):
-        return None, "SD3 models cannot be trained here yet; load an SD1.x or SD2.x checkpoint to train."
+        return None, f"SD3 models cannot be trained here yet; {_LOAD}."
     if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
         kind = "SSD-1B" if getattr(model, "is_ssd", False) else "SDXL (base or refiner)"
-        return None, f"{kind} models cannot be trained here yet; load an SD1.x or SD2.x checkpoint to train."
+        return None, f"{kind} models cannot be trained here yet; {_LOAD}."
     if not ldm_like:
         if hasattr(model, "forge_objects"):
             return None, ("This is WebUI Forge: its model backend is not the ldm one this trainer needs, so training "
                           "on the loaded model is not supported on Forge yet. " + _FILES_NOTE)
         return None, (f"The loaded model ({type(model).__name__}) is not an ldm LatentDiffusion model; training "
-                      "supports AUTOMATIC1111/reForge with SD1.x or SD2.x checkpoints.")
+                      f"supports AUTOMATIC1111/reForge with {labels_text()} checkpoints.")
     key = getattr(model.model, "conditioning_key", "crossattn")
     if key != "crossattn":
         return None, (f"The loaded checkpoint is an inpainting, depth or unCLIP model (conditioning '{key}'); "
-                      "only plain text-to-image SD1.x/SD2.x checkpoints can be trained.")
+                      f"only plain text-to-image {labels_text('/')} checkpoints can be trained.")
     encoder = getattr(model.cond_stage_model, "wrapped", model.cond_stage_model)
-    if hasattr(encoder, "transformer") and hasattr(encoder.transformer, "text_model"):
-        return "sd1", ""
-    if hasattr(encoder, "model") and hasattr(encoder, "encode_with_transformer"):
-        return "sd2", ""
+    family = family_from_live(encoder)
+    if family is not None:
+        return family.name, ""
     return None, (f"The loaded checkpoint's text encoder ({type(encoder).__name__}) is neither SD1's CLIP nor SD2's "
                   "OpenCLIP (e.g. Alt-Diffusion); it cannot be trained here.")
 

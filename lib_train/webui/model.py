@@ -144,14 +144,13 @@ def build_bundle(model: Any, family: str, cfg: TrainConfig) -> tuple[WebUIModelB
         # The vectors being trained are not in the WebUI's embeddings database (which is never touched): the library's
         # conditioner over the raw encoder injects them, under the same rules as the WebUI's prompt wrapper
         # (bit-identical: tests/test_embedding_webui.py, /trainer/v1/diagnostics/conditioning).
-        encode_text = TextConditioner(embedder, family, clip_skip=cfg.model.clip_skip if family == "sd1" else 1)
+        encode_text = TextConditioner(embedder, family, clip_skip=cfg.model.clip_skip)
     else:
         encode_text = WebUIText(model.cond_stage_model)
     bundle = WebUIModelBundle(
         model=model, family=family, prediction=prediction, text_encoder=embedder, encode_text=encode_text,
         checkpoint_name=os.path.basename(getattr(info, "filename", "") or ""),
-        checkpoint_hashes=_checkpoint_hashes(info),
-        resolution=768 if (family == "sd2" and prediction == "v") else 512)
+        checkpoint_hashes=_checkpoint_hashes(info))
     return bundle, note
 
 

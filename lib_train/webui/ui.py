@@ -61,7 +61,8 @@ class Backend:
     host_status: Callable[[], tuple[bool, str]]  # (trainable, text): can the loaded checkpoint be trained here?
     default_output_dir: Callable[[str, str], str]  # (method, run name) → folder for an empty one ("" = the backend's)
     measured_rate: Callable[[], Any] = lambda: None  # a lib_train.estimate.MeasuredRate from a run here, or None
-    model_family: Callable[[], str] = lambda: "sd1"  # the loaded checkpoint's family, for the estimate
+    model_family: Callable[[], str | None] = lambda: None  # the loaded checkpoint's family, for the estimate (None:
+    # the family table's default)
     preprocess: Callable[[dict], dict] | None = None  # run the WebUI's preprocessing (:mod:`.preprocess`); None: no panel
     upload: Callable[..., dict] | None = None  # store uploaded files in a run folder
     interrupt_preprocess: Callable[[], None] | None = None  # stop a preprocessing run after its current image
@@ -219,8 +220,10 @@ class _Handlers:
                 steps, formula = plan.total_steps, plan.formula
             except (TrainerError, ValueError, ZeroDivisionError):
                 pass  # settings mid-edit (e.g. batch size 0): the validation at Train names them
-        family = self.backend.model_family() or "sd1"
-        est = estimate(cfg, steps, family if family in ("sd1", "sd2") else "sd1", self.backend.measured_rate())
+        from ..models.families import family_or_default
+
+        family = family_or_default(self.backend.model_family()).name
+        est = estimate(cfg, steps, family, self.backend.measured_rate())
         return ui_render.estimate_html(est, steps, formula)
 
     # ---- running

@@ -68,10 +68,10 @@ def _allowed_roots() -> list[str] | None:
     return None if roots is None else list(roots.values())
 
 
-def _model_family() -> str:
+def _model_family() -> str | None:
     from .host import inspect_host
 
-    return inspect_host().family or "sd1"
+    return inspect_host().family  # None (nothing trainable loaded): the estimate assumes the default family
 
 
 def _host_status() -> tuple[bool, str]:

@@ -1,0 +1,204 @@
+"""The model-family table: one frozen :class:`Family` record per family this trainer trains, holding every rule that
+differs between them. Callers ask the record; nothing outside this module compares family names.
+
+A family's name (``"sd1"``, ``"sd2"``) is what files, resume states and the API store; :func:`get_family` turns it
+back into the record. Behaviour that differs (tokenizing, encoding, LoRA naming, state-dict reading) sits in the
+text-encoder kind a record points at (:mod:`.text_encoders`), not in branches on the name.
+
+Adding a family (SDXL: clip_l + clip_g, pooled output, size conditioning, ``lora_te1_``/``lora_te2_``, scale 0.13025,
+native 1024) is one more record here, plus its own conditioning code.
+
+No torch import: the naming, metadata and estimate code read this table without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .text_encoders import HF_CLIP, OPEN_CLIP, TextEncoderKind
+
+V = "v"  # the v-prediction type ("eps" is the other)
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a family."""
+
+    kind: TextEncoderKind  # its module layout and behaviour
+    checkpoint_prefix: str  # key prefix of its weights in a single-file checkpoint
+    lora_prefix: str  # kohya stem prefix of its LoRA modules
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Parameters of the full-size frozen modules (counted from the real module code, tests/test_estimate.py)."""
+
+    unet: int
+    text_encoder: int
+    vae: int
+
+
+@dataclass(frozen=True)
+class LoRAParams:
+    """LoRA parameters per unit of rank with kohya's default targets (Linear/1x1); with LoCon (conv rank > 0) the
+    ResBlock/Down/Upsample children add 1x1/Linear targets at the rank (``locon_linear``) and 3x3 ones at the conv
+    rank (``conv``)."""
+
+    unet: int
+    text_encoder: int
+    locon_linear: int
+    conv: int
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # stored in files, resume states and API output
+    label: str  # for people: "SD1.x"
+    short: str  # "SD1": the Lora card's ``sd version`` (FORMATS §B.5) and error messages
+    text_encoders: tuple[TextEncoder, ...]
+    clip_skip_applies: bool  # does the WebUI's clip skip setting change this family's conditioning?
+    base_model: str  # ``ss_base_model_version`` without the v-prediction suffix
+    ss_v2: bool  # kohya's ``ss_v2`` flag
+    modelspec_eps: str  # ``modelspec.architecture`` base for ε-prediction …
+    modelspec_v: str  # … and for v-prediction
+    native: int  # native resolution (modelspec) for ε-prediction …
+    native_v: int  # … and for v-prediction
+    params: ModelParams  # for the memory estimate
+    lora_params_per_rank: LoRAParams
+    unet_head_channels: int | None  # channels per UNet attention head; None: 8 heads (the configs' rule)
+    linear_proj: bool  # the UNet's transformers use Linear proj_in/proj_out (else 1x1 convs)
+    probe_v_prediction: bool  # full-size weights with no other hint get the WebUI's v-prediction probe
+    default_prediction: str = "eps"
+    latent_scale: float = 0.18215  # the VAE latent scaling (inference configs' scale_factor)
+
+    # ---- text encoders
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The single text encoder of a one-encoder family."""
+        if len(self.text_encoders) != 1:
+            raise ValueError(f"{self.label} has {len(self.text_encoders)} text encoders; use text_encoders")
+        return self.text_encoders[0]
+
+    @property
+    def te_prefixes(self) -> tuple[str, ...]:
+        """kohya stem prefixes of the text-encoder LoRA modules, one per text encoder."""
+        return tuple(t.lora_prefix for t in self.text_encoders)
+
+    def clip_skip(self, clip_skip: int) -> int:
+        """The clip skip the conditioning uses for a ``model.clip_skip`` setting (1 where it does not apply)."""
+        return clip_skip if self.clip_skip_applies else 1
+
+    def encoder_layer(self, clip_skip: int) -> int | None:
+        """``ss_clip_skip`` / ``modelspec.encoder_layer`` for a ``model.clip_skip`` setting; None when unset."""
+        effective = self.clip_skip(clip_skip)
+        return effective if effective > 1 else None
+
+    # ---- UNet
+
+    def unet_heads(self, model_channels: int) -> tuple[int, int]:
+        """(num_heads, num_head_channels) of the ldm UNetModel: the family's channels per head, or 8 heads (also
+        when the width is not a multiple of it, as in tiny test models)."""
+        ch = self.unet_head_channels
+        if ch is not None and model_channels % ch == 0:
+            return -1, ch
+        return 8, -1
+
+    # ---- files
+
+    def native_resolution(self, prediction: str) -> int:
+        return self.native_v if prediction == V else self.native
+
+    def ss_base_model_version(self, prediction: str) -> str:
+        return self.base_model + ("_v" if prediction == V else "")
+
+    def modelspec_architecture(self, prediction: str, kind: str = "lora") -> str:
+        """``modelspec.architecture`` of a ``kind`` file ("lora", "textual-inversion") trained on this family."""
+        return f"{self.modelspec_v if prediction == V else self.modelspec_eps}/{kind}"
+
+    @property
+    def sidecar_sd_version(self) -> str:
+        return self.short
+
+    # ---- detection
+
+    def in_state_dict(self, sd: Mapping[str, object]) -> bool:
+        """True when a checkpoint state dict holds this family's text encoder(s)."""
+        return all(t.checkpoint_prefix + t.kind.token_embedding_key in sd for t in self.text_encoders)
+
+    def matches_live(self, encoder) -> bool:
+        """True when a live (unwrapped) ldm text embedder is this family's."""
+        return len(self.text_encoders) == 1 and self.text_encoder.kind.matches_live(encoder)
+
+
+SD1 = Family(
+    name="sd1", label="SD1.x", short="SD1",
+    text_encoders=(TextEncoder(HF_CLIP, "cond_stage_model.transformer.", "lora_te_"),),
+    clip_skip_applies=True, base_model="sd_v1", ss_v2=False,
+    modelspec_eps="stable-diffusion-v1", modelspec_v="stable-diffusion-v1", native=512, native_v=512,
+    params=ModelParams(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863),
+    lora_params_per_rank=LoRAParams(unet=423_936, text_encoder=165_888, locon_linear=82_880, conv=544_000),
+    unet_head_channels=None, linear_proj=False, probe_v_prediction=False,
+)
+SD2 = Family(
+    name="sd2", label="SD2.x", short="SD2",
+    text_encoders=(TextEncoder(OPEN_CLIP, "cond_stage_model.model.", "lora_te_"),),
+    clip_skip_applies=False, base_model="sd_v2", ss_v2=True,
+    modelspec_eps="stable-diffusion-v2-512", modelspec_v="stable-diffusion-v2-768-v", native=512, native_v=768,
+    params=ModelParams(unet=865_910_724, text_encoder=354_032_640, vae=83_653_863),
+    lora_params_per_rank=LoRAParams(unet=432_128, text_encoder=423_936, locon_linear=82_880, conv=544_000),
+    unet_head_channels=64, linear_proj=True, probe_v_prediction=True,
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2)}  # in detection order
+DEFAULT = SD1  # assumed where no model is loaded (the tab's estimate)
+
+# The Lora card's ``sd version`` (FORMATS §B.5) of the families trained here, and of SDXL files, which a grid keeps
+# choices for although this version does not train them.
+SDXL_FILES = "sdxl"
+SIDECAR_SD_VERSIONS: dict[str, str] = {**{f.name: f.sidecar_sd_version for f in FAMILIES.values()},
+                                       SDXL_FILES: "SDXL"}
+
+
+def get_family(name: str) -> Family:
+    """The record of ``name``; ValueError naming the known families for any other name."""
+    try:
+        return FAMILIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown model family {name!r}; expected {names_text(repr)}") from None
+
+
+def family_or_default(name: str | None) -> Family:
+    """The record of ``name``, or :data:`DEFAULT` for None or a name this version does not know."""
+    return FAMILIES.get(name, DEFAULT) if isinstance(name, str) else DEFAULT
+
+
+def names_text(show=lambda f: f, joiner: str = " or ") -> str:
+    """The families for messages: ``names_text()`` → "sd1 or sd2"; ``labels_text()`` for "SD1.x or SD2.x"."""
+    return joiner.join(show(name) for name in FAMILIES)
+
+
+def labels_text(joiner: str = " or ") -> str:
+    """The families' labels for messages: "SD1.x or SD2.x" (``joiner="/"``: "SD1.x/SD2.x")."""
+    return joiner.join(f.label for f in FAMILIES.values())
+
+
+def family_from_state_dict(sd: Mapping[str, object]) -> Family | None:
+    """The family whose text encoder(s) a checkpoint state dict holds; None when none matches."""
+    return next((f for f in FAMILIES.values() if f.in_state_dict(sd)), None)
+
+
+def family_from_live(encoder) -> Family | None:
+    """The family of a live (unwrapped) ldm text embedder; None when none matches."""
+    return next((f for f in FAMILIES.values() if f.matches_live(encoder)), None)
+
+
+def family_name_from_metadata(meta: Mapping[str, str]) -> str:
+    """The family key a LoRA file's ``ss_*`` metadata implies (files of other trainers too): ``"sdxl"`` for an SDXL
+    base model version, the ``ss_v2`` family when ``ss_v2`` is "True", else SD1; "unknown" without metadata."""
+    if str(meta.get("ss_base_model_version", "")).startswith(SDXL_FILES):
+        return SDXL_FILES
+    if meta.get("ss_v2") == "True":
+        return next(f.name for f in FAMILIES.values() if f.ss_v2)
+    return SD1.name if meta else "unknown"
