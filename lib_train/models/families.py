@@ -13,7 +13,7 @@ No torch import: the naming, metadata and estimate code read this table without 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .text_encoders import HF_CLIP, OPEN_CLIP, TextEncoderKind
@@ -174,8 +174,8 @@ def family_or_default(name: str | None) -> Family:
     return FAMILIES.get(name, DEFAULT) if isinstance(name, str) else DEFAULT
 
 
-def names_text(show=lambda f: f, joiner: str = " or ") -> str:
-    """The families for messages: ``names_text()`` → "sd1 or sd2"; ``labels_text()`` for "SD1.x or SD2.x"."""
+def names_text(show: Callable[[str], str] = str, joiner: str = " or ") -> str:
+    """The family names for messages: "sd1 or sd2" (``show=repr``: "'sd1' or 'sd2'")."""
     return joiner.join(show(name) for name in FAMILIES)
 
 

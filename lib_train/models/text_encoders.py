@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-Shape = Callable[[str], "tuple[int, ...]"]  # checkpoint key → tensor shape (TrainerError when missing)
+Shape = Callable[[str], tuple[int, ...]]  # checkpoint key → tensor shape (TrainerError when missing)
 Count = Callable[[str], int]  # checkpoint key prefix → how many numbered blocks follow it (``prefix{i}.``)
 
 

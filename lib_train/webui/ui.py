@@ -61,8 +61,7 @@ class Backend:
     host_status: Callable[[], tuple[bool, str]]  # (trainable, text): can the loaded checkpoint be trained here?
     default_output_dir: Callable[[str, str], str]  # (method, run name) → folder for an empty one ("" = the backend's)
     measured_rate: Callable[[], Any] = lambda: None  # a lib_train.estimate.MeasuredRate from a run here, or None
-    model_family: Callable[[], str | None] = lambda: None  # the loaded checkpoint's family, for the estimate (None:
-    # the family table's default)
+    model_family: Callable[[], str | None] = lambda: None  # the loaded model's family, for the estimate (None: default)
     preprocess: Callable[[dict], dict] | None = None  # run the WebUI's preprocessing (:mod:`.preprocess`); None: no panel
     upload: Callable[..., dict] | None = None  # store uploaded files in a run folder
     interrupt_preprocess: Callable[[], None] | None = None  # stop a preprocessing run after its current image
