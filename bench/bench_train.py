@@ -121,38 +121,18 @@ def _skip_default_init():
             setattr(torch.nn.init, n, fn)
 
 
-def _half_dtype(precision: str, device: str):
-    """The dtype of the frozen weights: fp16/bf16 on CUDA unless precision is "no" (the rule of lib_train/cli.py,
-    which matches the trainer's autocast dtype); None = keep fp32."""
-    import torch
-
-    if device != "cuda" or precision == "no":
-        return None
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
 def _build_bundle(bc: BenchConfig):
-    """The full-size SD1.5-layout model with seeded random weights, on ``bc.device``, wrapped in a bundle."""
-    import torch
-
+    """The full-size SD1.5-layout model with seeded random weights, on ``bc.device``, wrapped in a bundle: frozen
+    weights cast and fused attention installed by :func:`lib_train.models.load.bundle_from_ldm`, as
+    ``python -m lib_train lora`` loads a checkpoint (:func:`~lib_train.models.load.load_bundle`)."""
     from lib_train.models.build import build_latent_diffusion, randomize_
-    from lib_train.models.bundle import ModelBundle
+    from lib_train.models.load import bundle_from_ldm
     from lib_train.models.spec import sd15_spec
 
     with _skip_default_init():
         model = build_latent_diffusion(sd15_spec())
     randomize_(model, MODEL_SEED)
-    half = _half_dtype(bc.precision, bc.device)
-    if half is not None:
-        model.model.to(half)  # frozen UNet and text encoder in half precision; VAE fp32, LoRA fp32
-        model.cond_stage_model.to(half)
-    model.to(torch.device(bc.device))
-    from lib_train.models.attention import use_sdpa
-
-    use_sdpa(model.model.diffusion_model)  # as `python -m lib_train lora` does
-    return ModelBundle.from_ldm(model, family="sd1")
+    return bundle_from_ldm(model, family="sd1", device=bc.device, precision=bc.precision)
 
 
 def _make_dataset(root: Path, resolution: int, seed: int = 0) -> Path:

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,31 +277,10 @@ def run_command(args: argparse.Namespace, cmd: Command) -> int:
     if args.dry_run:
         return 0
 
-    import torch
-
-    from .models.bundle import ModelBundle
-    from .models.attention import use_sdpa
-    from .models.checkpoint import load_checkpoint
+    from .models.load import load_bundle, resolve_device
     from .train.events import Commands
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    print(f"Loading {cfg.model.checkpoint} ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    model, info = load_checkpoint(cfg.model.checkpoint, prediction=cfg.model.prediction)
-    use_sdpa(model.model.diffusion_model)  # fused attention (the WebUI installs its own; headless we do)
-    print(f"  {info.spec.family.upper()} model, {info.prediction}-prediction ({info.prediction_source}), "
-          f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    if device.type == "cuda" and cfg.train.mixed_precision != "no":
-        half = torch.bfloat16 if (cfg.train.mixed_precision == "bf16" or (
-            cfg.train.mixed_precision == "auto" and torch.cuda.is_bf16_supported())) else torch.float16
-        model.model.to(half)  # frozen weights in half precision; LoRA/embedding stay fp32, the VAE fp32
-        model.cond_stage_model.to(half)
-    model.to(device)
-    bundle = ModelBundle.from_ldm(model, family=info.spec.family, prediction=info.prediction,
-                                  clip_skip=cfg.model.clip_skip, max_chunks=cfg.data.max_token_length // 75,
-                                  checkpoint_name=info.name,
-                                  checkpoint_hashes=lambda: {"legacy": info.legacy_hash(), "sha256": info.sha256()})
+    bundle = load_bundle(cfg, resolve_device(args.device), say=lambda line: print(line, file=sys.stderr, flush=True))
     out_dir = Path(cfg.output.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / f"{cfg.output.name}.config.json")

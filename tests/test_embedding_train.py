@@ -92,7 +92,7 @@ def test_prompts_draw_a_template_line_per_sample_and_step(tmp_path):
     make_images(tmp_path / "data" / "8_thing", n=1)
     cfg = ti_config(tmp_path)
     prep = prepare_embedding_data(cfg)
-    session = EmbeddingSession(cfg, make_bundle("sd1"), prep, Events(), Commands(), None)
+    session = EmbeddingSession(cfg, make_bundle("sd1"), prep, None)
     from lib_train.data import plan_epoch
 
     batches = [b for e in range(3) for b in plan_epoch(prep.entries, batch_size=1, seed=cfg.train.seed, epoch=e)]

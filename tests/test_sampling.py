@@ -160,7 +160,7 @@ def test_a_failing_sampler_is_reported_and_training_goes_on(dataset):
     cfg = tiny_config(dataset, train__epochs=2, sample__prompts="thing", sample__every_epochs=1, sample__steps=1)
     calls = []
 
-    def broken(session, request):
+    def broken(run, request):
         calls.append(request)
         raise RuntimeError("sampler exploded")
 
@@ -180,10 +180,10 @@ def test_embedding_run_samples_with_the_vectors_being_trained(dataset):
     cfg.sample.prompts, cfg.sample.every_steps, cfg.sample.steps = "a photo of [name]", 1, 2
     seen = []
 
-    def spy(session, request):
-        name, vectors = session.sample_embedding()
+    def spy(run, request):
+        name, vectors = run.embedding
         seen.append((request.prompts, name, vectors.clone()))
-        return sampling.ddim_sampler(session, request)
+        return sampling.ddim_sampler(run, request)
 
     result = train_embedding(cfg, make_bundle("sd1"), prepare_embedding_data(cfg), sampler=spy)
     assert result.status == "finished"

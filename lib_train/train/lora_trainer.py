@@ -1,4 +1,5 @@
-"""LoRA training on a model bundle: the LoRA-specific parts of a :class:`~lib_train.train.session.TrainingSession`.
+"""LoRA training on a model bundle: the LoRA-specific parts of a :class:`~lib_train.train.session.TrainingSession`
+(the run itself is :func:`~lib_train.train.loop.run_training`).
 
 Order of a run (DESIGN.md §2): validated config → :func:`prepare_data` (scan, buckets, step count; all dataset
 problems reported before any model work) → :func:`train_lora` on a :class:`~lib_train.models.bundle.ModelBundle`:
@@ -19,10 +20,11 @@ from ..models.bundle import ModelBundle
 from ..network.kohya_file import read_lora_file, save_lora_file
 from ..network.lora import LoRANetwork
 from .events import Commands, Events, SafeEvents
+from .loop import RunResult, run_training
 from .metadata import RunFacts, lora_metadata
 from .prepare import PreparedData, dataset_summary, prepare_data
 from .sampling import Sampler
-from .session import SAVE_DTYPES, RunResult, TrainingSession, run_training
+from .session import SAVE_DTYPES, RunInfo, TrainingSession
 from .sidecar import write_lora_sidecar
 from .state import LoadedState
 
@@ -33,9 +35,8 @@ class LoRASession(TrainingSession):
     noun = "LoRA"
     divergence_hint = "Lower the learning rate, use bf16 instead of fp16, or lower network.alpha."
 
-    def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, events: Events,
-                 commands: Commands, resume: LoadedState | None, sampler: Sampler | None = None):
-        super().__init__(cfg, bundle, prep, events, commands, resume, sampler)
+    def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, resume: LoadedState | None):
+        super().__init__(cfg, bundle, prep, resume)
         self.train_te = cfg.optim.te_lr > 0
         self.train_unet = cfg.network.train_unet
         self.net: LoRANetwork | None = None
@@ -48,7 +49,7 @@ class LoRASession(TrainingSession):
         return self.cfg.output.trigger_words.strip()
 
     # ---- setup
-    def attach(self) -> None:
+    def attach(self) -> list[str]:
         cfg, n = self.cfg, self.cfg.network
         torch.manual_seed(cfg.train.seed)  # LoRA init (kaiming) is part of "same seed = same result"
         net = LoRANetwork.for_model(self.bundle.unet if self.train_unet else None,
@@ -63,6 +64,7 @@ class LoRASession(TrainingSession):
             net.load_kohya_state_dict(tensors, source=n.init_from)
         self.net = net.to(self.device)
         self.net.apply()
+        return []
 
     def detach(self) -> None:
         if self.net is not None:
@@ -75,22 +77,21 @@ class LoRASession(TrainingSession):
     def checkpointed_modules(self):
         return self.bundle.unet, self.bundle.text_encoder if self.train_te else None
 
-    def started(self) -> None:
+    def start(self, info: RunInfo) -> None:
+        super().start(info)
         scan, prep = self.prep.scan, self.prep
         try:
             hashes = self.bundle.checkpoint_hashes()
         except OSError:
             hashes = {}
-        self.facts = RunFacts(session_id=self.session_id, started_at=self.started_at, family=self.bundle.family,
+        self.facts = RunFacts(session_id=info.session_id, started_at=info.started_at, family=self.bundle.family,
                               prediction=self.bundle.prediction, checkpoint_name=self.bundle.checkpoint_name,
-                              checkpoint_hashes=hashes, optimizer=self.optimizer_name,
+                              checkpoint_hashes=hashes, optimizer=info.optimizer,
                               num_train_images=scan.num_train_images, num_reg_images=scan.num_reg_images,
                               batches_per_epoch=prep.batches_per_epoch, total_steps=prep.total_steps,
                               total_epochs=prep.total_epochs, dataset_dirs=scan.subsets,
                               reg_dataset_dirs=scan.reg_subsets, tag_frequency=scan.tag_frequency(),
                               bucket_info=prep.bucket_info)
-
-    def before_loop(self) -> None:
         if self.cache_text:
             with torch.no_grad():
                 self.text_cache[""] = self.bundle.encode_text([""])[0]
@@ -115,22 +116,15 @@ class LoRASession(TrainingSession):
             length = max(self.text_cache[c].shape[0] for c in prompts)
             return torch.stack([_pad_tokens(self.text_cache[c], length, self.text_cache[""]) for c in prompts])
 
-    # ---- saving
-    def step_stem(self, step: int) -> str:
-        return f"{self.name}-step{step:08d}"
-
-    def epoch_stem(self, epoch: int) -> str:
-        return f"{self.name}-{epoch:06d}"
-
-    def save_model(self, stem: str, kind: str, epoch: int, finished: bool = False) -> str:
+    # ---- saving (file stems: the base class's)
+    def save_model(self, stem: str, *, epoch: int, step: int, finished: bool) -> list[str]:
         tensors = self.net.kohya_state_dict(SAVE_DTYPES[self.cfg.output.save_precision])
-        meta = lora_metadata(self.cfg, self.facts, stem=stem, epoch=epoch, step=self.step,
+        meta = lora_metadata(self.cfg, self.facts, stem=stem, epoch=epoch, step=step,
                              finished_at=time.time() if finished else None)
         path = str(save_lora_file(self.out_dir / f"{stem}.safetensors", tensors, meta))
-        self.record_saved(path, kind)
         if finished:
             write_lora_sidecar(path, family=self.bundle.family, activation_text=self.cfg.output.trigger_words)
-        return path
+        return [path]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.net.kohya_state_dict(torch.float32)
@@ -148,6 +142,5 @@ def train_lora(cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, *, eve
                commands: Commands | None = None, resume: LoadedState | None = None,
                sampler: Sampler | None = None) -> RunResult:
     """Train a LoRA on ``bundle`` in place. See the module docstring for what is guaranteed about the model."""
-    session = LoRASession(cfg, bundle, prep, SafeEvents(events or Events()), commands or Commands(), resume,
-                          sampler)
-    return run_training(session)
+    return run_training(LoRASession(cfg, bundle, prep, resume), events=SafeEvents(events or Events()),
+                        commands=commands or Commands(), sampler=sampler)

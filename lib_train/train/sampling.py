@@ -5,32 +5,30 @@ When samples are made is :func:`due` (every N steps, after every N epochs, and o
 file has a picture). What makes them is a :class:`Sampler`:
 
 - headless runs use :func:`ddim_sampler`, a deterministic DDIM (η = 0) with classifier-free guidance over the
-  session's own conditioning (the LoRA being trained is applied in place, the embedding injected), decoded by the
+  run's own conditioning (the LoRA being trained is applied in place, the embedding injected), decoded by the
   model's VAE;
 - in the WebUI, ``lib_train.webui.sampling`` runs the WebUI's own txt2img processing, with the sampler named by
   ``sample.sampler``.
 
 Images are written atomically as ``samples/<name>-<step:06d>-<i>.png`` in the output folder; the run copies the
 first image of the set made at a save's step to ``<file stem>.preview.png`` (the card picture of the WebUI's Lora
-and Textual Inversion tabs).
+and Textual Inversion tabs). A sampler sees the run through a :class:`SampleContext` (nothing else of it).
 """
 
 from __future__ import annotations
 
 import io
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from PIL import Image
 
 from ..atomic import atomic_write_bytes
 from ..config import TrainConfig, sample_prompt_lines
-
-if TYPE_CHECKING:
-    from .session import TrainingSession
+from ..models.bundle import ModelBundle
 
 NAME_TAG = "[name]"
 
@@ -49,8 +47,45 @@ class SampleRequest:
     sampler: str  # the WebUI's sampler name (headless: always DDIM)
 
 
+@contextmanager
+def vae_on_device(bundle: ModelBundle, device: torch.device) -> Iterator[torch.nn.Module]:
+    """The VAE on ``device`` for the block (a run moves it to the CPU once latents are cached)."""
+    vae = bundle.vae
+    moved = next(vae.parameters()).device != device
+    if moved:
+        vae.to(device)
+    try:
+        yield vae
+    finally:
+        if moved:
+            vae.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class SampleContext:
+    """What a sampler sees of a run: the model as trained right now and how the run conditions it."""
+
+    cfg: TrainConfig
+    bundle: ModelBundle
+    device: torch.device
+    autocast: torch.dtype | None  # the run's autocast dtype (None: fp32)
+    name_text: str  # what ``[name]`` in a prompt became (the embedding's name, or the LoRA's trigger words)
+    embedding: tuple[str, torch.Tensor] | None  # the embedding being trained (name, current vectors), to register
+    condition: Callable[[list[str]], torch.Tensor]  # prompts → UNet conditioning, as the run computes it
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.output.output_dir)
+
+    def vae_ready(self):
+        """The VAE on the training device for a ``with`` block (see :func:`vae_on_device`)."""
+        return vae_on_device(self.bundle, self.device)
+
+
 class Sampler(Protocol):
-    def __call__(self, session: "TrainingSession", request: SampleRequest) -> list[Image.Image]:
+    def __call__(self, ctx: SampleContext, request: SampleRequest) -> list[Image.Image]:
         """The images of ``request`` made with the model as it is trained right now (one per prompt)."""
 
 
@@ -130,19 +165,19 @@ def ddim_denoise(model_out: Callable[[torch.Tensor, int], torch.Tensor], x: torc
 
 
 @torch.no_grad()
-def ddim_sampler(session: "TrainingSession", request: SampleRequest) -> list[Image.Image]:
-    """Deterministic DDIM with classifier-free guidance on the session's bundle (headless runs)."""
-    bundle, device = session.bundle, session.device
+def ddim_sampler(run: SampleContext, request: SampleRequest) -> list[Image.Image]:
+    """Deterministic DDIM with classifier-free guidance on the run's bundle (headless runs)."""
+    bundle, device = run.bundle, run.device
     ac = bundle.alphas_cumprod.to(device)
     ts = ddim_timesteps(request.steps, ac.shape[0])
-    ctx = torch.autocast(device.type, dtype=session.autocast) if session.autocast else nullcontext()
+    ctx = torch.autocast(device.type, dtype=run.autocast) if run.autocast else nullcontext()
     images = []
     for i, prompt in enumerate(request.prompts):
         gen = torch.Generator().manual_seed(request.seed + i)
         x = torch.randn((1, 4, request.height // 8, request.width // 8), generator=gen).to(device)
         with ctx:
-            cond = session.condition([prompt])
-            uncond = session.condition([request.negative]) if request.cfg_scale != 1 else None
+            cond = run.condition([prompt])
+            uncond = run.condition([request.negative]) if request.cfg_scale != 1 else None
 
         def guided(x_t: torch.Tensor, t: int) -> torch.Tensor:
             tt = torch.full((1,), t, device=device, dtype=torch.long)
@@ -154,6 +189,6 @@ def ddim_sampler(session: "TrainingSession", request: SampleRequest) -> list[Ima
             return out_u + request.cfg_scale * (out_c - out_u)
 
         latents = ddim_denoise(guided, x, ac, ts, bundle.prediction)
-        with session.vae_ready():
+        with run.vae_ready():
             images.append(to_image(bundle.decode_latents(latents)[0]))
     return images

@@ -1,5 +1,5 @@
 """Textual-inversion training on a model bundle: the embedding-specific parts of a
-:class:`~lib_train.train.session.TrainingSession`.
+:class:`~lib_train.train.session.TrainingSession` (the run itself is :func:`~lib_train.train.loop.run_training`).
 
 Only the new vectors are trained (FORMATS.md §C, §E.8): they are an fp32 parameter ``[n, width]`` outside the
 model, registered on the bundle's :class:`~lib_train.models.conditioning.TextConditioner` so that every occurrence
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import torch
 
@@ -33,9 +32,10 @@ from ..errors import DatasetError, Problem, TrainerError
 from ..models.bundle import ModelBundle
 from ..models.conditioning import TextConditioner
 from .events import Commands, Events, SafeEvents
+from .loop import RunResult, run_training
 from .prepare import PreparedData, prepare_data
 from .sampling import Sampler
-from .session import SAVE_DTYPES, RunResult, TrainingSession, run_training
+from .session import SAVE_DTYPES, RunInfo, TrainingSession
 from .state import LoadedState
 
 _LISTED = 5  # files named in a problem list before "... and N more"
@@ -62,10 +62,10 @@ def prepare_embedding_data(cfg: TrainConfig) -> PreparedData:
 
 class EmbeddingSession(TrainingSession):
     noun = "embedding"
+    step_stem = epoch_stem = "{name}-{step:06d}"  # every intermediate file is named by its step count
 
-    def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, events: Events,
-                 commands: Commands, resume: LoadedState | None, sampler: Sampler | None = None):
-        super().__init__(cfg, bundle, prep, events, commands, resume, sampler)
+    def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, resume: LoadedState | None):
+        super().__init__(cfg, bundle, prep, resume)
         if not isinstance(bundle.encode_text, TextConditioner):
             raise TrainerError("This model's text conditioning cannot take embeddings (it is not a TextConditioner).")
         self.conditioner: TextConditioner = bundle.encode_text
@@ -95,13 +95,11 @@ class EmbeddingSession(TrainingSession):
                                f"{vec.shape[0]}.")
         return vec
 
-    def attach(self) -> None:
+    def attach(self) -> list[str]:
         self.vectors = torch.nn.Parameter(self.initial_vectors().to(self.device, torch.float32))
         warning = name_collision(self.conditioner, self.name)
-        if warning:
-            self.events.warning(warning)
-            self.notes.append(warning)
         self.injection = Injection(self.conditioner, self.name, self.vectors)
+        return [warning] if warning else []
 
     def sample_embedding(self) -> tuple[str, torch.Tensor] | None:
         return (self.name, self.vectors.detach()) if self.vectors is not None else None
@@ -116,7 +114,8 @@ class EmbeddingSession(TrainingSession):
     def checkpointed_modules(self):
         return self.bundle.unet, self.bundle.text_encoder  # the gradient reaches the vectors through both
 
-    def started(self) -> None:
+    def start(self, info: RunInfo) -> None:
+        super().start(info)
         if self.cfg.embedding.write_pt:
             try:
                 self.checkpoint_hash = self.bundle.checkpoint_hashes().get("sha256", "")[:10] or None
@@ -139,25 +138,17 @@ class EmbeddingSession(TrainingSession):
         return self.conditioner(prompts)
 
     # ---- saving
-    def step_stem(self, step: int) -> str:
-        return f"{self.name}-{step:06d}"
-
-    def epoch_stem(self, epoch: int) -> str:
-        return self.step_stem(self.step)  # every intermediate file is named by its step count
-
-    def save_model(self, stem: str, kind: str, epoch: int, finished: bool = False) -> str:
+    def save_model(self, stem: str, *, epoch: int, step: int, finished: bool) -> list[str]:
         vec = self.vectors.detach().to(SAVE_DTYPES[self.cfg.output.save_precision])
         meta = embedding_metadata(title=stem, family=self.bundle.family, prediction=self.bundle.prediction,
-                                  resolution=self.cfg.data.resolution, started_at=self.started_at,
+                                  resolution=self.cfg.data.resolution, started_at=self.info.started_at,
                                   clip_skip=self.cfg.model.clip_skip, description=self.cfg.output.comment)
-        path = str(save_safetensors(self.out_dir / f"{stem}.safetensors", vec, meta))
-        self.record_saved(path, kind)
+        paths = [str(save_safetensors(self.out_dir / f"{stem}.safetensors", vec, meta))]
         if self.cfg.embedding.write_pt:
             checkpoint = os.path.splitext(self.bundle.checkpoint_name)[0] or None
-            pt = save_webui_pt(self.out_dir / f"{stem}.pt", vec, name=stem, step=self.step,
-                               checkpoint_hash=self.checkpoint_hash, checkpoint_name=checkpoint)
-            self.record_saved(str(pt), kind)
-        return path
+            paths.append(str(save_webui_pt(self.out_dir / f"{stem}.pt", vec, name=stem, step=step,
+                                           checkpoint_hash=self.checkpoint_hash, checkpoint_name=checkpoint)))
+        return paths
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {EMB_KEY: self.vectors.detach().to("cpu", torch.float32).clone()}
@@ -170,10 +161,5 @@ def train_embedding(cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, *
     if resume is not None and resume.state.config.get("method") != "embedding":
         raise TrainerError("This resume state is not from an embedding run; resume it with the command that started "
                            "it (python -m lib_train lora --resume ...).")
-    pt = Path(cfg.output.output_dir) / f"{cfg.output.name}.pt"
-    if resume is None and cfg.embedding.write_pt and pt.exists() and not cfg.output.overwrite:
-        raise TrainerError(f"{pt} already exists. Choose another output.name, delete the file, or set "
-                           "output.overwrite (--overwrite) to replace it.")
-    session = EmbeddingSession(cfg, bundle, prep, SafeEvents(events or Events()), commands or Commands(), resume,
-                               sampler)
-    return run_training(session)
+    return run_training(EmbeddingSession(cfg, bundle, prep, resume), events=SafeEvents(events or Events()),
+                        commands=commands or Commands(), sampler=sampler)

@@ -36,6 +36,7 @@ from ..errors import ConfigError, Problem, TrainerError
 from ..train import sampling
 from ..train.events import Commands, Events, Progress
 from ..train.lora_trainer import prepare_data, train_lora
+from ..train.outputs import existing_final
 from ..train.prepare import PreparedData
 from ..train.state import LoadedState, load_state, state_dir_for
 from ..train.ti_trainer import prepare_embedding_data, train_embedding
@@ -325,8 +326,8 @@ class JobManager:
             if problems:
                 raise ConfigError(problems)
         validate(cfg, headless=False)  # an unknown method is reported here
-        final = Path(cfg.output.output_dir) / f"{cfg.output.name}.safetensors"
-        if resume is None and final.exists() and not cfg.output.overwrite:
+        final = existing_final(cfg) if resume is None else None
+        if final is not None:
             raise ConfigError([Problem("output.name", f"{final} already exists; choose another name, delete the "
                                                       "file, or set output.overwrite to replace it")])
         conflict = method.name_conflict(cfg) if resume is None else None

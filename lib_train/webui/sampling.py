@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import TrainerError
-from ..train.sampling import SampleRequest
+from ..train.sampling import SampleContext, SampleRequest
 
 
 def check_sampler_name(name: str) -> str | None:
@@ -52,27 +52,26 @@ class _RegisteredEmbedding:
         self.db.register_embedding_by_name(self.previous, self.model, self.name)
 
 
-def webui_sampler(session: Any, request: SampleRequest) -> list[Image.Image]:
+def webui_sampler(run: SampleContext, request: SampleRequest) -> list[Image.Image]:
     """One image per prompt of ``request`` from ``processing.process_images`` (see the module docstring)."""
     from modules import processing, shared
 
     problem = check_sampler_name(request.sampler)
     if problem:
         raise TrainerError(f"sample.sampler: {problem}")
-    embedding = session.sample_embedding()
-    registered = _RegisteredEmbedding(*embedding) if embedding is not None else None
+    registered = _RegisteredEmbedding(*run.embedding) if run.embedding is not None else None
     p = processing.StableDiffusionProcessingTxt2Img(
         sd_model=shared.sd_model, prompt=list(request.prompts), negative_prompt=request.negative,
         seed=request.seed, steps=request.steps, cfg_scale=request.cfg_scale, width=request.width,
         height=request.height, sampler_name=request.sampler, batch_size=1, n_iter=len(request.prompts),
-        do_not_save_samples=True, do_not_save_grid=True, outpath_samples=str(session.out_dir),
-        outpath_grids=str(session.out_dir))
+        do_not_save_samples=True, do_not_save_grid=True, outpath_samples=str(run.out_dir),
+        outpath_grids=str(run.out_dir))
     p.do_not_reload_embeddings = True
     p.cached_c, p.cached_uc = [None, None], [None, None]  # per call: the shared caches ignore changed weights
     p.scripts = None
     job, job_count, job_no = shared.state.job, shared.state.job_count, shared.state.job_no
     try:
-        with session.vae_ready():
+        with run.vae_ready():
             processed = processing.process_images(p)
     finally:
         p.close()

@@ -1,0 +1,514 @@
+"""The training run every method shares: set-up, the loop, saves, samples, resume, restore.
+
+:func:`run_training` takes a method's :class:`~lib_train.train.session.TrainingSession` and does the rest, in this
+order: attach (reversible) → gradient checkpointing → optimizer and schedule → cache latents → loop → atomic saves →
+detach. However the run ends (finished, interrupted, error, out of memory) the host model is restored exactly:
+attachments removed, flags and hooks as before (:class:`~lib_train.models.guard.ModelGuard`).
+
+The loop (:func:`_loop`) reads top to bottom: a micro-batch's forward and backward; every ``grad_accum``
+micro-batches (and at the end of an epoch) an optimizer step; then one line per decision — log, samples, saves,
+stop, save request, end of epoch. Each decision is a pure function of the config and the :class:`Point` the run is
+at after the step.
+
+Exact resume: all randomness of micro-batch ``i`` comes from ``step_seed(seed, i)`` and the sample seeds of the
+epoch plan (seeded by (seed, epoch)), so a run resumed at (epoch, batch) draws what the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+import warnings
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..config import TrainConfig
+from ..data import Sample, plan_epoch
+from ..errors import TrainerError
+from ..models.guard import ModelGuard
+from ..models.load import resolve_precision
+from . import loss as L
+from . import sampling
+from .checkpointing import GradientCheckpointing
+from .events import Commands, Events, Progress
+from .optim import build_optimizer, effective_lr, parse_optimizer_args, resolve_optimizer
+from .outputs import check_final_free
+from .prepare import PreparedData
+from .sampling import SampleContext, Sampler, ddim_sampler
+from .schedule import make_scheduler
+from .session import RunInfo, TrainingSession
+from .state import RunState, save_state
+
+
+@dataclass
+class RunResult:
+    status: str  # "finished" | "interrupted"
+    step: int
+    total_steps: int
+    saved: list[str] = field(default_factory=list)
+    final_file: str | None = None
+    state_dir: str | None = None
+    last_loss: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- decisions after an optimizer step
+
+@dataclass(frozen=True)
+class Point:
+    """Where a run is right after an optimizer step."""
+
+    step: int  # optimizer steps done
+    epoch: int  # the 1-based epoch the step belongs to
+    epoch_end: bool  # the step ended its epoch
+    final: bool  # the run's last step (``step >= total_steps``)
+
+
+def log_due(at: Point, every: int, total_steps: int) -> bool:
+    """Read the mean loss (a GPU sync) every ``every`` steps and at the last one."""
+    return at.step % every == 0 or at.step == total_steps
+
+
+def samples_due(cfg: TrainConfig, at: Point) -> bool:
+    """A sample set every ``sample.every_steps`` steps, and after the last step."""
+    return sampling.due(cfg, at.step) or (at.final and sampling.due(cfg, at.step, final=True))
+
+
+def step_save_due(cfg: TrainConfig, at: Point) -> bool:
+    """A ``step`` file every ``output.save_every_steps`` steps (the last step writes the final file instead)."""
+    n = cfg.output.save_every_steps
+    return bool(n) and at.step % n == 0 and not at.final
+
+
+def epoch_samples_due(cfg: TrainConfig, at: Point) -> bool:
+    """A sample set after every ``sample.every_epochs`` epochs (the run's end has its own)."""
+    return at.epoch_end and not at.final and sampling.due(cfg, at.step, epoch_end=at.epoch)
+
+
+def epoch_save_due(cfg: TrainConfig, at: Point, total_epochs: int) -> bool:
+    """An ``epoch`` file after every ``output.save_every_epochs`` epochs but the last."""
+    return _every_epochs(cfg.output.save_every_epochs, at, total_epochs)
+
+
+def state_save_due(cfg: TrainConfig, at: Point, total_epochs: int) -> bool:
+    """The resume state after every ``output.save_state_every_epochs`` epochs but the last."""
+    return _every_epochs(cfg.output.save_state_every_epochs, at, total_epochs)
+
+
+def _every_epochs(n: int, at: Point, total_epochs: int) -> bool:
+    return at.epoch_end and not at.final and bool(n) and at.epoch % n == 0 and at.epoch < total_epochs
+
+
+# ---- micro-batches, steps, precision
+
+@dataclass(frozen=True)
+class MicroBatch:
+    epoch: int  # 0-based
+    k: int  # position in the epoch's plan
+    count: int  # micro-batches in the epoch
+    samples: list[Sample]
+    index: int  # micro-batch number in the run (its seed)
+
+    def ends_step(self, accum: int) -> bool:
+        """The optimizer steps after this micro-batch: every ``accum`` of them, and at the end of the epoch."""
+        return (self.k + 1) % accum == 0 or self.epoch_end
+
+    @property
+    def epoch_end(self) -> bool:
+        return self.k + 1 == self.count
+
+    @property
+    def next(self) -> tuple[int, int]:
+        """(epoch, batch) of the next micro-batch: where a resumed run starts."""
+        return (self.epoch, self.k + 1) if self.k + 1 < self.count else (self.epoch + 1, 0)
+
+
+def micro_batches(cfg: TrainConfig, prep: PreparedData, epoch: int = 0, batch: int = 0) -> Iterator[MicroBatch]:
+    """The run's micro-batches from (``epoch``, ``batch``) on, epoch plans drawn from (seed, epoch)."""
+    for e in range(epoch, prep.total_epochs):
+        plan = plan_epoch(prep.entries, batch_size=cfg.train.batch_size, seed=cfg.train.seed, epoch=e,
+                          flip_aug=cfg.data.flip)
+        for k in range(batch if e == epoch else 0, len(plan)):
+            yield MicroBatch(e, k, len(plan), plan[k], e * prep.batches_per_epoch + k)
+
+
+def step_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for micro-batch ``index`` of the run (same in every process)."""
+    h = hashlib.sha256(f"lib_train.step/{seed}/{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def autocast_dtype(setting: str, device: torch.device, events: Events) -> torch.dtype | None:
+    """The autocast dtype for ``train.mixed_precision`` (:func:`~lib_train.models.load.resolve_precision`), or None
+    for fp32; warns when a half precision was asked for where there is no GPU."""
+    if device.type != "cuda" and setting in ("fp16", "bf16"):
+        events.warning(f"mixed precision {setting} needs a GPU; training in fp32 on {device.type}")
+    return resolve_precision(setting, device)
+
+
+def make_scaler(enabled: bool):
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3 (the WebUI's default torch 2.1)
+
+
+def _oom_types() -> tuple[type[BaseException], ...]:
+    t = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (t,) if t else ()
+
+
+class Stopped(Exception):
+    """A stop was requested before training started (during latent caching)."""
+
+
+@dataclass
+class Optim:
+    """Optimizer, schedule and grad scaler of a run."""
+
+    name: str  # the optimizer used (after a fallback)
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+
+    def __post_init__(self) -> None:
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def step(self, max_grad_norm: float) -> None:
+        """One step from the accumulated gradients (when any micro-batch reached the parameters), the schedule's
+        step, gradients cleared."""
+        stepped = any(p.grad is not None for p in self.params)
+        if stepped:
+            if max_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with warnings.catch_warnings():
+            if not stepped:  # torch warns when a schedule steps before its optimizer ever has
+                warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float | None:
+        lrs = effective_lr(self.optimizer)
+        return lrs[0] if lrs else None
+
+
+class _Clock:
+    """Elapsed time of the session and an ETA from the recent step rate."""
+
+    def __init__(self) -> None:
+        self.times: deque[float] = deque(maxlen=20)
+        self.start = self.last = time.perf_counter()
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def eta(self, steps_left: int) -> float | None:
+        rate = (sum(self.times) / len(self.times)) if self.times else None
+        return rate * steps_left if rate else None
+
+
+class _MeanLoss:
+    """The mean loss of the micro-batches since the last read (kept on the device until read)."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum = loss if self.sum is None else self.sum + loss
+        self.n += 1
+
+    def take(self) -> float:
+        value = float(self.sum) / self.n
+        self.sum, self.n = None, 0
+        return value
+
+
+# ---- the run
+
+class Run:
+    """The state of one session of a run and what it does between steps: saves, resume state, samples."""
+
+    def __init__(self, session: TrainingSession, events: Events, commands: Commands, sampler: Sampler):
+        self.session, self.events, self.commands, self.sampler = session, events, commands, sampler
+        self.cfg, self.prep, self.resume = session.cfg, session.prep, session.resume
+        self.step = self.resume.state.step if self.resume else 0
+        self.saved: list[str] = list(self.resume.state.saved) if self.resume else []
+        self.notes: list[str] = []
+        self.loss: float | None = None
+        self.info: RunInfo | None = None
+        self.autocast: torch.dtype | None = None  # the run's autocast dtype
+        self.latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self.last_save: tuple[str, int, str] | None = None  # (stem, step, path): a stem is written once per step
+        self.last_samples: tuple[int, list[Path]] | None = None  # (step, paths) of the newest sample set
+        self.sampling_failed = False  # a sampler failure turns samples off for this session (not in the config:
+        # the resume state keeps the settings, and a resumed run tries again)
+
+    def warn(self, text: str) -> None:
+        """A warning that is also kept in the result's notes."""
+        self.events.warning(text)
+        self.notes.append(text)
+
+    def result(self, status: str, final_file: str | None = None, state_dir: str | None = None) -> RunResult:
+        return RunResult(status, self.step, self.prep.total_steps, self.saved, final_file, state_dir, self.loss,
+                         self.notes)
+
+    def save(self, stem_pattern: str, kind: str, epoch: int, finished: bool = False) -> str:
+        """The method's file(s) under ``stem_pattern`` (formatted with name, step, epoch) and the preview image;
+        returns the model file."""
+        stem = stem_pattern.format(name=self.session.name, step=self.step, epoch=epoch)
+        if self.last_save is not None and self.last_save[:2] == (stem, self.step):
+            return self.last_save[2]
+        paths = self.session.save_model(stem, epoch=epoch, step=self.step, finished=finished)
+        for path in paths:
+            if path not in self.saved:
+                self.saved.append(path)
+            self.events.saved(path, kind)
+        self.write_preview(paths[0])
+        self.last_save = (stem, self.step, paths[0])
+        return paths[0]
+
+    def save_state(self, optim: Optim, epoch: int, batch: int) -> None:
+        """The resume state; the next run starts at micro-batch ``batch`` of ``epoch``."""
+        info, s = self.info, self.session
+        state = RunState(step=self.step, epoch=epoch, batch=batch, config=self.cfg.to_dict(),
+                         session_id=info.session_id, started_at=info.started_at, optimizer=info.optimizer,
+                         dataset_fingerprint=self.prep.fingerprint, saved=list(self.saved))
+        scaler = optim.scaler
+        save_state(s.state_dir, state, s.state_tensors(), optim.optimizer.state_dict(), optim.scheduler.state_dict(),
+                   scaler.state_dict() if scaler.is_enabled() else None)
+        self.events.saved(str(s.state_dir), "state")
+
+    def make_samples(self) -> None:
+        """One sample set (``[sample]``), written and reported; a failure is reported and turns sampling off for the
+        rest of the session (samples never stop training)."""
+        cfg, s = self.cfg, self.session
+        if self.sampling_failed or not sampling.enabled(cfg) or (
+                self.last_samples and self.last_samples[0] == self.step):
+            return
+        name_text = s.sample_name_text()
+        request = sampling.request_for(cfg, name_text)
+        self.events.status(f"Sampling {len(request.prompts)} image(s) at step {self.step}")
+        ctx = SampleContext(cfg=cfg, bundle=s.bundle, device=s.device, autocast=self.autocast, name_text=name_text,
+                            embedding=s.sample_embedding(), condition=s.condition)
+        try:
+            images = self.sampler(ctx, request)
+            paths = sampling.save_samples(s.out_dir, s.name, self.step, images)
+        except Exception as e:  # noqa: BLE001 - any sampler failure (out of memory too): report, keep training
+            if s.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.warn(f"Sample images failed at step {self.step} and are turned off for the rest of this run: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            self.sampling_failed = True
+            return
+        self.last_samples = (self.step, paths)
+        self.events.sampled([str(p) for p in paths], self.step)
+        self.events.status(f"Training: {self.prep.total_steps} steps")
+
+    def write_preview(self, model_file: str) -> None:
+        """``<stem>.preview.png`` from the first image of a sample set made at this step, if there is one."""
+        if self.last_samples and self.last_samples[0] == self.step and self.last_samples[1]:
+            try:
+                sampling.write_preview(model_file, self.last_samples[1][0])
+            except OSError as e:
+                self.events.warning(f"Could not write the preview image of {model_file}: {e}")
+
+
+def make_optim(run: Run) -> Optim:
+    """The optimizer (or its fallback, with a warning) and schedule over the session's parameters, from the resume
+    state when there is one, and the grad scaler of the run's precision (``run.autocast`` is set)."""
+    cfg, resume, s = run.cfg, run.resume, run.session
+    o = cfg.optim
+    args = parse_optimizer_args(o.optimizer_args)
+    name = resume.state.optimizer if resume else o.optimizer
+    used, note = resolve_optimizer(name, args, s.device, o.allow_fallback)
+    if note:
+        run.warn(note)
+        args = {}
+    optimizer = build_optimizer(used, s.param_groups(), o.lr, args)
+    scheduler = make_scheduler(optimizer, total_steps=run.prep.total_steps, kind=o.scheduler,
+                               warmup_steps=o.warmup_steps, num_cycles=o.num_cycles, power=o.power)
+    if resume:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+    run.autocast = autocast_dtype(cfg.train.mixed_precision, s.device, run.events)
+    scaler = make_scaler(run.autocast == torch.float16)
+    if resume is not None and resume.scaler is not None and scaler.is_enabled():
+        scaler.load_state_dict(resume.scaler)
+    return Optim(used, optimizer, scheduler, scaler)
+
+
+def cache_latents(run: Run) -> None:
+    """Encode every (image, flip) the run needs once, through the latent cache (raises :class:`Stopped` when a stop
+    is requested meanwhile)."""
+    from ..data.latent_cache import LatentCache, load_pixels
+
+    cfg, prep, bundle = run.cfg, run.prep, run.session.bundle
+    mode = cfg.data.cache_latents
+    if mode == "off":
+        return
+    cache_dir = run.session.out_dir / ".latent-cache" if mode == "disk" else None
+    vae_id = f"{bundle.checkpoint_name}|{bundle.family}|{next(bundle.vae.parameters()).dtype}"
+    cache = LatentCache(mode, cache_dir, vae_id)
+    flips = (False, True) if cfg.data.flip else (False,)
+    todo = [(i, f) for i in range(len(prep.items)) for f in flips]
+    run.events.status(f"Caching latents of {len(todo)} images")
+    for n, (i, flip) in enumerate(todo):
+        if run.commands.stop_requested():
+            raise Stopped()
+        item, plan = prep.items[i], prep.plans[i]
+        key = cache.key_for(item.path, plan.bucket, plan.crop, flip)
+        run.latents[(i, flip)] = cache.get_or_compute(
+            key, lambda: bundle.encode_pixels(load_pixels(item.path, plan, flip)[None])[0])
+        if (n + 1) % 10 == 0 or n + 1 == len(todo):
+            run.events.status(f"Caching latents {n + 1}/{len(todo)}")
+
+
+def latents_for(run: Run, index: int, flip: bool) -> torch.Tensor:
+    cached = run.latents.get((index, flip))
+    if cached is not None:
+        return cached
+    from ..data.latent_cache import load_pixels
+
+    item, plan = run.prep.items[index], run.prep.plans[index]
+    return run.session.bundle.encode_pixels(load_pixels(item.path, plan, flip)[None])[0].cpu()
+
+
+def micro_step(run: Run, mb: MicroBatch, ac: torch.Tensor, scaler) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns the (detached) loss. A loss that does not depend on the
+    trained parameters (e.g. no sample's prompt holds the embedding) is not back-propagated."""
+    s, t_cfg = run.session, run.cfg.train
+    bundle, device = s.bundle, s.device
+    seed = step_seed(t_cfg.seed, mb.index)
+    torch.manual_seed(seed)  # dropout, if any
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.stack([latents_for(run, x.index, x.flip) for x in mb.samples]).to(device)
+    prompts = s.prompts(mb.samples)
+    noise = L.make_noise(x0, gen, noise_offset=t_cfg.noise_offset)
+    t = L.sample_timesteps(len(mb.samples), gen, device)
+    x_t = L.add_noise(x0, noise, t, ac)
+    with torch.autocast(device.type, dtype=run.autocast) if run.autocast else nullcontext():
+        cond = s.condition(prompts)
+        pred = bundle.predict(x_t, t, cond)
+    target = L.target_for(x0, noise, t, ac, bundle.prediction)
+    weights = L.min_snr_weights(t, ac, t_cfg.min_snr_gamma, bundle.prediction) if t_cfg.min_snr_gamma else None
+    loss = L.diffusion_loss(pred, target, weights)
+    if loss.requires_grad:
+        scaler.scale(loss / run.cfg.optim.grad_accum).backward()
+    return loss.detach()
+
+
+def run_training(session: TrainingSession, *, events: Events, commands: Commands,
+                 sampler: Sampler | None = None) -> RunResult:
+    """Run ``session`` on its bundle in place. See the module docstring for what is guaranteed about the model."""
+    cfg, prep, bundle, resume = session.cfg, session.prep, session.bundle, session.resume
+    if resume is None:
+        check_final_free(cfg)
+    if resume is not None and resume.state.dataset_fingerprint != prep.fingerprint:
+        events.warning("The dataset or its bucket settings changed since the run started; the resumed run will "
+                       "not match an uninterrupted one.")
+    session.out_dir.mkdir(parents=True, exist_ok=True)
+
+    run = Run(session, events, commands, sampler or ddim_sampler)
+    guard = ModelGuard(bundle.model)
+    vae_device = next(bundle.vae.parameters()).device
+    ckpt: GradientCheckpointing | None = None
+    try:
+        for warning in session.attach():
+            run.warn(warning)
+        if cfg.train.gradient_checkpointing:
+            ckpt = GradientCheckpointing(*session.checkpointed_modules())
+        optim = make_optim(run)
+        state = resume.state if resume else None
+        run.info = (RunInfo(state.session_id, state.started_at, optim.name) if state
+                    else RunInfo(random.getrandbits(31), time.time(), optim.name))
+        try:
+            cache_latents(run)
+        except Stopped:
+            return run.result("interrupted")
+        if cfg.train.offload_vae and cfg.data.cache_latents != "off" and session.device.type == "cuda":
+            bundle.vae.to("cpu")  # the VAE is not needed any more: free its memory for training
+            torch.cuda.empty_cache()
+        session.start(run.info)
+        return _loop(run, optim)
+    except _oom_types() as e:
+        raise TrainerError(
+            "Out of GPU memory. Lower the batch size or the resolution, turn on gradient checkpointing, use "
+            "AdamW8bit, or close other programs using the GPU. Files saved so far are kept."
+            f" ({str(e).splitlines()[0] if str(e) else 'CUDA OOM'})") from None
+    finally:
+        if ckpt is not None:
+            ckpt.remove()
+        session.detach()
+        guard.restore()
+        if next(bundle.vae.parameters()).device != vae_device:
+            bundle.vae.to(vae_device)
+        if session.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _loop(run: Run, optim: Optim) -> RunResult:
+    cfg, prep, s, commands = run.cfg, run.prep, run.session, run.commands
+    ac = s.bundle.alphas_cumprod.to(s.device)
+    log_every = 1 if s.device.type == "cpu" else cfg.train.log_every
+    start = (run.resume.state.epoch, run.resume.state.batch) if run.resume else (0, 0)
+    clock, losses = _Clock(), _MeanLoss()
+    run.events.status(f"Training: {prep.total_steps} steps")
+    for mb in micro_batches(cfg, prep, *start):
+        losses.add(micro_step(run, mb, ac, optim.scaler))
+        if not mb.ends_step(cfg.optim.grad_accum):
+            continue  # accumulate more micro-batches before stepping
+        optim.step(cfg.optim.max_grad_norm)
+        run.step += 1
+        clock.tick()
+        at = Point(run.step, mb.epoch + 1, mb.epoch_end, run.step >= prep.total_steps)
+        if log_due(at, log_every, prep.total_steps):
+            run.loss = _finite(losses.take(), run)
+        run.events.progress(Progress(step=run.step, total_steps=prep.total_steps, epoch=at.epoch,
+                                     total_epochs=prep.total_epochs, loss=run.loss, lr=optim.lr(),
+                                     elapsed=clock.elapsed(), eta=clock.eta(prep.total_steps - run.step)))
+        if samples_due(cfg, at):
+            run.make_samples()
+        if step_save_due(cfg, at):
+            run.save(s.step_stem, "step", at.epoch)
+        if at.final:
+            break
+        if commands.stop_requested():
+            path = run.save(s.step_stem, "interrupted", at.epoch)
+            run.save_state(optim, *mb.next)
+            return run.result("interrupted", path, str(s.state_dir))
+        if commands.take_save_request():
+            run.save(s.step_stem, "step", at.epoch)
+            run.save_state(optim, *mb.next)
+        if epoch_samples_due(cfg, at):
+            run.make_samples()
+        if epoch_save_due(cfg, at, prep.total_epochs):
+            run.save(s.epoch_stem, "epoch", at.epoch)
+        if state_save_due(cfg, at, prep.total_epochs):
+            run.save_state(optim, at.epoch, 0)
+    if sampling.due(cfg, run.step, final=True):
+        run.make_samples()  # no-op when the last step already made a set
+    return run.result("finished", run.save("{name}", "final", prep.total_epochs, finished=True))
+
+
+def _finite(value: float, run: Run) -> float:
+    """``value``, or a :class:`TrainerError` when the loss diverged (inf/nan)."""
+    if not math.isfinite(value):
+        last_file = run.saved[-1] if run.saved else "none yet"
+        raise TrainerError(f"The loss became {value} at step {run.step}: training diverged. "
+                           f"{run.session.divergence_hint} The last saved file is kept: {last_file}")
+    return value
