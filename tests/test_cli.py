@@ -10,18 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_clear_error, make_images
+from helpers import ROOT, make_images, run_bad_input, run_cli
 
-from lib_train.cli import main
 from lib_train.network.kohya_file import read_lora_file
 
 FAST = ["--resolution", "64", "--min-bucket", "64", "--max-bucket", "128", "--rank", "4", "--alpha", "4"]
 
 
 def _cli(args, capsys):
-    code = main(["lora", *[str(a) for a in args]])
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    return run_cli("lora", args, capsys)
 
 
 def test_cli_trains_a_lora_from_a_checkpoint_file(tmp_path, tiny_checkpoint, capsys):
@@ -99,14 +96,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gives_one_clear_message(tmp_path, tiny_checkpoint, capsys, case):
-    setup, extra, needles = CASES[case]
-    data = tmp_path / "data"
-    setup(data)
-    args = ["--checkpoint", tiny_checkpoint, "--data", data, "--output", tmp_path / "out", "--name", "n",
-            "--min-bucket", "64", "--max-bucket", "128", "--resolution", "64", *extra]
-    code, text = _cli(args, capsys)
-    assert_clear_error(code, text, needles)
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+    out = run_bad_input("lora", CASES[case], tmp_path, tiny_checkpoint, capsys)
+    assert not out.exists() or not any(out.glob("*.safetensors"))
 
 
 def test_not_a_stable_diffusion_checkpoint(tmp_path, capsys):
