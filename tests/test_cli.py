@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -10,18 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_clear_error, make_images
+from helpers import ROOT, make_images, run_bad_input, run_cli
 
-from lib_train.cli import main
 from lib_train.network.kohya_file import read_lora_file
 
 FAST = ["--resolution", "64", "--min-bucket", "64", "--max-bucket", "128", "--rank", "4", "--alpha", "4"]
 
 
 def _cli(args, capsys):
-    code = main(["lora", *[str(a) for a in args]])
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    return run_cli("lora", args, capsys)
 
 
 def test_cli_trains_a_lora_from_a_checkpoint_file(tmp_path, tiny_checkpoint, capsys):
@@ -99,14 +98,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gives_one_clear_message(tmp_path, tiny_checkpoint, capsys, case):
-    setup, extra, needles = CASES[case]
-    data = tmp_path / "data"
-    setup(data)
-    args = ["--checkpoint", tiny_checkpoint, "--data", data, "--output", tmp_path / "out", "--name", "n",
-            "--min-bucket", "64", "--max-bucket", "128", "--resolution", "64", *extra]
-    code, text = _cli(args, capsys)
-    assert_clear_error(code, text, needles)
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+    out = run_bad_input("lora", CASES[case], tmp_path, tiny_checkpoint, capsys)
+    assert not out.exists() or not any(out.glob("*.safetensors"))
 
 
 def test_not_a_stable_diffusion_checkpoint(tmp_path, capsys):
@@ -137,22 +130,29 @@ def test_all_config_problems_are_reported_at_once(tmp_path, capsys):
         assert needle in text, needle
 
 
+def _read_until(proc: subprocess.Popen, pattern: str, timeout: float = 600) -> str:
+    """The child's stderr as it comes (bytes, so tqdm's '\r' updates count), up to the first match of ``pattern``."""
+    fd, raw = proc.stderr.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, raw.decode(errors="replace")):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else b""
+        assert chunk, f"no {pattern!r} on stderr (exit code {proc.poll()}):\n{raw.decode(errors='replace')}"
+        raw += chunk
+    return raw.decode(errors="replace")
+
+
 def test_ctrl_c_saves_and_resume_finishes(tmp_path, tiny_checkpoint):
     """A real SIGINT to the command: it saves the LoRA and the state, prints how to resume; --resume finishes."""
-    make_images(tmp_path / "data" / "20_x", n=2)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    make_images(tmp_path / "data" / "1_x", n=2)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # one torch thread, as in the tests (conftest)
     cmd = [sys.executable, "-m", "lib_train", "lora", "--checkpoint", str(tiny_checkpoint), "--data",
            str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--name", "run", "--epochs", "3", *FAST]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    err = ""
-    for line in proc.stderr:  # status lines end with a newline; wait until training has started
-        err += line
-        if line.startswith("Training:"):
-            break
-    time.sleep(2.0)
-    proc.send_signal(signal.SIGINT)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    err = _read_until(proc, r"(?s)Training: 6 steps\n.*\b1/6\b")  # the progress bar shows the first step
+    proc.send_signal(signal.SIGINT)  # the run stops after the step it is in, before its 6th and last
     _, rest = proc.communicate(timeout=240)
-    err += rest
+    err += rest.decode(errors="replace")
     assert proc.returncode == 130, err
     assert "resume with: python -m lib_train lora --resume" in err
     state_dir = tmp_path / "out" / ".run-state"
@@ -164,4 +164,4 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path, tiny_checkpoint):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "run.safetensors").is_file()
     _, meta = read_lora_file(tmp_path / "out" / "run.safetensors")
-    assert meta["ss_steps"] == "120"
+    assert meta["ss_steps"] == "6"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from lib_train.models.build import clip_tokenizer
 from lib_train.models.conditioning import CHUNK, TextConditioner, TokenIds, chunk_ids, chunk_tokens

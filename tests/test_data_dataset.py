@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_helpers import save_image, truncate, write_caption
+from helpers import save_image, truncate, write_caption
 from PIL import Image
 
 from lib_train.data.dataset import read_caption, scan_dataset

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_helpers import gradient, save_image, truncate
+from helpers import gradient, save_image, truncate
 from PIL import Image, ImageFile
 
 from lib_train.data.images import ImageError, is_image_file, open_training_image, probe_image

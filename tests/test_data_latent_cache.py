@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from data_helpers import save_image
+from helpers import save_image
 from PIL import Image
 
 from lib_train.data.buckets import assign_bucket, make_buckets

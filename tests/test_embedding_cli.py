@@ -7,19 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clear_error, make_bundle, make_images
+from helpers import Recorder, make_bundle, make_images, run_bad_input, run_cli
 from safetensors.torch import load_file
 
-from lib_train.cli import main
-from lib_train.train.events import Commands, Events
+from lib_train.train.events import Commands
 
 FAST = ["--resolution", "64", "--min-bucket", "64", "--max-bucket", "128"]
 
 
 def _cli(args, capsys, command="embedding"):
-    code = main([command, *[str(a) for a in args]])
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    return run_cli(command, args, capsys)
 
 
 def test_cli_trains_an_embedding_from_a_checkpoint_file(tmp_path, tiny_checkpoint, capsys):
@@ -93,14 +90,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gives_one_clear_message(tmp_path, tiny_checkpoint, capsys, case):
-    setup, extra, needles = CASES[case]
-    data = tmp_path / "data"
-    setup(data)
-    args = ["--checkpoint", tiny_checkpoint, "--data", data, "--output", tmp_path / "out", "--name", "n", *FAST,
-            *[a.replace("{data}", str(data)) for a in extra]]
-    code, text = _cli(args, capsys)
-    assert_clear_error(code, text, needles)
-    assert not (tmp_path / "out").exists()
+    out = run_bad_input("embedding", CASES[case], tmp_path, tiny_checkpoint, capsys)
+    assert not out.exists()
 
 
 def test_resume_an_interrupted_run_from_the_command_line(tmp_path, tiny_checkpoint, capsys):
@@ -116,14 +107,8 @@ def test_resume_an_interrupted_run_from_the_command_line(tmp_path, tiny_checkpoi
     cfg.train.epochs = 2
 
     commands = Commands()
-
-    class StopAtTwo(Events):
-        def progress(self, p):
-            if p.step == 2:
-                commands.request_stop()
-
-    first = train_embedding(cfg, make_bundle("sd1"), prepare_embedding_data(cfg), events=StopAtTwo(),
-                            commands=commands)
+    first = train_embedding(cfg, make_bundle("sd1"), prepare_embedding_data(cfg),
+                            events=Recorder(stop_at=2, commands=commands), commands=commands)
     assert first.status == "interrupted"
     code, text = _cli(["--resume", first.state_dir], capsys, command="lora")
     assert code == 2 and "of a 'embedding' run" in text and "python -m lib_train embedding --resume" in text

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from lib_train.embedding.inject import EmbeddingSlots, Injection
 from lib_train.models.conditioning import CHUNK, PLACEHOLDER_ID, Fix, TextConditioner, chunk_prompt, chunk_tokens

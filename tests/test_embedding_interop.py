@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import interop_spec_json, make_bundle, make_images, tiny_state_dict
+from helpers import interop_spec_json, make_bundle, make_images, tiny_state_dict
 from safetensors.torch import load_file, save_file
 
 from lib_train.config import default_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import apply_overrides, fail_on_predict_call, make_bundle, make_images, module_flags, state_hash
+from helpers import Recorder, apply_overrides, fail_on_predict_call, make_bundle, make_images, module_flags, state_hash
 from safetensors import safe_open
 
 from lib_train.config import default_config
@@ -32,23 +32,6 @@ def ti_config(tmp_path, **overrides):
     cfg.output.output_dir = str(tmp_path / "out")
     cfg.output.name = "laohuang"
     return apply_overrides(cfg, overrides)
-
-
-class Recorder(Events):
-    def __init__(self, stop_at: int | None = None, commands: Commands | None = None):
-        self.steps, self.files, self.warnings = [], [], []
-        self.stop_at, self.commands = stop_at, commands
-
-    def progress(self, p):
-        self.steps.append(p.step)
-        if self.stop_at is not None and p.step == self.stop_at:
-            self.commands.request_stop()
-
-    def saved(self, path, kind):
-        self.files.append((kind, path))
-
-    def warning(self, text):
-        self.warnings.append(text)
 
 
 def _run(cfg, bundle, **kw):

@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from lib_train.embedding.prompts import fill, load_template
 from lib_train.embedding.vectors import count_tokens, init_token_ids, init_vectors, name_collision

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import interop_spec_json, make_bundle, make_images, tiny_config, tiny_state_dict
+from helpers import interop_spec_json, make_bundle, make_images, tiny_config, tiny_state_dict
 from safetensors.torch import load_file, save_file
 
 from lib_train.models.build import clip_tokenizer_files

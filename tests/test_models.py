@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_state_dict
+from helpers import tiny_state_dict
 from safetensors.torch import save_file
 
 from lib_train.errors import TrainerError

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image, ImageOps
 
-from data_helpers import save_image, truncate, write_caption
+from helpers import save_image, truncate, write_caption
 from lib_train.data import scan_dataset
 from lib_train.data.preprocess_plan import DEBUG_FOLDER, Hooks, Operations, PreprocessOptions, default_dest, \
     make_plan, merge_caption, options_from_dict, run_plan, store_uploads, validate_options

@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_bundle, make_images, module_flags, state_hash, tiny_config
+from helpers import Recorder, make_bundle, make_images, module_flags, state_hash, tiny_config
 from PIL import Image
 
 from lib_train.config import default_config, validate
 from lib_train.errors import ConfigError
 from lib_train.network.kohya_file import read_lora_file
 from lib_train.train import sampling
-from lib_train.train.events import Events
 from lib_train.train.lora_trainer import prepare_data, train_lora
 from lib_train.train.ti_trainer import prepare_embedding_data, train_embedding
-
-
-class Recorder(Events):
-    def __init__(self):
-        self.sampled_sets, self.warnings, self.saved_files = [], [], []
-
-    def sampled(self, paths, step):
-        self.sampled_sets.append((step, list(paths)))
-
-    def warning(self, text):
-        self.warnings.append(text)
-
-    def saved(self, path, kind):
-        self.saved_files.append((kind, path))
 
 
 @pytest.fixture

@@ -6,27 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import fail_on_predict_call, make_bundle, make_images, module_flags, state_hash, tiny_config
+from helpers import Recorder, fail_on_predict_call, make_bundle, make_images, module_flags, state_hash, tiny_config
 
 from lib_train.network.kohya_file import data_section_sha256, read_lora_file
-from lib_train.train.events import Commands, Events
+from lib_train.train.events import Commands
 from lib_train.train.lora_trainer import prepare_data, train_lora
 from lib_train.train.state import load_state
-
-
-class Recorder(Events):
-    def __init__(self, stop_at: int | None = None, commands: Commands | None = None):
-        self.steps, self.losses, self.files = [], [], []
-        self.stop_at, self.commands = stop_at, commands
-
-    def progress(self, p):
-        self.steps.append(p.step)
-        self.losses.append(p.loss)
-        if self.stop_at is not None and p.step == self.stop_at:
-            self.commands.request_stop()
-
-    def saved(self, path, kind):
-        self.files.append((kind, path))
 
 
 def _run(cfg, bundle, **kw):

@@ -11,7 +11,7 @@ import pytest
 
 gr = pytest.importorskip("gradio")
 
-from data_helpers import save_image, write_caption  # noqa: E402
+from helpers import save_image, write_caption  # noqa: E402
 
 from lib_train.config import SECTIONS, TrainConfig, default_config, from_dict, save_config  # noqa: E402
 from lib_train.errors import ConfigError, Problem  # noqa: E402

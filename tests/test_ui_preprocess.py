@@ -13,7 +13,7 @@ gr = pytest.importorskip("gradio")
 
 from PIL import ImageOps  # noqa: E402
 
-from data_helpers import save_image, write_caption  # noqa: E402
+from helpers import save_image, write_caption  # noqa: E402
 from lib_train.data.preprocess_plan import Operations, PreprocessOptions, make_plan, options_from_dict, \
     run_plan, store_uploads  # noqa: E402
 from lib_train.errors import ConfigError, Problem, TrainerError  # noqa: E402

@@ -1,7 +1,7 @@
 """Computes the WebUI 1.10.1's own prompt conditioning with a textual-inversion embedding registered, and ours, on
 the same tiny random models, and reports whether they are identical.
 
-Runs ONLY with the WebUI's Python (its venv), as a subprocess of ``tests/test_embedding_webui.py``::
+Runs ONLY with the WebUI's Python (its venv), as a subprocess of ``tests/webui/test_embedding_webui.py``::
 
     <webui python> tests/interop/webui_ti_worker.py <webui dir> <our repo root> <workdir>
 

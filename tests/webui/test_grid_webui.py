@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 from PIL import Image
-
-from .conftest import REPO
 
 SCRIPT = "Epoch × weight grid"
 RUN = "grid_test"
@@ -51,7 +50,7 @@ def txt2img(webui, prompt: str, seed: int, script_args: list | None = None, step
 
 
 def our_errors_in_log(text: str) -> list[str]:
-    ours = (str(REPO), "extensions/sd-webui-trainer/")
+    ours = (str(ROOT), "extensions/sd-webui-trainer/")
     frames = [ln for ln in text.splitlines() if ln.strip().startswith("File \"") and any(p in ln for p in ours)]
     reports = [ln for ln in text.splitlines() if "epoch_grid.py" in ln and "Error" in ln
                or "could not add the Trainer axes" in ln or "Error creating UI for epoch" in ln]

@@ -15,8 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from .conftest import REPO
+from helpers import ROOT
 
 TERMINAL = ("finished", "interrupted", "error")
 STEPS = 3
@@ -25,7 +24,7 @@ STEPS = 3
 def our_errors_in_log(text: str) -> list[str]:
     """Log lines that show an error raised in this repository's code (the WebUI's own harmless "no git remote"
     traceback for the extension's folder has no frame in our files)."""
-    ours = (str(REPO), "extensions/sd-webui-trainer/")
+    ours = (str(ROOT), "extensions/sd-webui-trainer/")
     frames = [ln for ln in text.splitlines() if ln.strip().startswith("File \"") and any(p in ln for p in ours)]
     reports = [ln for ln in text.splitlines() if "Error loading script: trainer.py" in ln
                or "sd-webui-trainer: job" in ln]

@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from lib_train.webui.host import classify_model
 

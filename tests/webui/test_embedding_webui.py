@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 WEBUI = os.environ.get("SD_WEBUI_DIR", "")
 PYTHON = os.environ.get("SD_WEBUI_PYTHON") or str(Path(WEBUI) / "venv" / "bin" / "python")
