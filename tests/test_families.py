@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, tiny_state_dict
+from helpers import make_tiny_model, tiny_state_dict
 
 from lib_train import estimate
 from lib_train.models.conditioning import TextConditioner
