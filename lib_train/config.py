@@ -374,7 +374,7 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     def bad(key: str, msg: str) -> None:
         p.append(Problem(label(key), msg))
 
-    method = methods.METHODS.get(cfg.method)
+    method = methods.METHODS.get(cfg.method) if isinstance(cfg.method, str) else None
     if method is None:
         bad("method", f"unknown method {cfg.method!r}; choose one of {', '.join(methods.METHODS)}")
     m, d, o, t, out = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.output

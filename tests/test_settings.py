@@ -44,7 +44,8 @@ def test_every_flag_maps_to_a_field_and_keeps_its_help(method):
     for flag, f in made.items():
         assert f.key in SETTINGS
         b = before[flag]
-        metavar = b["metavar"] or (b["choices"] and "{" + ",".join(b["choices"]) + "}") or b["key"].split(".")[1].upper()
+        choices = b["choices"] and "{" + ",".join(b["choices"]) + "}"
+        metavar = b["metavar"] or choices or b["key"].split(".")[1].upper()
         assert (f.key, f.help, f.metavar) == (b["key"], b["help"], metavar)
         assert list(f.choices or []) == list(before[flag]["choices"] or [])
     # the same order, except that --overwrite now comes before --trigger (the config's order)

@@ -331,8 +331,9 @@ class JobManager:
         if resume_dir:
             resume = load_state(resume_dir)
         cfg = from_dict(resume.state.config if resume else (data or {}))
-        webui = METHODS.get(cfg.method)
-        if webui is None and cfg.method in methods.METHODS:
+        named = cfg.method if isinstance(cfg.method, str) else ""
+        webui = METHODS.get(named)
+        if webui is None and named in methods.METHODS:
             raise ConfigError([Problem("method", f"'{cfg.method}' training is not available in the WebUI yet; use "
                                                  f"the command line: python -m lib_train {cfg.method} ...")])
         notes = self._settle_paths(cfg, webui)

@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from ..atomic import is_within
 from .. import methods
+from ..atomic import is_within
 from ..config import SETTINGS, TrainConfig, from_dict, load_config, save_config
 from ..data import scan_dataset
 from ..errors import ConfigError, DatasetError, Problem, TrainerError
