@@ -61,6 +61,25 @@ MODEL_SEED = 1234
 
 
 @dataclass(frozen=True)
+class BenchMethod:
+    """What the benchmark trains for one method (lib_train.methods names): settings on top of the method's
+    defaults, and how rows and the table name it."""
+
+    settings: dict  # "section.field" → value
+    what: str  # the table's title; {lr} = the method's default learning rate
+    row: str  # a row's label; {vectors} = the row's vectors per token
+    varies_vectors: bool = False  # --vectors gives one row per vector count
+
+
+BENCH_METHODS = {
+    "lora": BenchMethod({"network.rank": 16, "optim.te_lr": 5e-5}, "LoRA rank 16, batch 1, AdamW, UNet + TE", "LoRA"),
+    "embedding": BenchMethod({"embedding.init_text": "person", "embedding.template": "subject"},
+                             "embedding (textual inversion), batch 1, AdamW lr {lr}, subject template",
+                             "TI {vectors} vec", varies_vectors=True),
+}
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """One row of the matrix."""
 
@@ -75,7 +94,7 @@ class BenchConfig:
 
     @property
     def label(self) -> str:
-        what = "LoRA" if self.method == "lora" else f"TI {self.vectors} vec"
+        what = BENCH_METHODS[self.method].row.format(vectors=self.vectors)
         return f"{what} {self.resolution}² ckpt={'on' if self.checkpointing else 'off'} cache={self.cache}"
 
 
@@ -161,13 +180,11 @@ def _train_config(bc: BenchConfig, data_dir: Path, out_dir: Path):
     cfg.data.max_bucket_side = max(cfg.data.max_bucket_side, bc.resolution)
     cfg.data.cache_latents = bc.cache
     cfg.optim.optimizer = "AdamW"
-    if bc.method == "lora":
-        cfg.network.rank = 16
-        cfg.optim.te_lr = 5e-5
-    else:
+    for key, value in BENCH_METHODS[bc.method].settings.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    if BENCH_METHODS[bc.method].varies_vectors:
         cfg.embedding.vectors = bc.vectors
-        cfg.embedding.init_text = "person"
-        cfg.embedding.template = "subject"
     cfg.train.batch_size = 1
     cfg.train.max_steps = bc.steps
     cfg.train.mixed_precision = bc.precision
@@ -205,11 +222,9 @@ def run_one(bc: BenchConfig) -> dict:
     """Build the model, train ``bc.steps`` steps and return the measurements (this process only)."""
     import torch
 
-    from lib_train.train.lora_trainer import prepare_data, train_lora
-    from lib_train.train.ti_trainer import prepare_embedding_data, train_embedding
+    from lib_train.methods import METHODS
 
-    prepare, train = ((prepare_data, train_lora) if bc.method == "lora"
-                      else (prepare_embedding_data, train_embedding))
+    prepare, train = METHODS[bc.method].entry("prepare"), METHODS[bc.method].entry("train")
     cuda = bc.device == "cuda"
     t0 = time.perf_counter()
     bundle = _build_bundle(bc)
@@ -341,7 +356,7 @@ def _resolutions(text: str) -> list[int]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Training benchmark (LoRA or embedding) on a random-weight full-size "
                                             "SD1.5 model.")
-    p.add_argument("--method", default="lora", choices=("lora", "embedding"), help="what to train (default lora)")
+    p.add_argument("--method", default="lora", choices=tuple(BENCH_METHODS), help="what to train (default lora)")
     p.add_argument("--vectors", default="1,8", help="embedding only: comma-separated vector counts (default 1,8)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
     p.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
@@ -378,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     resolutions = [256] if args.quick else args.resolutions
     try:
-        vectors = [int(v) for v in args.vectors.split(",")] if args.method == "embedding" else [1]
+        vectors = [int(v) for v in args.vectors.split(",")] if BENCH_METHODS[args.method].varies_vectors else [1]
     except ValueError:
         print(f"error: --vectors {args.vectors!r}: give comma-separated integers, e.g. 1,8", file=sys.stderr)
         return 2
@@ -393,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(_run_subprocess(bc))
         print("  " + "  ".join(_row(results[-1])[1:]), file=sys.stderr, flush=True)
     machine = next((r["machine"] for r in results if "machine" in r), {})
-    what = ("LoRA rank 16, batch 1, AdamW, UNet + TE" if args.method == "lora"
-            else "embedding (textual inversion), batch 1, AdamW lr 5e-3, subject template")
+    from lib_train.config import method_default
+    from lib_train.settings import format_default
+
+    what = BENCH_METHODS[args.method].what.format(lr=format_default(method_default(args.method, "optim.lr")))
     print(f"\n{what}; {steps} steps, median of steps {WARMUP_STEPS + 1}..{steps}; "
           f"device {device}, precision {args.precision}; total {time.perf_counter() - t0:.0f}s")
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))

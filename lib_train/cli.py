@@ -9,7 +9,6 @@ progress bar shows ETA and loss; Ctrl-C saves the LoRA/embedding and the resume 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -18,19 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import FLAGS, METHODS, TrainConfig, default_config, from_dict, load_config, save_config, validate
+from . import __version__, methods
+from .config import SECTIONS, TrainConfig, from_dict, method_default, read_config_file, save_config, validate
 from .errors import ConfigError, Problem, TrainerError
+from .methods import Method
+from .settings import choices_of, declared, format_default
 
 
 @dataclass(frozen=True)
 class Flag:
+    """One command-line flag, generated from a config setting (:mod:`lib_train.settings`)."""
+
     flag: str
     key: str  # "section.field"
     type: Any
-    help: str
-    choices: tuple | None = None
+    help: str  # as argparse shows it (percent signs doubled)
+    choices: tuple | None = None  # enforced by argparse
     metavar: str | None = None
+    split: str = ""  # this separator stands for a new line
 
 
 def _bool(text: str) -> bool:
@@ -41,159 +45,66 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-LORA_FLAGS: list[Flag] = [
-    Flag("--checkpoint", "model.checkpoint", str, "SD1.x/SD2.x checkpoint file (.safetensors or .ckpt) to train on"),
-    Flag("--prediction", "model.prediction", str, "prediction type: auto (detect), eps, or v (SD2-768-v models)",
-         ("auto", "eps", "v")),
-    Flag("--clip-skip", "model.clip_skip", int, "SD1: text-encoder layer from the end (1 = last, 2 = penultimate)"),
-    Flag("--data", "data.train_dir", str, "folder of training images with N_name repeat sub-folders "
-                                          "(e.g. data/10_mychar/*.png + .txt captions)"),
-    Flag("--reg-data", "data.reg_dir", str, "optional folder of regularization images (same folder convention)"),
-    Flag("--caption-extension", "data.caption_extension", str, "caption file extension (default .txt)"),
-    Flag("--repeats", "data.default_repeats", int, "repeats for images in folders without an N_ prefix"),
-    Flag("--resolution", "data.resolution", int, "training resolution, a multiple of 64 (512 for SD1, 768 for "
-                                                 "SD2-768)"),
-    Flag("--buckets", "data.enable_buckets", _bool, "aspect-ratio buckets on/off (default on)"),
-    Flag("--min-bucket", "data.min_bucket_side", int, "smallest bucket side in pixels (default 256)"),
-    Flag("--max-bucket", "data.max_bucket_side", int, "largest bucket side in pixels (default 1024)"),
-    Flag("--bucket-no-upscale", "data.bucket_no_upscale", _bool, "never upscale small images"),
-    Flag("--flip", "data.flip", _bool, "random horizontal flips (not for asymmetric subjects)"),
-    Flag("--shuffle-caption", "data.shuffle_caption", _bool, "shuffle comma-separated tags every step"),
-    Flag("--keep-tokens", "data.keep_tokens", int, "with shuffle: keep the first N tags in place"),
-    Flag("--caption-dropout", "data.caption_dropout", float, "probability of an empty caption for a step"),
-    Flag("--tag-dropout", "data.tag_dropout", float, "probability of dropping each tag"),
-    Flag("--max-token-length", "data.max_token_length", int, "caption token limit: 75, 150 or 225"),
-    Flag("--cache-latents", "data.cache_latents", str, "cache VAE latents: memory, disk (reused across runs) or off",
-         ("memory", "disk", "off")),
-    Flag("--rank", "network.rank", int, "LoRA rank / network dim (default 16)"),
-    Flag("--alpha", "network.alpha", float, "LoRA alpha; updates are scaled by alpha/rank (default 8)"),
-    Flag("--conv-rank", "network.conv_rank", int, "> 0 also trains 3x3 convs and ResBlocks (LoCon)"),
-    Flag("--conv-alpha", "network.conv_alpha", float, "alpha of the conv layers"),
-    Flag("--network-dropout", "network.dropout", float, "dropout on the LoRA input"),
-    Flag("--train-unet", "network.train_unet", _bool, "train the UNet (default on)"),
-    Flag("--init-lora", "network.init_from", str, "continue training from this LoRA file"),
-    Flag("--optimizer", "optim.optimizer", str, "AdamW, AdamW8bit, Lion, Lion8bit, DAdaptAdam, Prodigy, Adafactor"),
-    Flag("--optimizer-args", "optim.optimizer_args", str, "extra optimizer arguments, e.g. "
-                                                          "\"weight_decay=0.01 betas=0.9,0.99\""),
-    Flag("--lr", "optim.lr", float, "UNet learning rate (default 1e-4; 1.0 for DAdaptAdam/Prodigy)"),
-    Flag("--te-lr", "optim.te_lr", float, "text-encoder learning rate (default 5e-5; 0 = UNet only)"),
-    Flag("--scheduler", "optim.scheduler", str, "constant, constant_with_warmup, linear, cosine, "
-                                                "cosine_with_restarts, polynomial"),
-    Flag("--warmup", "optim.warmup_steps", int, "warmup steps"),
-    Flag("--lr-cycles", "optim.num_cycles", int, "cosine_with_restarts: number of cycles"),
-    Flag("--grad-accum", "optim.grad_accum", int, "gradient accumulation steps"),
-    Flag("--max-grad-norm", "optim.max_grad_norm", float, "gradient-norm clipping (0 = off)"),
-    Flag("--optimizer-fallback", "optim.allow_fallback", _bool, "use AdamW if the optimizer cannot run here"),
-    Flag("--epochs", "train.epochs", int, "number of epochs (default 10)"),
-    Flag("--steps", "train.max_steps", int, "stop after this many steps instead (0 = use epochs)"),
-    Flag("--batch-size", "train.batch_size", int, "images per step (default 1)"),
-    Flag("--seed", "train.seed", int, "random seed (same seed and settings = same result)"),
-    Flag("--mixed-precision", "train.mixed_precision", str, "auto, no, fp16 or bf16 (GPU only)",
-         ("auto", "no", "fp16", "bf16")),
-    Flag("--gradient-checkpointing", "train.gradient_checkpointing", _bool, "trade ~25%% speed for much less "
-                                                                            "memory"),
-    Flag("--min-snr-gamma", "train.min_snr_gamma", float, "min-SNR loss weighting (5 is common; 0 = off)"),
-    Flag("--noise-offset", "train.noise_offset", float, "noise offset (0.05-0.1; 0 = off)"),
-    Flag("--offload-vae", "train.offload_vae", _bool, "GPU: move the VAE to the CPU once latents are cached "
-                                                      "(default on)"),
-    Flag("--output", "output.output_dir", str, "output folder"),
-    Flag("--name", "output.name", str, "output name: NAME.safetensors, NAME-000001.safetensors, ..."),
-    Flag("--save-every-epochs", "output.save_every_epochs", int, "save NAME-<epoch> every N epochs (0 = off)"),
-    Flag("--save-every-steps", "output.save_every_steps", int, "also save NAME-step<step> every N steps"),
-    Flag("--save-precision", "output.save_precision", str, "fp16, bf16 or fp32", ("fp16", "bf16", "fp32")),
-    Flag("--save-state-every-epochs", "output.save_state_every_epochs", int,
-         "also save the resume state every N epochs (it is always saved on Ctrl-C)"),
-    Flag("--trigger", "output.trigger_words", str, "trigger words (stored in the metadata and .json sidecar)"),
-    Flag("--overwrite", "output.overwrite", _bool, "replace an existing NAME.safetensors"),
-    Flag("--sample-prompts", "sample.prompts", str, "sample images of these prompts (separate prompts with a new "
-                                                    "line or ' | '; [name] = the trigger words or embedding)"),
-    Flag("--sample-every-epochs", "sample.every_epochs", int, "make samples after every N epochs (0 = off)"),
-    Flag("--sample-every-steps", "sample.every_steps", int, "make samples every N steps (0 = off; with prompts and "
-                                                            "no interval: one set at the end)"),
-    Flag("--sample-negative", "sample.negative", str, "negative prompt of the samples"),
-    Flag("--sample-steps", "sample.steps", int, "DDIM steps per sample (default 20)"),
-    Flag("--sample-cfg", "sample.cfg_scale", float, "guidance scale of the samples (default 7)"),
-    Flag("--sample-seed", "sample.seed", int, "seed of the samples (fixed, so sets compare)"),
-]
-_LORA_ONLY = {"--reg-data", "--rank", "--alpha", "--conv-rank", "--conv-alpha", "--network-dropout", "--train-unet",
-              "--init-lora", "--te-lr", "--trigger"}
-_EMBEDDING_HELP = {
-    "--lr": "learning rate of the embedding vectors (default 5e-3; 1.0 for DAdaptAdam/Prodigy)",
-    "--name": "embedding name = the word prompts use = the file stem: NAME.safetensors, NAME-000500.safetensors",
-    "--save-every-epochs": "save NAME-<step> at the end of every N epochs (0 = off)",
-    "--save-every-steps": "save NAME-<step> every N steps (0 = off)",
-    "--save-precision": "fp16, bf16 or fp32 (default fp32)",
-    "--overwrite": "replace an existing NAME.safetensors / NAME.pt",
-}
-EMBEDDING_FLAGS: list[Flag] = [
-    Flag("--init-text", "embedding.init_text", str, "the vectors start as the token embeddings of this text, e.g. "
-                                                    "\"man in a leather jacket\" (\"\" = zeros; default *)"),
-    Flag("--vectors", "embedding.vectors", int, "vectors per token: how many of a prompt's 75 token slots the name "
-                                                "takes (1-75, default 1)"),
-    Flag("--template", "embedding.template", str, "prompt templates: subject, style, none (the captions alone, "
-                                                  "which must contain NAME) or a .txt file of lines with [name] and "
-                                                  "[filewords]", metavar="{subject,style,none,FILE}"),
-    Flag("--init-embedding", "embedding.init_from", str, "continue training from this embedding file "
-                                                         "(.safetensors/.pt, same --vectors)"),
-    Flag("--pt", "embedding.write_pt", _bool, "also write the WebUI's .pt format next to every .safetensors"),
-] + [dataclasses.replace(f, help=_EMBEDDING_HELP.get(f.flag, f.help)) for f in LORA_FLAGS
-     if f.flag not in _LORA_ONLY]
-for _f in LORA_FLAGS + EMBEDDING_FLAGS:
-    FLAGS[_f.key] = _f.flag
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str  # the sub-command and the config's method
-    noun: str  # what a run produces, for messages
-    flags: list[Flag]
-    help: str
-
-
-COMMANDS = {
-    "lora": Command("lora", "LoRA", LORA_FLAGS, "Train a kohya-format LoRA."),
-    "embedding": Command("embedding", "embedding", EMBEDDING_FLAGS,
-                         "Train a textual-inversion embedding (WebUI/ComfyUI/diffusers format)."),
-}
+def flags_for(method: Method) -> list[Flag]:
+    """The flags of ``method``'s sub-command: every setting with a flag that applies to it (not another method's
+    section), in config order (the method's own section first where it says so); help with its defaults."""
+    found = []
+    for d in declared(SECTIONS):
+        owner = methods.method_of(d.section)
+        if d.spec.flag is None or not d.spec.applies_to(method.name) or owner not in (None, method):
+            continue
+        text = d.spec.help_for(method.name)
+        if "{default}" in text:
+            text = text.replace("{default}", format_default(method_default(method.name, d.key)))
+        choices = choices_of(d.spec) if d.type is str and isinstance(d.spec.choices, tuple) and not d.spec.custom \
+            else None
+        metavar = d.spec.metavar or (choices and "{" + ",".join(choices) + "}") or d.name.upper()
+        found.append(Flag(d.spec.flag, d.key, _bool if d.type is bool else d.type, text.replace("%", "%%"),
+                          choices, metavar, d.spec.split))
+    if method.own_flags_first:
+        found.sort(key=lambda f: f.key.split(".")[0] != method.section)
+    return found
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lib_train", description=f"sd-webui-trainer {__version__}: train "
                                 "LoRA networks and textual-inversion embeddings on SD1.x/SD2.x checkpoints headless.")
     sub = p.add_subparsers(dest="command", required=True)
-    for cmd in COMMANDS.values():
-        sp = sub.add_parser(cmd.name, help=cmd.help[0].lower() + cmd.help[1:-1],
-                            description=f"{cmd.help} Boolean flags alone mean true; they also take true/false.")
+    for method in methods.METHODS.values():
+        sp = sub.add_parser(method.name, help=method.cli_help[0].lower() + method.cli_help[1:-1],
+                            description=f"{method.cli_help} Boolean flags alone mean true; they also take true/false.")
         sp.add_argument("--config", help="JSON or TOML config file (flags given here override it)")
         sp.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its NAME-state folder")
         sp.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
         sp.add_argument("--dry-run", action="store_true", help="check settings and dataset, print the plan, exit")
         sp.add_argument("--write-config", metavar="FILE", help="write the resulting config to FILE and exit")
-        for f in cmd.flags:
-            extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if f.type is _bool else {"metavar": f.metavar or (f.choices and "{" + ",".join(f.choices) + "}") or f.key.split(".")[1].upper()}
+        for f in flags_for(method):
+            extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if f.type is _bool else {"metavar": f.metavar}
             sp.add_argument(f.flag, dest=f.key, type=f.type, default=None, choices=f.choices, help=f.help, **extra)
     return p
 
 
-def _apply_flags(data: dict, args: argparse.Namespace, cmd: Command) -> dict:
-    for f in cmd.flags:
+def _flag_values(args: argparse.Namespace, method: Method) -> dict[str, Any]:
+    """The flags given: ``"section.field"`` → value."""
+    given = {}
+    for f in flags_for(method):
         value = getattr(args, f.key)
         if value is not None:
-            section, key = f.key.split(".")
-            if f.key == "sample.prompts":  # one line on a command line: ' | ' separates prompts
-                value = "\n".join(part.strip() for part in value.split(" | "))
-            data[section][key] = value
-    return data
+            if f.split:  # one line on a command line: the separator stands for a new line
+                value = "\n".join(part.strip() for part in value.split(f.split))
+            given[f.key] = value
+    return given
 
 
-def build_config(args: argparse.Namespace, cmd: Command | None = None) -> TrainConfig:
-    """Defaults of the command's method, then ``--config``, then the flags given."""
-    cmd = cmd or COMMANDS[args.command]
-    cfg = load_config(args.config, default_method=cmd.name) if args.config else default_config(cmd.name)
-    if cfg.method in METHODS and cfg.method != cmd.name:
-        raise ConfigError([Problem(f"method ({args.config})", f"the config file is for '{cfg.method}' training; "
-                                                              f"run it with `python -m lib_train {cfg.method}`")])
-    return from_dict(_apply_flags(cfg.to_dict(), args, cmd), default_method=cmd.name)
+def build_config(args: argparse.Namespace, method: Method | None = None) -> TrainConfig:
+    """Defaults of the command's method, then ``--config``, then the flags given: the config is built once."""
+    method = method or methods.get(args.command)
+    data = read_config_file(args.config) if args.config else {}
+    found = data.get("method", method.name)
+    if found in methods.METHODS and found != method.name:
+        raise ConfigError([Problem(f"method ({args.config})", f"the config file is for '{found}' training; "
+                                                              f"run it with `python -m lib_train {found}`")])
+    return from_dict(data, default_method=method.name, overrides=_flag_values(args, method))
 
 
 class _CliEvents:
@@ -242,7 +153,7 @@ class _CliEvents:
             print(text, file=sys.stderr, flush=True)
 
 
-def run_command(args: argparse.Namespace, cmd: Command) -> int:
+def run_command(args: argparse.Namespace, cmd: Method) -> int:
     from .train.state import load_state
 
     resume = None
@@ -252,8 +163,8 @@ def run_command(args: argparse.Namespace, cmd: Command) -> int:
         if method != cmd.name:
             raise TrainerError(f"{args.resume} holds the resume state of a '{method}' run; resume it with "
                                f"`python -m lib_train {method} --resume {args.resume}`.")
-        data = _apply_flags(resume.state.config, args, cmd)  # flags given now override the saved settings
-        cfg = from_dict(data, default_method=cmd.name)
+        # flags given now override the saved settings
+        cfg = from_dict(resume.state.config, default_method=cmd.name, overrides=_flag_values(args, cmd))
     else:
         cfg = build_config(args, cmd)
     if args.write_config:
@@ -264,13 +175,7 @@ def run_command(args: argparse.Namespace, cmd: Command) -> int:
 
     from .train.prepare import dataset_summary
 
-    if cmd.name == "lora":
-        from .train.lora_trainer import prepare_data
-        from .train.lora_trainer import train_lora as train
-    else:
-        from .train.ti_trainer import prepare_embedding_data as prepare_data
-        from .train.ti_trainer import train_embedding as train
-
+    prepare_data, train = cmd.entry("prepare"), cmd.entry("train")
     prep = prepare_data(cfg)
     for line in dataset_summary(prep):
         print(line, file=sys.stderr)
@@ -321,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
-        if args.command in COMMANDS:
-            return run_command(args, COMMANDS[args.command])
+        if args.command in methods.METHODS:
+            return run_command(args, methods.METHODS[args.command])
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

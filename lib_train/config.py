@@ -3,12 +3,14 @@
 One :class:`TrainConfig` describes a run completely; the command line, the WebUI tab and the API all fill the same
 object, and a run folder stores it so a run can be resumed or repeated. Rules:
 
-- every field has a default and a comment saying what it means;
+- every field is declared once with :func:`~lib_train.settings.setting`: its default, its help, its command-line
+  flag, its label and group in the Trainer tab, its choices and range (the CLI's flags and the tab's fields are
+  generated from it);
 - unknown keys are rejected by name (a typo never silently does nothing);
 - :func:`validate` reports every problem at once, each naming the setting and its command-line flag;
 - ``version`` is written to every file; :data:`MIGRATIONS` upgrades older files;
-- ``method`` ("lora" or "embedding") picks what is trained; a few defaults differ by method
-  (:data:`METHOD_DEFAULTS`), and each method ignores the other's section (``network`` / ``embedding``).
+- ``method`` ("lora" or "embedding", :mod:`lib_train.methods`) picks what is trained; a few defaults differ by
+  method (``Method.defaults``), and each method ignores the other's section (``network`` / ``embedding``).
 """
 
 from __future__ import annotations
@@ -21,59 +23,101 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from . import methods
 from .atomic import atomic_write_text, check_output_name
-from .errors import ConfigError, Problem, TrainerError
+from .errors import ConfigError, Problem
+from .settings import Setting, choices_of, coerce, declared, setting
 
 CONFIG_VERSION = 3
 
-METHODS = ("lora", "embedding")
-
+# Closed choice sets (the optimizer and scheduler names are their registries', read when needed).
 PREDICTIONS = ("auto", "eps", "v")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 CACHE_MODES = ("memory", "disk", "off")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 TEMPLATES = ("subject", "style", "none")
+TOKEN_LENGTHS = (75, 150, 225)  # 1-3 chunks of 75 tokens, as the WebUI encodes long prompts
 MAX_VECTORS = 75  # one prompt chunk holds 75 token slots; an embedding's vectors must fit in one
+OPTIMIZERS_REF = "lib_train.train.optim:OPTIMIZERS"
+SCHEDULERS_REF = "lib_train.train.schedule:SCHEDULERS"
+_IN_A_FILE = "rarely changed: set it in a config file (--config)"
 
 
 @dataclass
 class ModelConfig:
-    checkpoint: str = ""  # headless only: a single-file SD1.x/SD2.x checkpoint (.safetensors or .ckpt)
-    prediction: str = "auto"  # "auto" (detect), "eps" or "v" (SD2-768-v models)
-    clip_skip: int = 1  # SD1: use the output of the N-th layer from the end (1 = last, 2 = the usual anime setting)
+    checkpoint: str = setting(
+        "", "SD1.x/SD2.x checkpoint file (.safetensors or .ckpt) to train on", flag="--checkpoint",
+        not_in_ui="the WebUI trains the checkpoint that is loaded right now")
+    prediction: str = setting(
+        "auto", "prediction type: auto (detect), eps, or v (SD2-768-v models)", flag="--prediction",
+        choices=PREDICTIONS, group="training", ui_order=1)
+    clip_skip: int = setting(
+        1, "SD1: text-encoder layer from the end (1 = last, 2 = penultimate)", flag="--clip-skip", label="Clip skip",
+        group="training", ui_order=1, range=(1, 12))
 
 
 @dataclass
 class DataConfig:
-    train_dir: str = ""  # folder of images, with `N_name` repeat sub-folders (kohya convention)
-    reg_dir: str = ""  # optional regularization images, same folder convention
-    caption_extension: str = ".txt"  # caption file next to each image: <image stem><caption_extension>
-    default_repeats: int = 1  # repeats for images in folders without an `N_` prefix
-    resolution: int = 512  # training resolution (the bucket area is resolution²); a multiple of 64
-    enable_buckets: bool = True  # aspect-ratio buckets instead of square center crops
-    min_bucket_side: int = 256  # smallest bucket side in pixels
-    max_bucket_side: int = 1024  # largest bucket side in pixels
-    bucket_step: int = 64  # bucket sides are multiples of this
-    bucket_no_upscale: bool = False  # never upscale small images; they get a bucket of their own size
-    min_image_side: int = 64  # images with a smaller side are reported and skipped
-    flip: bool = False  # random horizontal flip (do not use for asymmetric subjects or text)
-    shuffle_caption: bool = False  # shuffle comma-separated tags each step
-    keep_tokens: int = 0  # with shuffle: keep the first N tags in place (put the trigger word first)
-    caption_dropout: float = 0.0  # probability of training a step with an empty caption
-    tag_dropout: float = 0.0  # probability of dropping each (non-kept) tag
-    max_token_length: int = 225  # 75, 150 or 225 tokens (1-3 chunks of 75, as the WebUI encodes long prompts)
-    cache_latents: str = "memory"  # "memory", "disk" (reused across runs) or "off"
+    train_dir: str = setting(
+        "", "folder of training images with N_name repeat sub-folders (e.g. data/10_mychar/*.png + .txt captions)",
+        flag="--data", label="Dataset folder", group="dataset")
+    reg_dir: str = setting(
+        "", "optional folder of regularization images (same folder convention)", flag="--reg-data",
+        label="Regularization folder (optional)", group="dataset", methods=("lora",))
+    caption_extension: str = setting(
+        ".txt", "caption file extension (default .txt)", flag="--caption-extension", group="dataset")
+    default_repeats: int = setting(
+        1, "repeats for images in folders without an N_ prefix", flag="--repeats",
+        label="Repeats outside N_name folders", group="dataset")
+    resolution: int = setting(
+        512, "training resolution, a multiple of 64 (512 for SD1, 768 for SD2-768)", flag="--resolution",
+        group="images")
+    enable_buckets: bool = setting(
+        True, "aspect-ratio buckets on/off (default on)", flag="--buckets", label="Aspect-ratio buckets",
+        group="images")
+    min_bucket_side: int = setting(
+        256, "smallest bucket side in pixels (default 256)", flag="--min-bucket", group="images")
+    max_bucket_side: int = setting(
+        1024, "largest bucket side in pixels (default 1024)", flag="--max-bucket", group="images")
+    bucket_step: int = setting(
+        64, "bucket sides are multiples of this", no_flag=_IN_A_FILE, group="images")
+    bucket_no_upscale: bool = setting(
+        False, "never upscale small images", flag="--bucket-no-upscale", group="images")
+    min_image_side: int = setting(
+        64, "images with a smaller side are reported and skipped", no_flag=_IN_A_FILE, group="dataset")
+    flip: bool = setting(
+        False, "random horizontal flips (not for asymmetric subjects)", flag="--flip", label="Random horizontal flip",
+        group="images")
+    shuffle_caption: bool = setting(
+        False, "shuffle comma-separated tags every step", flag="--shuffle-caption", group="images")
+    keep_tokens: int = setting(
+        0, "with shuffle: keep the first N tags in place", flag="--keep-tokens", group="images")
+    caption_dropout: float = setting(
+        0.0, "probability of an empty caption for a step", flag="--caption-dropout", group="images")
+    tag_dropout: float = setting(
+        0.0, "probability of dropping each tag", flag="--tag-dropout", group="images")
+    max_token_length: int = setting(
+        225, "caption token limit: 75, 150 or 225", flag="--max-token-length", choices=TOKEN_LENGTHS,
+        group="images")
+    cache_latents: str = setting(
+        "memory", "cache VAE latents: memory, disk (reused across runs) or off", flag="--cache-latents",
+        choices=CACHE_MODES, group="images")
 
 
 @dataclass
 class NetworkConfig:
-    rank: int = 16  # LoRA rank (network dim)
-    alpha: float = 8.0  # LoRA alpha; the update is scaled by alpha / rank
-    conv_rank: int = 0  # > 0 also trains 3x3 convolutions and ResBlock layers (LoCon)
-    conv_alpha: float = 1.0  # alpha for the conv layers
-    dropout: float = 0.0  # dropout on the LoRA branch input
-    train_unet: bool = True  # train LoRA on the UNet
-    init_from: str = ""  # optional: continue training from this existing LoRA file (same rank/modules)
+    rank: int = setting(16, "LoRA rank / network dim (default 16)", flag="--rank", label="Rank (dim)",
+                        group="network")
+    alpha: float = setting(8.0, "LoRA alpha; updates are scaled by alpha/rank (default 8)", flag="--alpha",
+                           group="network")
+    conv_rank: int = setting(0, "> 0 also trains 3x3 convs and ResBlocks (LoCon)", flag="--conv-rank",
+                             label="Conv rank (LoCon, 0 = off)", group="network")
+    conv_alpha: float = setting(1.0, "alpha of the conv layers", flag="--conv-alpha", group="network")
+    dropout: float = setting(0.0, "dropout on the LoRA input", flag="--network-dropout", group="network")
+    train_unet: bool = setting(True, "train the UNet (default on)", flag="--train-unet", label="Train the UNet",
+                               group="network")
+    init_from: str = setting("", "continue training from this LoRA file", flag="--init-lora",
+                             label="Continue from LoRA file", group="network")
 
 
 @dataclass
@@ -82,53 +126,102 @@ class EmbeddingConfig:
     and the WebUI names an embedding by its file stem. Template lines use ``[name]`` (the embedding) and
     ``[filewords]`` (the image's caption)."""
 
-    init_text: str = "*"  # the vectors start as the token embeddings of this text ("" = zeros), e.g. "man in a jacket"
-    vectors: int = 1  # vectors per token: the name takes this many of a prompt's 75 token slots (1-75)
-    template: str = "subject"  # prompts: "subject", "style", "none" (the captions alone) or a .txt file of lines
-    init_from: str = ""  # optional: continue from this embedding file (.safetensors/.pt) with the same vector count
-    write_pt: bool = False  # also write the WebUI's .pt format next to every .safetensors
+    init_text: str = setting(
+        "*", "the vectors start as the token embeddings of this text, e.g. \"man in a leather jacket\" (\"\" = zeros; "
+             "default *)", flag="--init-text", group="embedding")
+    vectors: int = setting(
+        1, "vectors per token: how many of a prompt's 75 token slots the name takes (1-75, default 1)",
+        flag="--vectors", group="embedding", range=(1, MAX_VECTORS))
+    template: str = setting(
+        "subject", "prompt templates: subject, style, none (the captions alone, which must contain NAME) or a .txt "
+                   "file of lines with [name] and [filewords]", flag="--template", metavar="{subject,style,none,FILE}",
+        choices=TEMPLATES, custom=True, group="embedding")
+    init_from: str = setting(
+        "", "continue training from this embedding file (.safetensors/.pt, same --vectors)", flag="--init-embedding",
+        label="Continue from embedding file", group="embedding")
+    write_pt: bool = setting(
+        False, "also write the WebUI's .pt format next to every .safetensors", flag="--pt",
+        label="Also write the WebUI .pt format", group="embedding")
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "AdamW"  # AdamW, AdamW8bit, Lion, Lion8bit, DAdaptAdam, Prodigy, Adafactor
-    optimizer_args: str = ""  # extra arguments, e.g. "weight_decay=0.01 betas=0.9,0.99"
-    lr: float = 1e-4  # UNet learning rate (use 1.0 with DAdaptAdam / Prodigy)
-    te_lr: float = 5e-5  # text-encoder learning rate; 0 = train the UNet only
-    scheduler: str = "constant"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
-    warmup_steps: int = 0  # linear warmup steps
-    num_cycles: int = 1  # cosine_with_restarts: number of restarts
-    power: float = 1.0  # polynomial: decay power
-    grad_accum: int = 1  # gradient accumulation steps (effective batch = batch_size × grad_accum)
-    max_grad_norm: float = 1.0  # clip the gradient norm (0 = off)
-    allow_fallback: bool = False  # if the optimizer cannot run here (e.g. 8-bit on this GPU), use AdamW instead
+    optimizer: str = setting(
+        "AdamW", "AdamW, AdamW8bit, Lion, Lion8bit, DAdaptAdam, Prodigy, Adafactor", flag="--optimizer",
+        choices=OPTIMIZERS_REF, group="optim")
+    optimizer_args: str = setting(
+        "", "extra optimizer arguments, e.g. \"weight_decay=0.01 betas=0.9,0.99\"", flag="--optimizer-args",
+        group="optim", check="lib_train.train.optim:parse_optimizer_args")
+    lr: float = setting(
+        1e-4, "UNet learning rate (default {default}; 1.0 for DAdaptAdam/Prodigy)", flag="--lr", label="Learning rate",
+        group="optim", method_help={"embedding": "learning rate of the embedding vectors (default {default}; 1.0 for "
+                                                 "DAdaptAdam/Prodigy)"})
+    te_lr: float = setting(
+        5e-5, "text-encoder learning rate (default {default}; 0 = UNet only)", flag="--te-lr",
+        label="Text-encoder learning rate (0 = UNet only)", group="optim", methods=("lora",))
+    scheduler: str = setting(
+        "constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+        flag="--scheduler", choices=SCHEDULERS_REF, group="optim")
+    warmup_steps: int = setting(0, "warmup steps", flag="--warmup", group="optim")
+    num_cycles: int = setting(1, "cosine_with_restarts: number of cycles", flag="--lr-cycles", group="optim")
+    power: float = setting(1.0, "polynomial: decay power", no_flag=_IN_A_FILE, group="optim")
+    grad_accum: int = setting(1, "gradient accumulation steps", flag="--grad-accum",
+                              label="Gradient accumulation steps", group="optim")
+    max_grad_norm: float = setting(1.0, "gradient-norm clipping (0 = off)", flag="--max-grad-norm", group="optim")
+    allow_fallback: bool = setting(
+        False, "use AdamW if the optimizer cannot run here", flag="--optimizer-fallback",
+        label="Fall back to AdamW if the optimizer cannot run", group="optim")
 
 
 @dataclass
 class TrainingConfig:
-    epochs: int = 10  # number of epochs (passes over images × repeats)
-    max_steps: int = 0  # > 0: stop after this many optimizer steps instead of counting epochs
-    batch_size: int = 1  # images per step
-    seed: int = 42  # fixes data order, noise and initialisation: same seed + settings = same result
-    mixed_precision: str = "auto"  # "auto" (bf16/fp16 on GPU, fp32 on CPU), "no", "fp16", "bf16"
-    gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~25% slower
-    min_snr_gamma: float = 0.0  # min-SNR loss weighting (5 is common; 0 = off)
-    noise_offset: float = 0.0  # noise offset (0.05-0.1 helps very dark/bright images; 0 = off)
-    log_every: int = 10  # read the loss back from the device every N steps (each read is a sync)
-    offload_vae: bool = True  # GPU: move the VAE to the CPU once latents are cached (frees its memory for training)
+    epochs: int = setting(10, "number of epochs (default 10)", flag="--epochs", group="training")
+    max_steps: int = setting(0, "stop after this many steps instead (0 = use epochs)", flag="--steps",
+                             label="Max steps (0 = use epochs)", group="training")
+    batch_size: int = setting(1, "images per step (default 1)", flag="--batch-size", group="training")
+    seed: int = setting(42, "random seed (same seed and settings = same result)", flag="--seed", group="training")
+    mixed_precision: str = setting("auto", "auto, no, fp16 or bf16 (GPU only)", flag="--mixed-precision",
+                                   choices=MIXED_PRECISIONS, group="training")
+    gradient_checkpointing: bool = setting(False, "trade ~25% speed for much less memory",
+                                           flag="--gradient-checkpointing", group="training")
+    min_snr_gamma: float = setting(0.0, "min-SNR loss weighting (5 is common; 0 = off)", flag="--min-snr-gamma",
+                                   label="Min-SNR gamma", group="training")
+    noise_offset: float = setting(0.0, "noise offset (0.05-0.1; 0 = off)", flag="--noise-offset", group="training")
+    log_every: int = setting(10, "read the loss back from the device every N steps (each read is a sync)",
+                             no_flag=_IN_A_FILE, group="training")
+    offload_vae: bool = setting(True, "GPU: move the VAE to the CPU once latents are cached (default on)",
+                                flag="--offload-vae", label="Move the VAE to the CPU after caching latents",
+                                group="training")
 
 
 @dataclass
 class OutputConfig:
-    output_dir: str = ""  # where the files go
-    name: str = ""  # file stem: name.safetensors, name-000001.safetensors, ...
-    save_every_epochs: int = 1  # save name-<epoch>.safetensors every N epochs (0 = only the final file)
-    save_every_steps: int = 0  # also save name-step<step>.safetensors every N steps (0 = off)
-    save_precision: str = "fp16"  # dtype of the saved LoRA weights
-    save_state_every_epochs: int = 0  # also save the full resume state every N epochs (it is always saved on interrupt)
-    overwrite: bool = False  # replace an existing name.safetensors (otherwise the run refuses to start)
-    trigger_words: str = ""  # activation text written to the .json sidecar
-    comment: str = ""  # free text stored as ss_training_comment
+    output_dir: str = setting("", "output folder", flag="--output",
+                              label="Output folder (empty = the Lora folder / run name)", group="output", ui_order=-2)
+    name: str = setting(
+        "", "output name: NAME.safetensors, NAME-000001.safetensors, ...", flag="--name", label="Name",
+        group="output", ui_order=-3,
+        method_help={"embedding": "embedding name = the word prompts use = the file stem: NAME.safetensors, "
+                                  "NAME-000500.safetensors"})
+    save_every_epochs: int = setting(
+        1, "save NAME-<epoch> every N epochs (0 = off)", flag="--save-every-epochs", group="output",
+        method_help={"embedding": "save NAME-<step> at the end of every N epochs (0 = off)"})
+    save_every_steps: int = setting(
+        0, "also save NAME-step<step> every N steps", flag="--save-every-steps", group="output",
+        method_help={"embedding": "save NAME-<step> every N steps (0 = off)"})
+    save_precision: str = setting(
+        "fp16", "fp16, bf16 or fp32", flag="--save-precision", choices=SAVE_PRECISIONS, group="output",
+        method_help={"embedding": "fp16, bf16 or fp32 (default {default})"})
+    save_state_every_epochs: int = setting(
+        0, "also save the resume state every N epochs (it is always saved on Ctrl-C)",
+        flag="--save-state-every-epochs", label="Save resume state every N epochs", group="output")
+    overwrite: bool = setting(
+        False, "replace an existing NAME.safetensors", flag="--overwrite", group="output",
+        method_help={"embedding": "replace an existing NAME.safetensors / NAME.pt"})
+    trigger_words: str = setting(
+        "", "trigger words (stored in the metadata and .json sidecar)", flag="--trigger", label="Trigger words",
+        group="output", ui_order=-1, methods=("lora",))
+    comment: str = setting("", "free text stored as ss_training_comment", no_flag=_IN_A_FILE, group="output")
 
 
 @dataclass
@@ -136,22 +229,35 @@ class SampleConfig:
     """Sample images during a run: the same prompts and seed each time, so they show how training progresses. The
     last set also becomes the final file's ``.preview.png`` (the card picture in the WebUI)."""
 
-    prompts: str = ""  # one prompt per line ([name] = the embedding, or the trigger words); empty = no samples
-    every_epochs: int = 0  # sample after every N epochs (0 = off)
-    every_steps: int = 0  # sample every N steps (0 = off); with prompts and both 0: one set at the end
-    negative: str = ""  # negative prompt for every sample
-    steps: int = 20  # sampling steps
-    cfg_scale: float = 7.0  # classifier-free guidance scale
-    seed: int = 1234  # the seed of every sample (fixed, so sets compare across steps)
-    width: int = 0  # sample width in pixels (0 = data.resolution)
-    height: int = 0  # sample height in pixels (0 = data.resolution)
-    sampler: str = "Euler a"  # the WebUI's sampler name; headless runs use DDIM
+    prompts: str = setting(
+        "", "sample images of these prompts (separate prompts with a new line or ' | '; [name] = the trigger words "
+            "or embedding)", flag="--sample-prompts", split=" | ",
+        label="Sample prompts (one per line; [name] = embedding / trigger words)", group="samples", lines=3)
+    every_epochs: int = setting(0, "make samples after every N epochs (0 = off)", flag="--sample-every-epochs",
+                                label="Sample every N epochs", group="samples")
+    every_steps: int = setting(
+        0, "make samples every N steps (0 = off; with prompts and no interval: one set at the end)",
+        flag="--sample-every-steps", label="Sample every N steps", group="samples")
+    negative: str = setting("", "negative prompt of the samples", flag="--sample-negative", label="Negative prompt",
+                            group="samples")
+    steps: int = setting(20, "DDIM steps per sample (default 20)", flag="--sample-steps", label="Sampling steps",
+                         group="samples", range=(1, 150))
+    cfg_scale: float = setting(7.0, "guidance scale of the samples (default 7)", flag="--sample-cfg",
+                               label="CFG scale", group="samples", range=(1.0, 30.0))
+    seed: int = setting(1234, "seed of the samples (fixed, so sets compare)", flag="--sample-seed", label="Seed",
+                        group="samples")
+    width: int = setting(0, "sample width in pixels (0 = data.resolution)", no_flag=_IN_A_FILE,
+                         label="Width (0 = resolution)", group="samples")
+    height: int = setting(0, "sample height in pixels (0 = data.resolution)", no_flag=_IN_A_FILE,
+                          label="Height (0 = resolution)", group="samples")
+    sampler: str = setting("Euler a", "the WebUI's sampler name; headless runs use DDIM",
+                           no_flag="the WebUI's samplers; headless runs always use DDIM", group="samples")
 
 
 @dataclass
 class TrainConfig:
     version: int = CONFIG_VERSION
-    method: str = "lora"
+    method: str = methods.DEFAULT_METHOD
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -168,16 +274,9 @@ class TrainConfig:
         return from_dict(self.to_dict())
 
 
-SECTIONS = {f.name: f.type for f in fields(TrainConfig) if f.name not in ("version", "method")}
-_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "network": NetworkConfig,
-                    "embedding": EmbeddingConfig, "optim": OptimConfig, "train": TrainingConfig,
-                    "output": OutputConfig, "sample": SampleConfig}
-
-# Defaults that differ by method, applied before a file's or the command line's values.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": {},
-    "embedding": {"optim.lr": 5e-3, "output.save_precision": "fp32"},  # the WebUI's TI rate; embeddings are tiny
-}
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(TrainConfig)  # type: ignore[misc]
+                             if f.name not in ("version", "method")}
+SETTINGS: dict[str, Setting] = {d.key: d.spec for d in declared(SECTIONS)}  # "section.field" → its declaration
 
 
 def _v1_to_v2(data: dict) -> None:
@@ -191,28 +290,40 @@ def _v2_to_v3(data: dict) -> None:
 # Older config versions → a function that upgrades the dict in place to the next version.
 MIGRATIONS: dict[int, Callable[[dict], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
-# Setting → command-line flag, for messages (filled by the CLI module; a setting without a flag is named alone).
-FLAGS: dict[str, str] = {}
+
+def label(key: str) -> str:
+    """A setting as messages name it: ``network.rank (--rank)``; a setting without a flag alone."""
+    spec = SETTINGS.get(key)
+    return f"{key} ({spec.flag})" if spec is not None and spec.flag else key
 
 
-def _label(key: str) -> str:
-    flag = FLAGS.get(key)
-    return f"{key} ({flag})" if flag else key
-
-
-def default_config(method: str = "lora") -> TrainConfig:
-    """A config with the defaults of ``method`` (:data:`METHOD_DEFAULTS`)."""
+def default_config(method: str = methods.DEFAULT_METHOD) -> TrainConfig:
+    """A config with the defaults of ``method`` (``Method.defaults`` in :mod:`lib_train.methods`)."""
     cfg = TrainConfig(method=method)
-    for key, value in METHOD_DEFAULTS.get(method, {}).items():
+    found = methods.METHODS.get(method)
+    for key, value in (found.defaults if found else {}).items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
     return cfg
 
 
-def from_dict(data: dict[str, Any], *, default_method: str = "lora") -> TrainConfig:
-    """Build a config from a plain dict (JSON/TOML/API); ``method`` defaults to ``default_method``. Unknown
-    sections or keys and wrong types raise :class:`ConfigError` naming every offending key."""
+def method_default(method: str, key: str) -> Any:
+    """The default of setting ``key`` (``"section.field"``) for ``method``."""
+    section, name = key.split(".")
+    return getattr(getattr(default_config(method), section), name)
+
+
+def from_dict(data: dict[str, Any], *, default_method: str = methods.DEFAULT_METHOD,
+              overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Build a config from a plain dict (JSON/TOML/API); ``method`` defaults to ``default_method``; ``overrides``
+    (``"section.field"`` → value, e.g. command-line flags) replace the dict's values. Unknown sections or keys and
+    wrong types raise :class:`ConfigError` naming every offending key."""
     data = json.loads(json.dumps(data))  # deep copy, plain types only
+    for key, value in (overrides or {}).items():
+        section, name = key.split(".")
+        section_data = data.setdefault(section, {})
+        if isinstance(section_data, dict):
+            section_data[name] = value
     problems: list[Problem] = []
     version = data.pop("version", CONFIG_VERSION)
     if not isinstance(version, int) or version > CONFIG_VERSION:
@@ -222,12 +333,12 @@ def from_dict(data: dict[str, Any], *, default_method: str = "lora") -> TrainCon
         MIGRATIONS[version](data)
         version += 1
     method = data.pop("method", default_method)
-    cfg = default_config(method if isinstance(method, str) else "lora")
+    cfg = default_config(method if isinstance(method, str) else methods.DEFAULT_METHOD)
     cfg.method = method
     for section, values in data.items():
-        cls = _SECTION_CLASSES.get(section)
+        cls = SECTIONS.get(section)
         if cls is None:
-            problems.append(Problem(section, f"unknown section; known sections: {', '.join(_SECTION_CLASSES)}"))
+            problems.append(Problem(section, f"unknown section; known sections: {', '.join(SECTIONS)}"))
             continue
         if not isinstance(values, dict):
             problems.append(Problem(section, "must be a table/object of settings"))
@@ -240,68 +351,32 @@ def from_dict(data: dict[str, Any], *, default_method: str = "lora") -> TrainCon
                 problems.append(Problem(name, f"unknown setting; known settings in [{section}]: "
                                               f"{', '.join(known)}"))
                 continue
-            default = getattr(target, key)
-            coerced = _coerce(value, type(default))
-            if coerced is _BAD:
-                problems.append(Problem(_label(name), f"expected {type(default).__name__}, got {value!r}"))
-                continue
-            setattr(target, key, coerced)
+            try:
+                setattr(target, key, coerce(value, type(getattr(target, key))))
+            except ValueError as e:
+                problems.append(Problem(label(name), str(e)))
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-_BAD = object()
-
-
-def _coerce(value: Any, typ: type) -> Any:
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        return _BAD
-    if typ is int:
-        if isinstance(value, bool):
-            return _BAD
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                return _BAD
-        return _BAD
-    if typ is float:
-        if isinstance(value, bool):
-            return _BAD
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                return _BAD
-        return _BAD
-    if typ is str:
-        return value if isinstance(value, str) else _BAD
-    return value
-
-
 # ----------------------------------------------------------------------------------------------- validation
+
+def _out_of_range(key: str, value: float) -> bool:
+    low, high = SETTINGS[key].range  # type: ignore[misc]
+    return not low <= value <= high
+
 
 def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     """Raise :class:`ConfigError` listing every invalid setting (paths that must exist are checked too)."""
     p: list[Problem] = []
 
     def bad(key: str, msg: str) -> None:
-        p.append(Problem(_label(key), msg))
+        p.append(Problem(label(key), msg))
 
-    if cfg.method not in METHODS:
-        bad("method", f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    lora = cfg.method == "lora"
+    method = methods.METHODS.get(cfg.method) if isinstance(cfg.method, str) else None
+    if method is None:
+        bad("method", f"unknown method {cfg.method!r}; choose one of {', '.join(methods.METHODS)}")
     m, d, o, t, out = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.output
     if headless:
         if not m.checkpoint:
@@ -310,7 +385,7 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
             bad("model.checkpoint", f"file not found: {m.checkpoint}")
     if m.prediction not in PREDICTIONS:
         bad("model.prediction", f"must be one of {', '.join(PREDICTIONS)}")
-    if not 1 <= m.clip_skip <= 12:
+    if _out_of_range("model.clip_skip", m.clip_skip):
         bad("model.clip_skip", "must be between 1 and 12 (1 = last layer, 2 = penultimate)")
 
     if not d.train_dir:
@@ -340,33 +415,23 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     for key in ("caption_dropout", "tag_dropout"):
         if not 0.0 <= getattr(d, key) < 1.0:
             bad(f"data.{key}", "must be a probability in [0, 1)")
-    if d.max_token_length not in (75, 150, 225):
+    if d.max_token_length not in TOKEN_LENGTHS:
         bad("data.max_token_length", "must be 75, 150 or 225")
     if d.cache_latents not in CACHE_MODES:
         bad("data.cache_latents", f"must be one of {', '.join(CACHE_MODES)}")
 
-    if lora:
-        _validate_network(cfg, bad)
-    elif cfg.method == "embedding":
-        _validate_embedding(cfg, bad)
+    if method is not None:
+        method.validate_section(cfg, bad)
 
-    from .train.optim import OPTIMIZERS, parse_optimizer_args  # light imports (no optimizer library)
-
-    names = {k.lower(): k for k in OPTIMIZERS}
-    if o.optimizer.lower() not in names:
-        bad("optim.optimizer", f"unknown optimizer {o.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    try:
-        parse_optimizer_args(o.optimizer_args)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
-        bad("optim.optimizer_args", str(e))
-    from .train.schedule import SCHEDULERS
-
-    if o.scheduler not in SCHEDULERS:
-        bad("optim.scheduler", f"unknown scheduler {o.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    optimizers = choices_of(SETTINGS["optim.optimizer"]) or ()
+    if o.optimizer.lower() not in {k.lower() for k in optimizers}:
+        bad("optim.optimizer", f"unknown optimizer {o.optimizer!r}; choose one of {', '.join(optimizers)}")
+    _check("optim.optimizer_args", o.optimizer_args, bad)
+    schedulers = choices_of(SETTINGS["optim.scheduler"]) or ()
+    if o.scheduler not in schedulers:
+        bad("optim.scheduler", f"unknown scheduler {o.scheduler!r}; choose one of {', '.join(schedulers)}")
     if not o.lr > 0 or not math.isfinite(o.lr):
         bad("optim.lr", "must be a positive number (1e-4 is typical for AdamW; 1.0 for DAdaptAdam/Prodigy)")
-    if lora and (o.te_lr < 0 or not math.isfinite(o.te_lr)):
-        bad("optim.te_lr", "must be 0 (UNet only) or a positive number")
     if o.warmup_steps < 0:
         bad("optim.warmup_steps", "must be 0 or more")
     if o.num_cycles < 1:
@@ -392,7 +457,8 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
         bad("train.log_every", "must be at least 1")
 
     if not out.output_dir:
-        bad("output.output_dir", f"give the folder where the {'LoRA' if lora else 'embedding'} files are written")
+        bad("output.output_dir", f"give the folder where the {method.noun if method else 'output'} files are "
+                                 "written")
     elif Path(out.output_dir).exists() and not Path(out.output_dir).is_dir():
         bad("output.output_dir", f"{out.output_dir} exists and is not a folder")
     msg = check_output_name(out.name)
@@ -405,6 +471,16 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     _validate_sample(cfg, bad)
     if p:
         raise ConfigError(p)
+
+
+def _check(key: str, value: Any, bad: Callable[[str, str], None]) -> None:
+    """Run the setting's own check (``Setting.check``) on ``value``."""
+    from .settings import resolve
+
+    try:
+        resolve(SETTINGS[key].check)(value)
+    except Exception as e:  # noqa: BLE001 - any failure of the check is a user error here
+        bad(key, str(e))
 
 
 MAX_SAMPLE_PROMPTS = 16
@@ -425,9 +501,9 @@ def _validate_sample(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:
     if len(prompts) > MAX_SAMPLE_PROMPTS:
         bad("sample.prompts", f"{len(prompts)} prompts; use at most {MAX_SAMPLE_PROMPTS} (each costs a generation "
                               "every time samples are made)")
-    if not 1 <= s.steps <= 150:
+    if _out_of_range("sample.steps", s.steps):
         bad("sample.steps", "must be between 1 and 150 (20 is typical)")
-    if not 1.0 <= s.cfg_scale <= 30.0 or not math.isfinite(s.cfg_scale):
+    if _out_of_range("sample.cfg_scale", s.cfg_scale) or not math.isfinite(s.cfg_scale):
         bad("sample.cfg_scale", "must be between 1 and 30 (7 is typical)")
     for key in ("width", "height"):
         value = getattr(s, key)
@@ -437,53 +513,10 @@ def _validate_sample(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:
         bad("sample.sampler", "give a sampler name such as 'Euler a' (headless runs always use DDIM)")
 
 
-def _validate_network(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:
-    n, o = cfg.network, cfg.optim
-    if n.rank < 1:
-        bad("network.rank", f"{n.rank} is not a valid rank; use a positive integer such as 8, 16 or 32")
-    elif n.rank > 1024:
-        bad("network.rank", "is larger than 1024; typical ranks are 4-128")
-    if not n.alpha > 0 or not math.isfinite(n.alpha):
-        bad("network.alpha", "must be a positive number (often rank/2 or 1)")
-    if n.conv_rank < 0:
-        bad("network.conv_rank", "must be 0 (off) or a positive integer")
-    if n.conv_rank and not n.conv_alpha > 0:
-        bad("network.conv_alpha", "must be a positive number")
-    if not 0.0 <= n.dropout < 1.0:
-        bad("network.dropout", "must be in [0, 1)")
-    if n.init_from and not Path(n.init_from).is_file():
-        bad("network.init_from", f"file not found: {n.init_from}")
-    if not n.train_unet and o.te_lr == 0:
-        bad("network.train_unet", "nothing to train: the UNet is off and the text-encoder learning rate is 0")
-
-
-def _validate_embedding(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:
-    from .embedding.prompts import load_template
-    from .embedding.vectors import count_tokens
-
-    e = cfg.embedding
-    if not 1 <= e.vectors <= MAX_VECTORS:
-        bad("embedding.vectors", f"{e.vectors} is not a valid vector count; use 1-{MAX_VECTORS} (each vector takes "
-                                 "one of the 75 token slots of a prompt chunk; 1-8 is usual)")
-    tokens = count_tokens(e.init_text)
-    if tokens > MAX_VECTORS:
-        bad("embedding.init_text", f"is {tokens} tokens long; it must fit one prompt chunk (75 tokens). Use a few "
-                                   "words that describe the subject, e.g. 'man in a leather jacket'")
-    try:
-        load_template(e.template)
-    except TrainerError as err:
-        bad("embedding.template", str(err))
-    if e.init_from and not Path(e.init_from).is_file():
-        bad("embedding.init_from", f"file not found: {e.init_from}")
-    if cfg.data.reg_dir:
-        bad("data.reg_dir", "regularization images do not apply to embedding training (the model itself does not "
-                            "change); remove this setting")
-
-
 # ----------------------------------------------------------------------------------------------- files
 
-def load_config(path: str | Path, *, default_method: str = "lora") -> TrainConfig:
-    """Read a ``.json`` or ``.toml`` config file (``method`` defaults to ``default_method``)."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a ``.json`` or ``.toml`` config file as a plain dict (not checked yet)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -499,7 +532,12 @@ def load_config(path: str | Path, *, default_method: str = "lora") -> TrainConfi
             from None
     if not isinstance(data, dict):
         raise ConfigError([Problem(str(path), "must contain a table/object of settings")])
-    return from_dict(data, default_method=default_method)
+    return data
+
+
+def load_config(path: str | Path, *, default_method: str = methods.DEFAULT_METHOD) -> TrainConfig:
+    """Read a ``.json`` or ``.toml`` config file (``method`` defaults to ``default_method``)."""
+    return from_dict(read_config_file(path), default_method=default_method)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from . import methods
 from .config import TrainConfig
 from .models.families import DEFAULT, FAMILIES
+from .settings import resolve
 
 GIB = 2**30
 # Parameters of the frozen modules and LoRA parameters per unit of rank, by family name (the family table's counts;
@@ -73,9 +75,11 @@ def estimate(cfg: TrainConfig, steps: int | None, family: str = DEFAULT.name,
     if cfg.data.cache_latents == "off" or not cfg.train.offload_vae:
         weights += params["vae"] * wbytes
     parts = {"model weights": weights / GIB}
-    if cfg.method == "lora":
+    method = methods.METHODS.get(cfg.method)
+    if method is not None and method.trainable_params:  # an embedding's vectors are negligible
         opt = OPTIMIZER_STATE_BYTES.get(cfg.optim.optimizer.lower(), 8)
-        parts["LoRA + gradients + optimizer"] = lora_params(cfg, family) * (8 + opt) / GIB
+        trained = resolve(method.trainable_params)(cfg, family)
+        parts[f"{method.noun} + gradients + optimizer"] = trained * (8 + opt) / GIB
     mpix = cfg.data.resolution ** 2 / 2**20 * cfg.train.batch_size
     act = ACT_GIB_PER_MPIX[cfg.train.gradient_checkpointing] * mpix * (HALF_ACTIVATION_SHARE if half else 1.0)
     parts["activations"] = act

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from . import methods
 from .atomic import atomic_write
 from .errors import TrainerError
+from .settings import resolve
 from .train.sidecar import SD_VERSIONS, write_lora_sidecar
 
-KINDS = {"lora": "LoRA", "embedding": "Embedding"}
-MODEL_EXTS = {"lora": (".safetensors",), "embedding": (".safetensors", ".pt", ".bin")}
 THIRD_AXES = ("Nothing", "Prompts", "Seeds")
 MAX_VALUES = 64  # per axis
 MAX_CELLS = 400
@@ -100,7 +100,7 @@ class Run:
         """A unique, stable name for menus and the API: ``LoRA: mychar/mychar`` (folder relative to the root)."""
         rel = os.path.relpath(self.folder, self.root)
         where = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-        return f"{KINDS[self.kind]}: {where}{self.name}"
+        return f"{methods.get(self.kind).label}: {where}{self.name}"
 
     @property
     def stems(self) -> tuple[str, ...]:
@@ -166,7 +166,8 @@ def _pick_file(paths: list[Path], exts: Sequence[str]) -> tuple[Path, tuple[Path
 
 
 def _make_file(kind: str, stem: str, paths: list[Path], match: re.Match | None) -> RunFile:
-    path, siblings = _pick_file(paths, MODEL_EXTS[kind])
+    method = methods.get(kind)
+    path, siblings = _pick_file(paths, method.extensions)
     meta = read_metadata(path)
     epoch, step = _int_or_none(meta.get("ss_epoch")), _int_or_none(meta.get("ss_steps"))
     if match is None:
@@ -177,7 +178,7 @@ def _make_file(kind: str, stem: str, paths: list[Path], match: re.Match | None) 
         number = int(match.group("step"))
         return RunFile(stem, path, "step", number, epoch, step if step is not None else number, siblings)
     number = int(match.group("num"))
-    if kind == "embedding":  # embedding saves are named by their step count
+    if method.numbered_by == "step":  # e.g. embedding saves are named by their step count
         return RunFile(stem, path, "step", number, epoch, number, siblings)
     return RunFile(stem, path, "epoch", number, epoch if epoch is not None else number, step, siblings)
 
@@ -195,7 +196,7 @@ def _training_order(files: list[RunFile]) -> list[RunFile]:
 
 
 def _runs_in_folder(kind: str, root: Path, folder: Path, names: Iterable[str]) -> list[Run]:
-    exts = MODEL_EXTS[kind]
+    exts = methods.get(kind).extensions
     by_stem: dict[str, list[Path]] = {}
     configs = set()
     for fn in names:
@@ -229,7 +230,7 @@ def discover_runs(root: str | os.PathLike, kind: str) -> list[Run]:
     ``NAME-previous`` saves, or a ``NAME`` file with a ``NAME.config.json``. Hidden folders and resume-state
     folders (``state.json``) are skipped. A missing root gives no runs.
     """
-    if kind not in KINDS:
+    if kind not in methods.METHODS:
         raise ValueError(f"unknown run kind {kind!r}")
     root_p = Path(root)
     if not root_p.is_dir():
@@ -489,10 +490,9 @@ def set_embedding_token(prompt: str, stem: str, weight: float | None, run_stems:
 
 
 def cell_prompt(run: Run, prompt: str, stem: str, weight: float | None) -> str:
-    """The prompt of one cell: the run's tag (LoRA) or token (embedding) set to ``stem`` at ``weight``."""
-    if run.kind == "lora":
-        return set_lora_tag(prompt, stem, weight, run.stems)
-    return set_embedding_token(prompt, stem, weight, run.stems)
+    """The prompt of one cell: the run's tag (LoRA) or token (embedding) set to ``stem`` at ``weight`` (the run's
+    method says how: ``Method.set_prompt``)."""
+    return resolve(methods.get(run.kind).set_prompt)(prompt, stem, weight, run.stems)
 
 
 # ---------------------------------------------------------------- the grid plan
@@ -695,13 +695,14 @@ def copy_renamed(src: Path, dst: Path, stem: str) -> Path:
 def _aside_stem(run: Run, final: Path) -> str:
     """Where the current final goes when another file replaces it: its own epoch name (LoRA ``NAME-000010`` from
     its ``ss_epoch``) when that name is free, else ``NAME-previous`` (``-2``, ``-3``… if taken)."""
-    epoch = _int_or_none(read_metadata(final).get("ss_epoch")) if run.kind == "lora" else None
+    method = methods.get(run.kind)
+    epoch = _int_or_none(read_metadata(final).get("ss_epoch")) if method.numbered_by == "epoch" else None
     if epoch is not None and epoch > 0:
         stem = f"{run.name}-{epoch:06d}"
-        if not any((run.folder / f"{stem}{ext}").exists() for ext in MODEL_EXTS[run.kind]):
+        if not any((run.folder / f"{stem}{ext}").exists() for ext in method.extensions):
             return stem
     stem, n = f"{run.name}-previous", 1
-    while any((run.folder / f"{stem}{ext}").exists() for ext in MODEL_EXTS[run.kind]):
+    while any((run.folder / f"{stem}{ext}").exists() for ext in method.extensions):
         n += 1
         stem = f"{run.name}-previous-{n}"
     return stem
@@ -760,7 +761,7 @@ def keep_choice(run: Run, stem: str, weight: float | None, *, promote: bool = Fa
     result = promote_to_final(run, chosen.stem) if promote else KeepResult()
     if weight is None:
         return result
-    if run.kind == "lora":
+    if methods.get(run.kind).preferred_weight:
         targets = [chosen.path] + ([result.final] if result.final and result.final != chosen.path else [])
         for target in targets:
             result.sidecars.append(write_preferred_weight(target, weight))

@@ -96,7 +96,7 @@ OPTION_NAMES = tuple(f.name for f in fields(PreprocessOptions))
 def options_from_dict(data: dict[str, Any]) -> PreprocessOptions:
     """Options from a plain dict (the API body, the tab's values). Unknown keys and wrong types raise
     :class:`ConfigError` naming each key; values are checked by :func:`validate_options`."""
-    from ..config import _BAD, _coerce
+    from ..settings import coerce
 
     if not isinstance(data, dict):
         raise ConfigError([Problem("body", "must be a JSON object of preprocessing options")])
@@ -105,9 +105,10 @@ def options_from_dict(data: dict[str, Any]) -> PreprocessOptions:
         if key not in OPTION_NAMES:
             problems.append(Problem(key, f"unknown option; known options: {', '.join(OPTION_NAMES)}"))
             continue
-        coerced = _coerce(value, type(getattr(opts, key)))
-        if coerced is _BAD:
-            problems.append(Problem(key, f"expected {type(getattr(opts, key)).__name__}, got {value!r}"))
+        try:
+            coerced = coerce(value, type(getattr(opts, key)))
+        except ValueError as e:
+            problems.append(Problem(key, str(e)))
             continue
         setattr(opts, key, coerced.strip() if isinstance(coerced, str) else coerced)
     if problems:

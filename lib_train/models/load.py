@@ -15,6 +15,7 @@ import torch
 
 from ..config import TrainConfig
 from .bundle import ModelBundle
+from .families import get_family
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -72,7 +73,7 @@ def load_bundle(cfg: TrainConfig, device: torch.device | str,
     t0 = time.perf_counter()
     model, info = load_checkpoint(cfg.model.checkpoint, prediction=cfg.model.prediction)
     use_sdpa(model.model.diffusion_model)  # fused attention (the WebUI installs its own; headless we do)
-    say(f"  {info.spec.family.upper()} model, {info.prediction}-prediction ({info.prediction_source}), "
+    say(f"  {get_family(info.spec.family).short} model, {info.prediction}-prediction ({info.prediction_source}), "
         f"loaded in {time.perf_counter() - t0:.1f}s")
     return _ready(model, family=info.spec.family, device=device, precision=cfg.train.mixed_precision,
                   prediction=info.prediction, clip_skip=cfg.model.clip_skip,

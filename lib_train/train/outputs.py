@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from ..config import TrainConfig
 from ..errors import TrainerError
-
-# config ``method`` → the extensions of its final files (the first is the model file; a method not listed: that one)
-FINAL_EXTENSIONS: dict[str, Callable[[TrainConfig], tuple[str, ...]]] = {
-    "lora": lambda cfg: (".safetensors",),
-    "embedding": lambda cfg: (".safetensors", ".pt") if cfg.embedding.write_pt else (".safetensors",),
-}
+from ..methods import DEFAULT_METHOD, METHODS
 
 
 def final_paths(cfg: TrainConfig) -> list[Path]:
     """``NAME.safetensors`` in the output folder, and ``NAME.pt`` for an embedding with ``embedding.write_pt``."""
-    extensions = FINAL_EXTENSIONS.get(cfg.method, FINAL_EXTENSIONS["lora"])(cfg)
+    method = METHODS.get(cfg.method) if isinstance(cfg.method, str) else None
+    extensions = (method or METHODS[DEFAULT_METHOD]).written(cfg)
     return [Path(cfg.output.output_dir) / f"{cfg.output.name}{ext}" for ext in extensions]
 
 

@@ -23,7 +23,6 @@ Imported only inside the WebUI (it uses ``modules`` inside functions; gradio at 
 from __future__ import annotations
 
 import json
-import os
 import random
 from copy import copy
 from dataclasses import dataclass, field, fields
@@ -83,13 +82,11 @@ ARG_NAMES = [f.name for f in fields(GridArgs)]
 # ---------------------------------------------------------------- runs in the WebUI's folders
 
 def run_roots() -> list[tuple[str, str]]:
-    """(kind, folder) pairs searched for runs: the Lora folder (``--lora-dir``) and ``--embeddings-dir``."""
-    from modules import paths, shared
+    """(kind, folder) pairs searched for runs: each method's WebUI folder (the Lora folder, ``--lora-dir``, and
+    ``--embeddings-dir``)."""
+    from .jobs import METHODS
 
-    from .jobs import lora_dir
-
-    embeddings = getattr(shared.cmd_opts, "embeddings_dir", None) or os.path.join(paths.data_path, "embeddings")
-    return [("lora", lora_dir()), ("embedding", embeddings)]
+    return [(name, webui.output_root()) for name, webui in METHODS.items()]
 
 
 def list_runs() -> list[Run]:
@@ -101,28 +98,9 @@ def list_runs() -> list[Run]:
 
 def refresh_webui_lists(run: Run) -> None:
     """Make the WebUI see changed files of ``run`` (the Lora cards, the embedding database)."""
-    if run.kind == "lora":
-        from .jobs import refresh_lora_list
+    from .jobs import METHODS
 
-        refresh_lora_list()
-    else:
-        from modules import sd_hijack
-
-        sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
-
-
-def _load_embeddings(run: Run, stems: Sequence[str]) -> None:
-    """Embeddings in sub-folders are not noticed by the WebUI's change check: reload when one is unknown, and say
-    so when the loaded model skipped them (made for another model family)."""
-    from modules import sd_hijack
-
-    db = sd_hijack.model_hijack.embedding_db
-    if any(s not in db.word_embeddings for s in stems):
-        db.load_textual_inversion_embeddings(force_reload=True)
-    skipped = [s for s in stems if s in db.skipped_embeddings]
-    if skipped:
-        raise TrainerError(f"run: the loaded checkpoint cannot use {', '.join(skipped)} (an embedding made for "
-                           "another model family); load the checkpoint the run was trained on")
+    METHODS[run.kind].refresh()
 
 
 # ---------------------------------------------------------------- the grid
@@ -174,8 +152,9 @@ def _run(p, args: Sequence[Any]) -> Any:
                      third_kind=a.third_kind, third_values=a.third_values,
                      draw=lambda: random.randrange(SEED_LIMIT))
     _check_size(plan, p)
-    if run.kind == "embedding":
-        _load_embeddings(run, [f.stem for f in plan.files])
+    from .jobs import METHODS
+
+    METHODS[run.kind].before_grid([f.stem for f in plan.files])  # the WebUI must know every file of the grid
     p.n_iter, p.batch_size = 1, 1
     shared.state.job_count = len(plan.cells)
     shared.total_tqdm.updateTotal(p.steps * len(plan.cells))

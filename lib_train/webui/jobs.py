@@ -15,7 +15,8 @@ follow it; the WebUI's Interrupt (``shared.state.interrupted``) or :meth:`JobMan
 current step, saving the file and the resume state. Outputs default to a folder per run under the method's WebUI
 folder (LoRA: ``--lora-dir``, default ``models/Lora``; embeddings: ``--embeddings-dir``, default ``embeddings``), and
 the WebUI's list is refreshed after each save (Lora list rescan; embeddings database ``force_reload``) so new files
-show in the cards at once. What runs each method is the :data:`METHODS` table.
+show in the cards at once. What runs each method is its record in :mod:`lib_train.methods`; the WebUI's own part of
+each (its folder, its list refresh) is the :data:`METHODS` table, keyed by the same names.
 """
 
 from __future__ import annotations
@@ -30,16 +31,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import config as config_mod
+from .. import methods
 from ..atomic import check_output_name, is_within
 from ..config import TrainConfig, from_dict, save_config, validate
 from ..errors import ConfigError, Problem, TrainerError
+from ..methods import Method
 from ..train import sampling
 from ..train.events import Commands, Events, Progress
-from ..train.lora_trainer import prepare_data, train_lora
 from ..train.outputs import existing_final
 from ..train.prepare import PreparedData
 from ..train.state import LoadedState, load_state, state_dir_for
-from ..train.ti_trainer import prepare_embedding_data, train_embedding
 
 ACTIVE_STATES = ("queued", "running")
 LOSS_POINTS = 1000  # the loss curve keeps at most this many points (every other one is dropped when it is full)
@@ -78,14 +79,13 @@ class JobStatus:
 
 
 @dataclass(frozen=True)
-class Method:
-    """How the WebUI runs one training method."""
+class WebUIMethod:
+    """The WebUI's part of one training method (the rest is its :class:`lib_train.methods.Method`)."""
 
-    prepare: Callable[[TrainConfig], PreparedData]  # dataset scan and step count (raises DatasetError)
-    train: Callable[..., Any]  # train(cfg, bundle, prep, *, events, commands, resume) -> RunResult
     output_root: Callable[[], str]  # the WebUI folder its files go to by default (a run gets a subfolder)
     refresh: Callable[[], None]  # make the WebUI list new files
     name_conflict: Callable[[TrainConfig], str | None] = lambda cfg: None  # why the run's name clashes, or None
+    before_grid: Callable[[list[str]], None] = lambda stems: None  # make the WebUI know these files (grid cells)
 
 
 def lora_dir() -> str:
@@ -147,11 +147,26 @@ def embedding_name_conflict(cfg: TrainConfig) -> str | None:
             "per name, so prompts could get either file. Choose another name, or move or rename that file")
 
 
-# config ``method`` → how the WebUI runs it. A method missing here is refused with a clear message.
-METHODS: dict[str, Method] = {
-    "lora": Method(prepare=prepare_data, train=train_lora, output_root=lora_dir, refresh=refresh_lora_list),
-    "embedding": Method(prepare=prepare_embedding_data, train=train_embedding, output_root=embeddings_dir,
-                        refresh=refresh_embeddings, name_conflict=embedding_name_conflict),
+def load_embeddings_for_grid(stems: list[str]) -> None:
+    """Embeddings in sub-folders are not noticed by the WebUI's change check: reload when one is unknown, and say
+    so when the loaded model skipped them (made for another model family)."""
+    from modules import sd_hijack
+
+    db = sd_hijack.model_hijack.embedding_db
+    if any(s not in db.word_embeddings for s in stems):
+        db.load_textual_inversion_embeddings(force_reload=True)
+    skipped = [s for s in stems if s in db.skipped_embeddings]
+    if skipped:
+        raise TrainerError(f"run: the loaded checkpoint cannot use {', '.join(skipped)} (an embedding made for "
+                           "another model family); load the checkpoint the run was trained on")
+
+
+# config ``method`` (:data:`lib_train.methods.METHODS`) → the WebUI's part of it. A method missing here is refused
+# with a clear message.
+METHODS: dict[str, WebUIMethod] = {
+    "lora": WebUIMethod(output_root=lora_dir, refresh=refresh_lora_list),
+    "embedding": WebUIMethod(output_root=embeddings_dir, refresh=refresh_embeddings,
+                             name_conflict=embedding_name_conflict, before_grid=load_embeddings_for_grid),
 }
 
 
@@ -202,6 +217,7 @@ class Job:
     def __init__(self, cfg: TrainConfig, prep: PreparedData, method: Method, resume: LoadedState | None,
                  resumed_from: str | None, notes: list[str]):
         self.cfg, self.prep, self.method, self.resume = cfg, prep, method, resume
+        self.webui = METHODS[method.name]
         self.commands = WebUICommands()
         job_id = uuid.uuid4().hex[:12]
         self.status = JobStatus(id=job_id, method=cfg.method, name=cfg.output.name,
@@ -256,7 +272,7 @@ class _JobEvents(Events):
         if path not in s.saved:
             s.saved.append(path)
         s.final_file = path
-        self.job.method.refresh()
+        self.job.webui.refresh()
 
     def warning(self, text: str) -> None:
         self.job.status.notes.append(text)
@@ -316,13 +332,14 @@ class JobManager:
         if resume_dir:
             resume = load_state(resume_dir)
         cfg = from_dict(resume.state.config if resume else (data or {}))
-        method = METHODS.get(cfg.method)
-        if method is None and cfg.method in config_mod.METHODS:
+        named = cfg.method if isinstance(cfg.method, str) else ""
+        webui = METHODS.get(named)
+        if webui is None and named in methods.METHODS:
             raise ConfigError([Problem("method", f"'{cfg.method}' training is not available in the WebUI yet; use "
                                                  f"the command line: python -m lib_train {cfg.method} ...")])
-        notes = self._settle_paths(cfg, method)
-        if roots is not None and method is not None:
-            problems = folder_policy_problems(cfg, data_root=roots["data"], output_root=method.output_root())
+        notes = self._settle_paths(cfg, webui)
+        if roots is not None and webui is not None:
+            problems = folder_policy_problems(cfg, data_root=roots["data"], output_root=webui.output_root())
             if problems:
                 raise ConfigError(problems)
         validate(cfg, headless=False)  # an unknown method is reported here
@@ -330,7 +347,7 @@ class JobManager:
         if final is not None:
             raise ConfigError([Problem("output.name", f"{final} already exists; choose another name, delete the "
                                                       "file, or set output.overwrite to replace it")])
-        conflict = method.name_conflict(cfg) if resume is None else None
+        conflict = webui.name_conflict(cfg) if resume is None else None
         if conflict:
             raise ConfigError([Problem("output.name", conflict)])
         if sampling.enabled(cfg):
@@ -342,7 +359,8 @@ class JobManager:
         report = inspect_host()
         if not report.supported:
             raise TrainerError(report.reason)
-        prep = method.prepare(cfg)
+        method = methods.get(cfg.method)
+        prep = method.entry("prepare")(cfg)
         job = Job(cfg, prep, method, resume, str(Path(resume_dir).resolve()) if resume_dir else None, notes)
         if resume is not None:  # the loss curve goes on from the interrupted job's (when it ran in this session)
             state_dir = state_dir_for(cfg.output.output_dir, cfg.output.name).resolve()
@@ -362,7 +380,7 @@ class JobManager:
                               "wait for it to end or interrupt it first.")
 
     @staticmethod
-    def _settle_paths(cfg: TrainConfig, method: Method | None) -> list[str]:
+    def _settle_paths(cfg: TrainConfig, webui: WebUIMethod | None) -> list[str]:
         """Drop ``model.checkpoint`` (the loaded checkpoint is trained) and default ``output.output_dir`` to a
         subfolder named after the run in the method's WebUI folder."""
         notes = []
@@ -370,8 +388,8 @@ class JobManager:
             notes.append(f"model.checkpoint ({cfg.model.checkpoint}) is ignored in the WebUI: the loaded checkpoint "
                          "is trained.")
             cfg.model.checkpoint = ""
-        if not cfg.output.output_dir and method is not None:
-            root = method.output_root()
+        if not cfg.output.output_dir and webui is not None:
+            root = webui.output_root()
             name_ok = check_output_name(cfg.output.name) is None
             cfg.output.output_dir = os.path.join(root, cfg.output.name) if name_ok else root
         return notes
@@ -427,8 +445,8 @@ class JobManager:
                 out_dir = Path(cfg.output.output_dir)
                 out_dir.mkdir(parents=True, exist_ok=True)
                 save_config(cfg, out_dir / f"{cfg.output.name}.config.json")
-                result = job.method.train(cfg, bundle, job.prep, events=events, commands=job.commands,
-                                          resume=job.resume, sampler=webui_sampler)
+                result = job.method.entry("train")(cfg, bundle, job.prep, events=events, commands=job.commands,
+                                                   resume=job.resume, sampler=webui_sampler)
             s.state, s.step = result.status, result.step
             s.final_file = result.final_file or s.final_file
             s.state_dir = result.state_dir or s.state_dir

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import methods
 from ..config import TrainConfig
 from ..models.bundle import ModelBundle
 from ..models.conditioning import COMMA_BACKTRACK, TextConditioner
@@ -140,7 +141,7 @@ def build_bundle(model: Any, family: str, cfg: TrainConfig) -> tuple[WebUIModelB
                                          f"'{own}'; generation in the WebUI will still use '{own}'.")
     info = getattr(model, "sd_checkpoint_info", None)
     embedder = model.cond_stage_model.wrapped
-    if cfg.method == "embedding":
+    if methods.get(cfg.method).injects_vectors:
         # The vectors being trained are not in the WebUI's embeddings database (which is never touched): the library's
         # conditioner over the raw encoder injects them, under the same rules as the WebUI's prompt wrapper
         # (bit-identical: tests/test_embedding_webui.py, /trainer/v1/diagnostics/conditioning).

@@ -21,18 +21,18 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from .. import methods
 from ..atomic import is_within
-from ..config import METHODS, TrainConfig, from_dict, load_config, save_config
+from ..config import SETTINGS, TrainConfig, from_dict, load_config, save_config
 from ..data import scan_dataset
 from ..errors import ConfigError, DatasetError, Problem, TrainerError
 from . import ui_render
-from .ui_fields import GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, config_to_values, \
+from .ui_fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, config_to_values, \
     method_default_changes, values_to_dict
-from .ui_presets import PRESETS
+from .ui_presets import PRESET_METHOD, PRESETS
 from .ui_preprocess import build_preprocess_panel
 
 GALLERY_IMAGES = 24  # images shown after a scan
-LORA_ONLY_PRESET = {"optim.lr", "optim.te_lr"}  # preset fields an embedding run keeps its own values for
 # Settings the live estimate depends on (a change of any of them refreshes it).
 ESTIMATE_KEYS = ("data.resolution", "data.enable_buckets", "data.cache_latents", "train.batch_size", "train.epochs",
                  "train.max_steps", "train.gradient_checkpointing", "train.mixed_precision", "optim.optimizer",
@@ -102,7 +102,7 @@ def _component(spec: FieldSpec, value: Any) -> gr.components.Component:
         return gr.Checkbox(info=spec.info, **common)
     if spec.choices is not None:
         return gr.Dropdown(choices=list(spec.choices), info=spec.info,
-                           allow_custom_value=spec.key == "embedding.template", **common)
+                           allow_custom_value=spec.key in CUSTOM_CHOICE, **common)
     if spec.kind in (int, float):
         return gr.Number(info=spec.info, precision=0 if spec.kind is int else None, **common)
     return gr.Textbox(info=spec.info, lines=MULTILINE.get(spec.key, 1), **common)
@@ -116,12 +116,15 @@ class _Handlers:
 
     # ---- settings
     @staticmethod
-    def apply_preset(name: str, method: str = "lora") -> list[Any]:
-        """The preset's fields; for an embedding run only its memory and data settings (a LoRA's learning rates
-        and network would be wrong for the vectors)."""
+    def apply_preset(name: str, method: str = methods.DEFAULT_METHOD) -> list[Any]:
+        """The preset's fields; for another method than the presets' (an embedding run) only the settings that apply
+        to it and have no default of its own: its memory and data settings (a LoRA's learning rates and network
+        would be wrong for the vectors)."""
         preset = PRESETS.get(name or "", {})
-        if method == "embedding":
-            preset = {k: v for k, v in preset.items() if not k.startswith("network.") and k not in LORA_ONLY_PRESET}
+        if method != PRESET_METHOD and method in methods.METHODS:
+            m = methods.METHODS[method]
+            preset = {k: v for k, v in preset.items() if SETTINGS[k].applies_to(method) and k not in m.defaults
+                      and methods.method_of(k.split(".")[0]) in (None, m)}
         return [gr.update(value=preset[k]) if k in preset else gr.update() for k in KEYS]
 
     @staticmethod
@@ -289,7 +292,8 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, elem_id="sd_trainer_settings"):
                 with gr.Row():
-                    method = gr.Radio(list(METHODS), value="lora", label="Method", elem_id="sd_trainer_method",
+                    method = gr.Radio(list(methods.METHODS), value=methods.DEFAULT_METHOD, label="Method",
+                                      elem_id="sd_trainer_method",
                                       info="lora: a LoRA network; embedding: a textual-inversion embedding")
                     preset = gr.Dropdown(list(PRESETS), label="Preset (subject · GPU memory)",
                                          elem_id="sd_trainer_preset")
@@ -308,7 +312,8 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
                 for gid, title, _ in GROUPS:
                     if gid == "dataset":
                         continue
-                    shown = METHOD_GROUPS.get(gid, "lora") == "lora"  # the method radio starts at "lora"
+                    # the method radio starts at the default method
+                    shown = METHOD_GROUPS.get(gid, methods.DEFAULT_METHOD) == methods.DEFAULT_METHOD
                     with gr.Accordion(title, open=gid in ("network", "output"), visible=shown,
                                       elem_id=f"sd_trainer_group_{gid}") as acc:
                         fields_of(gid)

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import method_default
+
+PRESET_METHOD = "lora"  # the method the presets are for; another method takes only what applies to it (ui.py)
 SUBJECTS: dict[str, dict[str, Any]] = {
     "character": {"network.rank": 16, "network.alpha": 8.0, "optim.te_lr": 5e-5, "train.epochs": 10,
                   "data.flip": False, "data.shuffle_caption": True, "data.keep_tokens": 1,
@@ -41,7 +44,7 @@ VRAM_TIERS: dict[str, dict[str, Any]] = {
               "optim.optimizer": "AdamW", "optim.allow_fallback": False},
 }
 
-_COMMON: dict[str, Any] = {"optim.lr": 1e-4, "optim.scheduler": "cosine",
+_COMMON: dict[str, Any] = {"optim.lr": method_default(PRESET_METHOD, "optim.lr"), "optim.scheduler": "cosine",
                            "optim.warmup_steps": 0, "train.min_snr_gamma": 5.0, "data.resolution": 512}
 
 PRESETS: dict[str, dict[str, Any]] = {

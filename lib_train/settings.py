@@ -1,0 +1,160 @@
+"""Settings declared once: a config field's help, command-line flag, UI label and group, choices and range.
+
+A config field is declared with :func:`setting` (``rank: int = setting(16, "LoRA rank ...", flag="--rank")``); the
+:class:`Setting` rides in the field's ``metadata``. The command line's flags (:mod:`lib_train.cli`), the Trainer tab's
+fields (:mod:`lib_train.webui.ui_fields`), the messages of :func:`lib_train.config.validate` and the README check
+(tests/test_settings.py) all read it from there, so a setting is added or changed in one place.
+
+This module imports nothing of the trainer; :func:`coerce` is the one type coercion for plain-dict inputs (config
+files, the API, the preprocessing options).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Callable, Iterator
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What users see of one config field. ``help`` may hold ``{default}`` (the method's default, formatted)."""
+
+    help: str  # the flag's --help and the tab's info text (percent signs are plain)
+    flag: str | None = None  # the command-line flag; None: see ``no_flag``
+    no_flag: str = ""  # why a setting has no flag (required when ``flag`` is None)
+    label: str = ""  # the tab's label ("" = the field name, capitalised)
+    group: str = ""  # the tab's group (accordion) id; "" = not in the tab, see ``not_in_ui``
+    not_in_ui: str = ""  # why the tab has no field for it (required when ``group`` is "")
+    ui_order: int = 0  # position in its group: lower first, ties in config order
+    choices: tuple | str | None = None  # a closed set, or "module:attribute" of one (read when needed)
+    custom: bool = False  # the choices are suggestions: other values (a file) are allowed too
+    metavar: str | None = None  # the flag's metavar (default: the choices, else the field name)
+    lines: int = 1  # text settings: lines of the tab's text box
+    range: tuple[float, float] | None = None  # inclusive (low, high) bounds, where a setting has them
+    methods: tuple[str, ...] | None = None  # the methods it applies to (None = every method)
+    method_help: dict[str, str] = field(default_factory=dict)  # method → its own --help wording
+    split: str = ""  # command line only: this separator stands for a new line (a one-line flag for lines)
+    check: str = ""  # "module:function" that raises on a bad value (its message names the problem)
+
+    def help_for(self, method: str) -> str:
+        return self.method_help.get(method, self.help)
+
+    def applies_to(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
+
+
+def setting(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the natural name
+    """A dataclass field with ``default`` and its :class:`Setting` (see its attributes for ``kwargs``)."""
+    spec = Setting(help=help, **kwargs)
+    if spec.flag is None and not spec.no_flag:
+        raise ValueError(f"a setting without a flag needs no_flag (the reason): {help!r}")
+    if not spec.group and not spec.not_in_ui:
+        raise ValueError(f"a setting outside the tab needs not_in_ui (the reason): {help!r}")
+    return field(default=default, metadata={"setting": spec})
+
+
+def spec_of(f: Field) -> Setting:
+    """The :class:`Setting` of a dataclass field declared with :func:`setting`."""
+    return f.metadata["setting"]
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One declared setting: ``key`` = ``"section.field"``, its type and class default, and its :class:`Setting`."""
+
+    key: str
+    type: type
+    default: Any
+    spec: Setting
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split(".")[1]
+
+
+def declared(sections: dict[str, type]) -> Iterator[Declared]:
+    """Every setting of the section classes, in config order."""
+    for section, cls in sections.items():
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            yield Declared(f"{section}.{f.name}", type(default), default, spec_of(f))
+
+
+def resolve(ref: str) -> Any:
+    """``"package.module:attribute"`` → that attribute (imported now)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def choices_of(spec: Setting) -> tuple | None:
+    """The setting's choices as a tuple (a ``"module:attribute"`` reference is imported now)."""
+    if spec.choices is None or isinstance(spec.choices, tuple):
+        return spec.choices
+    return tuple(resolve(spec.choices))
+
+
+def format_default(value: Any) -> str:
+    """A default as help texts write it: ``on``/``off``, ``1e-4``, ``8``, ``fp32``."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        if value and abs(value) < 1e-2:
+            mantissa, exp = f"{value:.0e}".split("e")
+            return f"{mantissa}e{int(exp)}"
+        return f"{value:g}"
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------------ coercion
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def coerce(value: Any, typ: type) -> Any:
+    """``value`` (from JSON, TOML or a form) as a ``typ`` (bool, int, float or str); ValueError when it is not one:
+    ``"true"``/``"0"``/``"yes"`` are booleans, ``"3"`` and ``3.0`` are ints, ``"1e-4"`` is a float, a bool is no
+    number."""
+    ok = _COERCE.get(typ, lambda v: v)(value)
+    if ok is _BAD:
+        raise ValueError(f"expected {typ.__name__}, got {value!r}")
+    return ok
+
+
+_BAD = object()
+
+
+def _to_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in _TRUE + _FALSE:
+        return v.lower() in _TRUE
+    return _BAD
+
+
+def _to_number(typ: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def to(v: Any) -> Any:
+        if isinstance(v, bool):
+            return _BAD
+        if typ is int and isinstance(v, float):
+            return int(v) if v.is_integer() else _BAD
+        if isinstance(v, (int, float)):
+            return typ(v)
+        if isinstance(v, str):
+            try:
+                return typ(v)
+            except ValueError:
+                return _BAD
+        return _BAD
+
+    return to
+
+
+_COERCE: dict[type, Callable[[Any], Any]] = {
+    bool: _to_bool, int: _to_number(int), float: _to_number(float),
+    str: lambda v: v if isinstance(v, str) else _BAD,
+}
