@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import __version__, methods
@@ -184,11 +183,10 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
 
     from .models.load import load_bundle, resolve_device
     from .train.events import Commands
+    from .train.outputs import save_run_config
 
     bundle = load_bundle(cfg, resolve_device(args.device), say=lambda line: print(line, file=sys.stderr, flush=True))
-    out_dir = Path(cfg.output.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / f"{cfg.output.name}.config.json")
+    save_run_config(cfg)
 
     commands = Commands()
     events = _CliEvents()

@@ -11,7 +11,8 @@ import safetensors.torch
 import torch
 
 from lib_train.errors import TrainerError
-from lib_train.network.kohya_file import data_section_sha256, kohya_hashes, read_lora_file, save_lora_file
+from lib_train.network.kohya_file import kohya_hashes, read_lora_file, save_lora_file
+from lib_train.safetensors_io import data_section_sha256
 
 META = {"ss_output_name": "mychar", "ss_network_dim": "16", "ss_network_alpha": "8.0", "ss_v2": "False",
         "modelspec.title": "mychar", "modelspec.architecture": "stable-diffusion-v1/lora"}

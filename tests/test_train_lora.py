@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import Recorder, fail_on_predict_call, make_bundle, make_images, module_flags, state_hash, tiny_config
 
-from lib_train.network.kohya_file import data_section_sha256, read_lora_file
+from lib_train.network.kohya_file import read_lora_file
+from lib_train.safetensors_io import data_section_sha256
 from lib_train.train.events import Commands
 from lib_train.train.lora_trainer import prepare_data, train_lora
 from lib_train.train.state import load_state

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 
 from PIL import Image
 
-from ..atomic import atomic_write, atomic_write_text, check_output_name
+from ..atomic import atomic_write, atomic_write_text, check_output_name, is_within
 from ..errors import ConfigError, DatasetError, Problem, TrainerError
 from .dataset import CaptionError, read_caption
 from .images import IMAGE_EXTENSIONS, ImageError, is_image_file, open_training_image, probe_image
@@ -160,10 +160,6 @@ def _resolve(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
-def _is_inside(child: Path, parent: Path) -> bool:
-    return parent in child.parents
-
-
 def _check_range(problems: list[Problem], key: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         problems.append(Problem(key, f"{value} is outside {low}–{high}"))
@@ -246,10 +242,10 @@ def _validate_folders(o: PreprocessOptions) -> tuple[list[Problem], Path | None,
     hint = f"pick a separate folder such as {default_dest(source)}"
     if dest == source:
         p.append(Problem("dest_dir", f"{dest} is the source folder itself; the originals would be replaced; {hint}"))
-    elif _is_inside(dest, source):
+    elif is_within(dest, [source]):
         p.append(Problem("dest_dir", f"{dest} is inside the source folder {source}; a later preprocessing or "
                                      f"training run on the source would pick up the processed copies too; {hint}"))
-    elif _is_inside(source, dest):
+    elif is_within(source, [dest]):
         p.append(Problem("dest_dir", f"the source folder {source} is inside {dest}; training on {dest} would also "
                                      f"use the unprocessed originals; {hint}"))
     elif dest.exists() and not dest.is_dir():

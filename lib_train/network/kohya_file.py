@@ -85,18 +85,3 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
                            "kohya sd-scripts or this extension")
     return tensors, metadata
 
-
-def data_section_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex of a safetensors file's data section (everything after the 8-byte length and the JSON header):
-    the WebUI's "addnet" hash, equal to ``sshs_model_hash`` of a file written by :func:`save_lora_file`."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or 8 + n > size:
-            raise TrainerError(f"{path} is not a safetensors file (its header is cut off)")
-        f.seek(8 + n)
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -1,10 +1,11 @@
-"""The files a finished run leaves under its final name, and the check that a new run does not replace them."""
+"""The files a run leaves under its final name (its config next to them), and the check that a new run does not
+replace them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import TrainConfig
+from ..config import TrainConfig, save_config
 from ..errors import TrainerError
 from ..methods import DEFAULT_METHOD, METHODS
 
@@ -29,3 +30,15 @@ def check_final_free(cfg: TrainConfig) -> None:
     if path is not None:
         raise TrainerError(f"{path} already exists. Choose another output.name, delete the file, or set "
                            "output.overwrite (--overwrite) to replace it.")
+
+
+def config_path(cfg: TrainConfig) -> Path:
+    """``NAME.config.json`` in the output folder: the settings a run was started with, next to its files."""
+    return Path(cfg.output.output_dir) / f"{cfg.output.name}.config.json"
+
+
+def save_run_config(cfg: TrainConfig) -> Path:
+    """Create the output folder and write :func:`config_path` (before training starts); returns the path."""
+    path = config_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_config(cfg, path)

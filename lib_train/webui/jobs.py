@@ -33,12 +33,12 @@ from typing import Any, Callable
 from .. import config as config_mod
 from .. import methods
 from ..atomic import check_output_name, is_within
-from ..config import TrainConfig, from_dict, save_config, validate
+from ..config import TrainConfig, from_dict, validate
 from ..errors import ConfigError, Problem, TrainerError
 from ..methods import Method
 from ..train import sampling
 from ..train.events import Commands, Events, Progress
-from ..train.outputs import existing_final
+from ..train.outputs import existing_final, save_run_config
 from ..train.prepare import PreparedData
 from ..train.state import LoadedState, load_state, state_dir_for
 
@@ -442,9 +442,7 @@ class JobManager:
             if note:
                 events.warning(note)
             with loaded_model_bundle(cfg, note=events.warning) as bundle:
-                out_dir = Path(cfg.output.output_dir)
-                out_dir.mkdir(parents=True, exist_ok=True)
-                save_config(cfg, out_dir / f"{cfg.output.name}.config.json")
+                save_run_config(cfg)
                 result = job.method.entry("train")(cfg, bundle, job.prep, events=events, commands=job.commands,
                                                    resume=job.resume, sampler=webui_sampler)
             s.state, s.step = result.status, result.step
