@@ -103,7 +103,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(name="lora", noun="LoRA", label="LoRA", cli_help="Train a kohya-format LoRA.",
            section="network", validate_section=_validate_network,
            prepare="lib_train.train.lora_trainer:prepare_data", train="lib_train.train.lora_trainer:train_lora",
-           prompt_use="<lora:NAME:w>", set_prompt="lib_train.grid:set_lora_tag", preferred_weight=True,
+           prompt_use="<lora:NAME:w>", set_prompt="lib_train.grid.prompts:set_lora_tag", preferred_weight=True,
            trainable_params="lib_train.estimate:lora_params"),
     Method(name="embedding", noun="embedding", label="Embedding",
            cli_help="Train a textual-inversion embedding (WebUI/ComfyUI/diffusers format).",
@@ -113,7 +113,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            defaults={"optim.lr": 5e-3, "output.save_precision": "fp32"},  # the WebUI's TI rate; embeddings are tiny
            own_flags_first=True, extensions=(".safetensors", ".pt", ".bin"), numbered_by="step",
            written=lambda cfg: (".safetensors", ".pt") if cfg.embedding.write_pt else (".safetensors",),
-           prompt_use="(NAME:w)", set_prompt="lib_train.grid:set_embedding_token", injects_vectors=True),
+           prompt_use="(NAME:w)", set_prompt="lib_train.grid.prompts:set_embedding_token", injects_vectors=True),
 )}
 DEFAULT_METHOD = "lora"  # a config without ``method``; the tab's first choice
 

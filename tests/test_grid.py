@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lib_train import grid
 from lib_train.errors import TrainerError
-from lib_train.grid import (Cell, ThirdValue, cell_prompt, choice_from_infotext, discover_runs, find_run, fix_seeds,
-                            format_weight, keep_choice, parse_seeds, parse_third_axis, parse_weights, plan_grid,
-                            promote_to_final, read_metadata, read_safetensors_header, select_files,
-                            set_embedding_token, set_last_lora_weight, set_lora_tag, write_preferred_weight)
+from lib_train.grid import axes
+from lib_train.grid.axes import ThirdValue, fix_seeds, format_weight, parse_seeds, parse_third_axis, parse_weights
+from lib_train.grid.keep import keep_choice, promote_to_final, write_preferred_weight
+from lib_train.grid.plan import Cell, choice_from_infotext, plan_grid
+from lib_train.grid.prompts import cell_prompt, set_embedding_token, set_last_lora_weight, set_lora_tag
+from lib_train.grid.runs import discover_runs, find_run, select_files
+from lib_train.safetensors_io import read_metadata, read_safetensors_header
 
 
 # ---------------------------------------------------------------- helpers
@@ -257,7 +259,7 @@ def test_third_axis_values():
     prompts = parse_third_axis("Prompts", "a cat\n\n  a dog  \n", draws())
     assert [t.prompt for t in prompts] == ["a cat", "a dog"] and [t.label for t in prompts] == ["a cat", "a dog"]
     long = parse_third_axis("Prompts", "word " * 40, draws())[0]
-    assert len(long.label) == grid.LABEL_CHARS and long.label.endswith("…")
+    assert len(long.label) == axes.LABEL_CHARS and long.label.endswith("…")
     draw = draws(99)
     seeds = parse_third_axis("Seeds", "3, -1", draw)
     assert [t.seed for t in seeds] == [3, 99] and [t.label for t in seeds] == ["seed 3", "seed 99"]
@@ -572,7 +574,7 @@ def test_unreadable_headers_are_reported_by_file(tmp_path):
 # ---------------------------------------------------------------- the script's arguments (no WebUI needed)
 
 def test_script_arguments_in_control_order_with_defaults():
-    from lib_train.webui.grid_script import ARG_NAMES, DEFAULT_WEIGHTS, GridArgs
+    from lib_train.webui.grid.script import ARG_NAMES, DEFAULT_WEIGHTS, GridArgs
 
     assert ARG_NAMES == ["run", "files", "weights", "third_kind", "third_values", "draw_legend", "include_cells",
                          "keep_file", "keep_weight", "keep_promote", "mode"]

@@ -17,12 +17,21 @@ PACKAGE = REPO / "lib_train"
 WEBUI_ONLY = ("modules", "launch")
 
 _IMPORT_ALL = r"""
-import importlib, json, pkgutil, sys
+import importlib, json, os, pkgutil, sys
 for name in %(blocked)r:
     sys.modules[name] = None  # "import modules" now raises ImportError
 import lib_train
-names = sorted(m.name for m in pkgutil.walk_packages(lib_train.__path__, "lib_train.")
-               if not m.name.startswith("lib_train.webui.") and m.name != "lib_train.__main__")
+
+
+def walk(path, prefix):  # like pkgutil.walk_packages, which imports packages, but not into the WebUI layer
+    for m in pkgutil.iter_modules(path, prefix):
+        yield m.name
+        if m.ispkg and m.name != "lib_train.webui":
+            yield from walk([os.path.join(m.module_finder.path, m.name.rsplit(".", 1)[1])], m.name + ".")
+
+
+names = sorted(n for n in walk(lib_train.__path__, "lib_train.")
+               if not n.startswith("lib_train.webui.") and n != "lib_train.__main__")
 failed = {}
 for name in names:
     try:
@@ -62,5 +71,5 @@ def test_no_source_outside_the_webui_layer_imports_the_webui():
 
 
 def test_the_check_sees_lazy_webui_imports():
-    webui_layer = sorted((PACKAGE / "webui").glob("*.py"))
+    webui_layer = sorted((PACKAGE / "webui").rglob("*.py"))
     assert any(_webui_imports(p) for p in webui_layer)  # the layer itself does import modules, inside functions

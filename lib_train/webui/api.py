@@ -116,7 +116,7 @@ def list_jobs() -> list[dict[str, Any]]:
 def list_runs() -> list[dict[str, Any]]:
     """Training runs on disk (LoRA runs under the Lora folder, embedding runs under the embeddings folder), with
     their files in training order — what the epoch × weight grid offers."""
-    from .grid_script import list_runs as runs_on_disk
+    from .grid.script import list_runs as runs_on_disk
 
     return [{"label": r.label, "kind": r.kind, "name": r.name, "folder": str(r.folder),
              "config": str(r.config) if r.config else None,

@@ -34,7 +34,7 @@ FILES = [f"{RUN}-000001", f"{RUN}-000002", RUN]
 
 def grid_args(files=(), weights="0.5-1.5 (+0.5)", third=("Nothing", ""), legend=False, cells=True,
               keep=("", 1.0, False), mode="grid") -> list:
-    """``script_args`` in the order of the script's controls (lib_train.webui.grid_script.ARG_NAMES)."""
+    """``script_args`` in the order of the script's controls (lib_train.webui.grid.script.ARG_NAMES)."""
     return [LABEL, list(files), weights, third[0], third[1], legend, cells, keep[0], keep[1], keep[2], mode]
 
 
