@@ -2,7 +2,7 @@
 
 A config field is declared with :func:`setting` (``rank: int = setting(16, "LoRA rank ...", flag="--rank")``); the
 :class:`Setting` rides in the field's ``metadata``. The command line's flags (:mod:`lib_train.cli`), the Trainer tab's
-fields (:mod:`lib_train.webui.ui_fields`), the messages of :func:`lib_train.config.validate` and the README check
+fields (:mod:`lib_train.webui.tab.fields`), the messages of :func:`lib_train.config.validate` and the README check
 (tests/test_settings.py) all read it from there, so a setting is added or changed in one place.
 
 This module imports nothing of the trainer; :func:`coerce` is the one type coercion for plain-dict inputs (config

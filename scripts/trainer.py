@@ -28,11 +28,12 @@ def register_callbacks() -> None:
     """Register with the WebUI: the API routes (``/trainer/v1/``), the Trainer tab and its settings section."""
     from modules import script_callbacks
 
-    from lib_train.webui import api, ui_webui
+    from lib_train.webui import api
+    from lib_train.webui.tab import backend
 
     script_callbacks.on_app_started(api.register_routes)
-    script_callbacks.on_ui_tabs(ui_webui.on_ui_tabs)
-    script_callbacks.on_ui_settings(ui_webui.on_ui_settings)
+    script_callbacks.on_ui_tabs(backend.on_ui_tabs)
+    script_callbacks.on_ui_settings(backend.on_ui_settings)
 
 
 check_package()

@@ -1,10 +1,11 @@
 """Plain helpers for the tests (``from helpers import ...``; pytest advises against importing ``conftest.py``, which
-keeps only fixtures): tiny models, image and caption files, configs, an event recorder, and the command line's
-bad-input runner.
+keeps only fixtures): tiny models, image and caption files, configs, an event recorder, the command line's
+bad-input runner, and the import graph of a folder of ``lib_train``.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import sys
 from pathlib import Path
@@ -252,3 +253,43 @@ def run_bad_input(command: str, case: BadInput, tmp_path: Path, checkpoint: Path
     code, text = run_cli(command, args, capsys)
     assert_clear_error(code, text, needles)
     return out
+
+
+# ---- import layering
+
+def lib_imports(path: Path, package: str) -> set[str]:
+    """The ``lib_train`` modules a file of ``package`` imports anywhere in it (lazy and TYPE_CHECKING imports
+    included); ``from X import y`` counts as importing ``X`` and ``X.y``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names = [f"{module}.{a.name}" for a in node.names]
+            found.update(n for n in [module, *names] if n.startswith("lib_train"))
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("lib_train"))
+    return found
+
+
+def import_graph(folder: Path) -> dict[str, set[str]]:
+    """Each module under ``folder`` (sub-packages included, ``__init__`` files left out) → the modules under
+    ``folder`` it imports."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p
+               for p in sorted(folder.rglob("*.py")) if p.stem != "__init__"}
+    return {m: {n for n in lib_imports(p, m.rpartition(".")[0]) if n in modules and n != m}
+            for m, p in modules.items()}
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[str]:
+    """The modules of ``graph`` that import themselves through others, sorted ([] when there is no circle)."""
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(graph[n])
+        return seen
+
+    return sorted(m for m in graph if m in reachable(m))

@@ -1,4 +1,5 @@
-"""Layering (DESIGN.md §2): only ``lib_train/webui/`` may touch the WebUI's ``modules`` or ``launch``.
+"""Layering (DESIGN.md §2): only ``lib_train/webui/`` may touch the WebUI's ``modules`` or ``launch``; no import
+circle inside the WebUI layer.
 
 Runs without a WebUI: every other module of ``lib_train`` must import in a fresh interpreter where importing
 ``modules`` or ``launch`` fails, and no source file outside ``lib_train/webui/`` may import them, even lazily.
@@ -11,6 +12,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import import_circles, import_graph
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lib_train"
@@ -73,3 +76,9 @@ def test_no_source_outside_the_webui_layer_imports_the_webui():
 def test_the_check_sees_lazy_webui_imports():
     webui_layer = sorted((PACKAGE / "webui").rglob("*.py"))
     assert any(_webui_imports(p) for p in webui_layer)  # the layer itself does import modules, inside functions
+
+
+def test_no_import_circle_in_the_webui_layer():
+    graph = import_graph(PACKAGE / "webui")
+    assert "lib_train.webui.tab.build" in graph and "lib_train.webui.grid.xyz" in graph  # sub-packages are walked
+    assert import_circles(graph) == []  # no module imports itself through others (lazy imports included)

@@ -3,7 +3,6 @@ the precision rule and the headless loader, and the import layering of ``lib_tra
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from lib_train.models.load import load_bundle, resolve_precision
 from lib_train.train import loop
 from lib_train.train.loop import Point
 from lib_train.train.outputs import check_final_free, existing_final, final_paths
+
+from helpers import import_circles, import_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,34 +135,8 @@ def test_load_bundle_reports_and_readies_the_model(tiny_checkpoint):
     assert set(bundle.checkpoint_hashes()) == {"legacy", "sha256"}
 
 
-def _imports(path: Path, package: str) -> set[str]:
-    """The ``lib_train`` modules a file imports anywhere in it (lazy and TYPE_CHECKING imports included)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
-            module = ".".join(base + ([node.module] if node.module else []))
-            names = [f"{module}.{a.name}" for a in node.names]
-            found.update(n for n in [module, *names] if n.startswith("lib_train"))
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("lib_train"))
-    return found
-
-
 def test_no_import_circle_in_the_training_package():
-    folder = ROOT / "lib_train" / "train"
-    modules = {f"lib_train.train.{p.stem}": p for p in folder.glob("*.py") if p.stem != "__init__"}
-    graph = {m: {n for n in _imports(p, "lib_train.train") if n in modules and n != m} for m, p in modules.items()}
-
-    def reachable(start: str) -> set[str]:
-        seen, todo = set(), list(graph[start])
-        while todo:
-            n = todo.pop()
-            if n not in seen:
-                seen.add(n)
-                todo.extend(graph[n])
-        return seen
-
-    assert sorted(m for m in graph if m in reachable(m)) == []  # no module imports itself through others
+    graph = import_graph(ROOT / "lib_train" / "train")
+    assert import_circles(graph) == []  # no module imports itself through others
     assert "lib_train.train.session" not in graph["lib_train.train.sampling"]
     assert "lib_train.train.sampling" not in graph["lib_train.train.session"]

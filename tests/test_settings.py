@@ -67,7 +67,7 @@ def test_help_shows_every_flag_with_its_help(method, capsys, monkeypatch):
 
 
 def test_the_tab_fields_are_the_declared_settings_as_before():
-    from lib_train.webui import ui_fields
+    from lib_train.webui.tab import fields as ui_fields
 
     assert ui_fields.KEYS == BEFORE["keys"]  # the order of every handler's inputs
     assert [list(g) for g in json.loads(json.dumps(ui_fields.GROUPS))] == BEFORE["groups"]
@@ -82,7 +82,7 @@ def test_the_tab_fields_are_the_declared_settings_as_before():
 
 
 def test_no_source_parsing_and_no_webui_to_cli_import():
-    src = (ROOT / "lib_train" / "webui" / "ui_fields.py").read_text(encoding="utf-8")
+    src = (ROOT / "lib_train" / "webui" / "tab" / "fields.py").read_text(encoding="utf-8")
     assert "inspect" not in src and "getsource" not in src
     assert "lib_train.cli" not in src and "..cli" not in src
     assert not hasattr(config, "FLAGS")  # no global filled by importing the CLI

@@ -15,7 +15,9 @@ from helpers import save_image, write_caption  # noqa: E402
 
 from lib_train.config import SECTIONS, TrainConfig, default_config, from_dict, save_config  # noqa: E402
 from lib_train.errors import ConfigError, Problem  # noqa: E402
-from lib_train.webui import ui, ui_fields, ui_presets  # noqa: E402
+from lib_train.webui.tab import build as ui  # noqa: E402
+from lib_train.webui.tab import fields as ui_fields  # noqa: E402
+from lib_train.webui.tab import presets as ui_presets  # noqa: E402
 from lib_train.webui.jobs import JobStatus  # noqa: E402
 
 
@@ -309,7 +311,7 @@ def test_js_keyword_follows_gradio_major(monkeypatch):
 
 
 def test_tab_is_distinct_from_the_builtin_train_tab():
-    from lib_train.webui import ui_webui
+    from lib_train.webui.tab import backend as ui_webui
 
     label, elem_id = ui_webui.TAB
     assert label != "Train" and elem_id != "train" and elem_id == "sd_trainer"  # style.css scopes #tab_sd_trainer

@@ -1,4 +1,4 @@
-"""The "Prepare dataset" panel (lib_train/webui/ui_preprocess.py) built with plain gradio 3.41.2 inside a Blocks,
+"""The "Prepare dataset" panel (lib_train/webui/tab/preprocess_panel.py) built with plain gradio 3.41.2 inside a Blocks,
 its wiring, and its handlers run against stand-in backends (the pure preprocessing and upload code with stand-in
 image operations; the WebUI's operations are tested in tests/webui/test_preprocess_webui.py)."""
 
@@ -17,8 +17,9 @@ from helpers import save_image, write_caption  # noqa: E402
 from lib_train.data.preprocess_plan import Operations, PreprocessOptions, make_plan, options_from_dict, \
     run_plan, store_uploads  # noqa: E402
 from lib_train.errors import ConfigError, Problem, TrainerError  # noqa: E402
-from lib_train.webui import ui_preprocess  # noqa: E402
-from lib_train.webui.ui_preprocess import ELEM, KEYS, START_JS, build_preprocess_panel, values_to_options  # noqa: E402
+from lib_train.webui.tab import preprocess_panel as ui_preprocess  # noqa: E402
+from lib_train.webui.tab.preprocess_panel import (ELEM, KEYS, START_JS, build_preprocess_panel,  # noqa: E402
+                                                  values_to_options)
 
 
 class Fake:

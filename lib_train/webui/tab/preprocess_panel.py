@@ -2,8 +2,8 @@
 WebUI's own postprocessing (crop / focal crop / auto-sized crop, split, flipped copies, BLIP / DeepBooru captions)
 into a processed folder that is put into the tab's dataset field.
 
-Like :mod:`.ui`, the builder never imports the WebUI: what the buttons do comes in as callables
-(:mod:`.preprocess` has the real ones), so the panel builds and its handlers run with plain gradio
+Like :mod:`.build`, the builder never imports the WebUI: what the buttons do comes in as callables
+(:mod:`lib_train.webui.preprocess` has the real ones), so the panel builds and its handlers run with plain gradio
 (tests/test_ui_preprocess.py). The Preprocess click goes through ``wrap_gpu_call`` (the WebUI's
 ``wrap_gradio_gpu_call``: queue lock, ``shared.state``, a progress task) with a task id as the first input, which
 the panel's inline JS fills in and follows with the WebUI's ``requestProgress`` above the panel's result.
@@ -17,10 +17,11 @@ from typing import Any, Callable, Sequence
 
 import gradio as gr
 
-from ..data.preprocess_plan import AUTO_OBJECTIVES, CAPTION_ACTIONS, DEST_ACTIONS, RESIZE_MODES, \
+from ...data.preprocess_plan import AUTO_OBJECTIVES, CAPTION_ACTIONS, DEST_ACTIONS, RESIZE_MODES, \
     PreprocessOptions
-from ..errors import TrainerError
-from . import ui_render
+from ...errors import TrainerError
+from ..gradio_compat import js_kwarg
+from . import render
 
 ELEM = "sd_trainer_pp_"  # elem_id prefix of the panel's components
 CAPTIONERS = ("DeepBooru", "BLIP")  # the captioner choice → caption_deepbooru / caption_blip
@@ -145,9 +146,9 @@ def render_result(r: dict[str, Any]) -> str:
     head = (f"{'Interrupted: ' if r.get('interrupted') else ''}{r.get('processed', 0)} of {r.get('total', 0)} "
             f"images processed into {r['output_dir']}: {len(r['images'])} image(s), {len(r['captions'])} "
             "caption file(s).")
-    parts = [ui_render.message(head, kind)]
+    parts = [render.message(head, kind)]
     if kind == "ok":
-        parts.append(ui_render.message("The processed folder is now the dataset folder above; press Scan to "
+        parts.append(render.message("The processed folder is now the dataset folder above; press Scan to "
                                        "check it."))
     if r.get("notes"):
         parts.append("<p>Notes:</p><ul class='sd-trainer-notes'>"
@@ -157,7 +158,7 @@ def render_result(r: dict[str, Any]) -> str:
 
 
 def render_upload(r: dict[str, Any]) -> str:
-    parts = [ui_render.message(f"Stored {len(r['stored'])} file(s) in {r['folder']}"
+    parts = [render.message(f"Stored {len(r['stored'])} file(s) in {r['folder']}"
                                + (f" ({r['replaced']} replaced files of the same name)" if r.get("replaced") else "")
                                + ". The source folder is set to the run folder.", "ok")]
     if r.get("rejected"):
@@ -178,20 +179,20 @@ class _PanelHandlers:
         try:
             result = self.backend_preprocess(values_to_options(values))
         except TrainerError as e:
-            return gr.update(), ui_render.error(e)
+            return gr.update(), render.error(e)
         done = result.get("processed", 0) > 0 and not result.get("interrupted")
         return (gr.update(value=result["output_dir"]) if done else gr.update()), render_result(result)
 
     def upload(self, files: Any, run: str, repeats: Any, concept: str, caption_extension: str) -> tuple[Any, str]:
         """→ (the source-folder field: the run folder after an upload, else unchanged; the report)."""
         if not files:
-            return gr.update(), ui_render.message("Choose the images to upload first.", "error")
+            return gr.update(), render.message("Choose the images to upload first.", "error")
         try:
             reps = int(repeats) if repeats is not None and float(repeats).is_integer() else repeats
             result = self.backend_upload(list(files), (run or "").strip(), reps, (concept or "").strip(),
                                          (caption_extension or ".txt").strip())
         except TrainerError as e:
-            return gr.update(), ui_render.error(e)
+            return gr.update(), render.error(e)
         return gr.update(value=result["run_dir"]), render_upload(result)
 
 
@@ -212,8 +213,6 @@ def build_preprocess_panel(backend_preprocess: Callable[[dict[str, Any]], dict[s
     ``wrap_gpu_call(fn, extra_outputs=[...])`` runs the Preprocess click under the WebUI's queue and progress;
     ``upscalers`` are the choices for the crop mode's upscaler; ``backend_interrupt()`` (optional) adds a Stop
     button that ends a run after its current image."""
-    from .ui import js_kwarg
-
     h = _PanelHandlers(backend_preprocess, backend_upload)
     makers = _fields(upscalers)
     comps: dict[str, gr.components.Component] = {}
@@ -225,7 +224,7 @@ def build_preprocess_panel(backend_preprocess: Callable[[dict[str, Any]], dict[s
                 comps[key] = makers[key]()
 
     with gr.Accordion("Prepare dataset (WebUI preprocessing)", open=False, elem_id=ELEM + "panel"):
-        gr.HTML(ui_render.message("Upload images or give a folder; preprocessing writes cropped / split / flipped "
+        gr.HTML(render.message("Upload images or give a folder; preprocessing writes cropped / split / flipped "
                                   "PNGs with captions into a separate processed folder, keeping the N_name "
                                   "repeat folders, and puts it into the dataset field."))
         with gr.Row(equal_height=False):

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import method_default
+from ...config import method_default
 
-PRESET_METHOD = "lora"  # the method the presets are for; another method takes only what applies to it (ui.py)
+PRESET_METHOD = "lora"  # the method the presets are for; another method takes only what applies to it (build.py)
 SUBJECTS: dict[str, dict[str, Any]] = {
     "character": {"network.rank": 16, "network.alpha": 8.0, "optim.te_lr": 5e-5, "train.epochs": 10,
                   "data.flip": False, "data.shuffle_caption": True, "data.keep_tokens": 1,

@@ -7,9 +7,9 @@ import html
 import time
 from typing import Any, Iterable
 
-from ..data import DatasetScan
-from ..errors import Problem, ProblemsError, TrainerError
-from ..train.prepare import PreparedData
+from ...data import DatasetScan
+from ...errors import Problem, ProblemsError, TrainerError
+from ...train.prepare import PreparedData
 
 
 def _e(value: Any) -> str:

@@ -1,12 +1,12 @@
 """The Trainer tab: ``build_ui(info, backend)`` → a ``gr.Blocks``.
 
 The builder never touches the WebUI (adetailer's pattern): WebUI facts come in as :class:`WebuiInfo`, and what a
-button does to the WebUI as :class:`Backend` callables (built from ``modules`` in :mod:`.ui_webui`), so the tab
+button does to the WebUI as :class:`Backend` callables (built from ``modules`` in :mod:`.backend`), so the tab
 builds and its handlers run with plain gradio (tests/test_ui_build.py).
 
 Layout: method and presets; the dataset panel (folder, Scan → validation report, folder counts, step formula, the
 first images with their captions); the settings in accordions, one component per config field
-(:mod:`.ui_fields`); config save/load; Train / Interrupt / Resume with the WebUI's progress bar, and the job's
+(:mod:`.fields`); config save/load; Train / Interrupt / Resume with the WebUI's progress bar, and the job's
 status. Train and Resume go through ``Backend.wrap_gpu_call`` (the WebUI's ``wrap_gradio_gpu_call``) with a task
 id as the first input, which ``sd_trainer_start()`` (javascript/trainer.js) fills in and follows with the WebUI's
 ``requestProgress``. Uses only gradio APIs present in 3.41 and 4.x (``gr.update``, no ``.style()``).
@@ -21,16 +21,17 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from .. import methods
-from ..atomic import is_within
-from ..config import SETTINGS, TrainConfig, from_dict, load_config, save_config
-from ..data import scan_dataset
-from ..errors import ConfigError, DatasetError, Problem, TrainerError
-from . import ui_render
-from .ui_fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, config_to_values, \
+from ... import methods
+from ...atomic import is_within
+from ...config import SETTINGS, TrainConfig, from_dict, load_config, save_config
+from ...data import scan_dataset
+from ...errors import ConfigError, DatasetError, Problem, TrainerError
+from ..gradio_compat import js_kwarg
+from . import render
+from .fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, config_to_values, \
     method_default_changes, values_to_dict
-from .ui_presets import PRESET_METHOD, PRESETS
-from .ui_preprocess import build_preprocess_panel
+from .presets import PRESET_METHOD, PRESETS
+from .preprocess_panel import build_preprocess_panel
 
 GALLERY_IMAGES = 24  # images shown after a scan
 # Settings the live estimate depends on (a change of any of them refreshes it).
@@ -51,7 +52,7 @@ class WebuiInfo:
 
 @dataclass(frozen=True)
 class Backend:
-    """What the tab's buttons do in the WebUI (:mod:`.ui_webui` builds the real one)."""
+    """What the tab's buttons do in the WebUI (:mod:`.backend` builds the real one)."""
 
     wrap_gpu_call: Callable[..., Callable]  # (fn, extra_outputs=[...]) → fn run under the WebUI's queue and progress
     create_job: Callable[..., Any]  # (data=None, *, resume_dir=None) → a job; raises TrainerError subclasses
@@ -62,16 +63,11 @@ class Backend:
     default_output_dir: Callable[[str, str], str]  # (method, run name) → folder for an empty one ("" = the backend's)
     measured_rate: Callable[[], Any] = lambda: None  # a lib_train.estimate.MeasuredRate from a run here, or None
     model_family: Callable[[], str | None] = lambda: None  # the loaded model's family, for the estimate (None: default)
-    preprocess: Callable[[dict], dict] | None = None  # run the WebUI's preprocessing (:mod:`.preprocess`); None: no panel
+    preprocess: Callable[[dict], dict] | None = None  # the WebUI's preprocessing (webui/preprocess.py); None: no panel
     upload: Callable[..., dict] | None = None  # store uploaded files in a run folder
     interrupt_preprocess: Callable[[], None] | None = None  # stop a preprocessing run after its current image
     allowed_roots: Callable[[], list[str] | None] = lambda: None  # folders config files may be read from/written to
     # (a shared WebUI with --hide-ui-dir-config); None = any
-
-
-def js_kwarg(function: str) -> dict[str, str]:
-    """The event keyword that runs a JS function before the call: ``_js`` in gradio 3, ``js`` in gradio 4."""
-    return {"_js" if int(gr.__version__.split(".")[0]) < 4 else "js": function}
 
 
 def config_file_for_run(path: str) -> Path:
@@ -137,7 +133,7 @@ class _Handlers:
     def _filled(cfg: TrainConfig, note: str) -> list[Any]:
         notes = [note] + ([f"model.checkpoint ({cfg.model.checkpoint}) is not used here: the WebUI trains the "
                            "loaded checkpoint."] if cfg.model.checkpoint else [])
-        return [cfg.method, *config_to_values(cfg), "".join(ui_render.message(n, "ok") for n in notes)]
+        return [cfg.method, *config_to_values(cfg), "".join(render.message(n, "ok") for n in notes)]
 
     def _check_path(self, path: str) -> None:
         """Refuse a config path outside the allowed folders of a shared WebUI."""
@@ -154,7 +150,7 @@ class _Handlers:
             cfg = load_config(path.strip())
             return self._filled(cfg, f"Loaded {path.strip()}")
         except TrainerError as e:
-            return [gr.update()] * (len(KEYS) + 1) + [ui_render.error(e)]
+            return [gr.update()] * (len(KEYS) + 1) + [render.error(e)]
 
     def load_run(self, path: str) -> list[Any]:
         try:
@@ -162,7 +158,7 @@ class _Handlers:
             self._check_path(str(config_file))
             return self._filled(load_config(config_file), f"Loaded the settings of the run from {config_file}")
         except TrainerError as e:
-            return [gr.update()] * (len(KEYS) + 1) + [ui_render.error(e)]
+            return [gr.update()] * (len(KEYS) + 1) + [render.error(e)]
 
     def save_config(self, path: str, method: str, *values: Any) -> str:
         path = path.strip()
@@ -171,9 +167,9 @@ class _Handlers:
             if Path(path).suffix.lower() not in (".json", ".toml"):
                 raise TrainerError(f"'{path}': give a file name ending in .json or .toml.")
             cfg = from_dict(values_to_dict(method, values))
-            return ui_render.message(f"Saved {save_config(cfg, path)}", "ok")
+            return render.message(f"Saved {save_config(cfg, path)}", "ok")
         except TrainerError as e:
-            return ui_render.error(e)
+            return render.error(e)
 
     # ---- dataset
     def scan(self, method: str, *values: Any) -> tuple[str, list[tuple[str, str]], Any, str]:
@@ -183,7 +179,7 @@ class _Handlers:
         return report, gallery, scan, self.estimate(scan, method, *values)
 
     def _scan(self, method: str, values: tuple[Any, ...]) -> tuple[str, list[tuple[str, str]], Any]:
-        from ..train.prepare import prepare_data
+        from ...train.prepare import prepare_data
 
         try:
             cfg = from_dict(values_to_dict(method, values))
@@ -199,22 +195,22 @@ class _Handlers:
                     scan.problems.append(Problem(d.train_dir, "no usable training images were found; add "
                                                               ".png/.jpg/.webp images in N_name sub-folders such "
                                                               "as '10_mychar'"))
-                return ui_render.scan_report(scan, None), [], None
+                return render.scan_report(scan, None), [], None
         except TrainerError as e:
-            return ui_render.error(e), [], None
+            return render.error(e), [], None
         shown = [it for it in prep.items if not it.is_reg][:GALLERY_IMAGES]
-        return (ui_render.scan_report(prep.scan, prep),
+        return (render.scan_report(prep.scan, prep),
                 [(str(it.path), it.caption or "(no caption)") for it in shown], prep.scan)
 
     def estimate(self, scan: Any, method: str, *values: Any) -> str:
         """GPU memory and (with a measured rate) time for the settings; the step count once a scan is kept."""
-        from ..estimate import estimate
-        from ..train.prepare import plan_steps
+        from ...estimate import estimate
+        from ...train.prepare import plan_steps
 
         try:
             cfg = from_dict(values_to_dict(method, values))
         except TrainerError as e:
-            return ui_render.error(e)
+            return render.error(e)
         steps = formula = None
         if scan is not None:
             try:
@@ -222,11 +218,11 @@ class _Handlers:
                 steps, formula = plan.total_steps, plan.formula
             except (TrainerError, ValueError, ZeroDivisionError):
                 pass  # settings mid-edit (e.g. batch size 0): the validation at Train names them
-        from ..models.families import family_or_default
+        from ...models.families import family_or_default
 
         family = family_or_default(self.backend.model_family()).name
         est = estimate(cfg, steps, family, self.backend.measured_rate())
-        return ui_render.estimate_html(est, steps, formula)
+        return render.estimate_html(est, steps, formula)
 
     # ---- running
     def _request(self, method: str, values: tuple[Any, ...]) -> dict[str, Any]:
@@ -240,35 +236,35 @@ class _Handlers:
         try:
             job = create()
         except TrainerError as e:
-            return (ui_render.error(e),)
-        return (ui_render.job_status(self.backend.run_job(job)),)
+            return (render.error(e),)
+        return (render.job_status(self.backend.run_job(job)),)
 
     def train(self, task_id: str, method: str, *values: Any) -> tuple[str]:
         return self._run(lambda: self.backend.create_job(self._request(method, values)))
 
     def resume(self, task_id: str, state_dir: str) -> tuple[str]:
         if not state_dir.strip():
-            return (ui_render.error(TrainerError("Give the resume-state folder (.NAME-state, or the run's output "
+            return (render.error(TrainerError("Give the resume-state folder (.NAME-state, or the run's output "
                                                  "folder) of the interrupted run.")),)
         return self._run(lambda: self.backend.create_job(resume_dir=state_dir.strip()))
 
     def interrupt(self) -> str:
         status = self.backend.interrupt()
         if status is None:
-            return ui_render.message("No training job is running.")
-        return ui_render.message("Stopping after the current step; the file and the resume state are saved.") + \
-            ui_render.job_status(status)
+            return render.message("No training job is running.")
+        return render.message("Stopping after the current step; the file and the resume state are saved.") + \
+            render.job_status(status)
 
     def status(self) -> tuple[str, list[str]]:
         """The newest job's status (with its loss curve) and its newest sample images."""
         status = self.backend.latest_status()
         if not status:
-            return ui_render.message("No training job in this session yet."), []
-        return ui_render.job_status(status), [p for p in status.get("samples") or [] if Path(p).is_file()]
+            return render.message("No training job in this session yet."), []
+        return render.job_status(status), [p for p in status.get("samples") or [] if Path(p).is_file()]
 
     def check_host(self) -> str:
         ok, text = self.backend.host_status()
-        return ui_render.message(text, "ok" if ok else "error")
+        return render.message(text, "ok" if ok else "error")
 
 
 def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
@@ -285,7 +281,7 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
 
     with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Row():
-            host = gr.HTML(ui_render.message("Training uses the checkpoint loaded in the WebUI (SD1.x/SD2.x). Press "
+            host = gr.HTML(render.message("Training uses the checkpoint loaded in the WebUI (SD1.x/SD2.x). Press "
                                              "Check to see whether it can be trained here."),
                            elem_id="sd_trainer_host")
             check = gr.Button("Check loaded model", elem_id="sd_trainer_check", scale=0)
@@ -340,7 +336,7 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
                     resume_dir = gr.Textbox(label="Resume state folder (.NAME-state or the run's output folder)",
                                             elem_id="sd_trainer_resume_dir")
                     resume = gr.Button("Resume", elem_id="sd_trainer_resume", scale=0)
-                estimate_box = gr.HTML(ui_render.message("The estimate appears when settings change or after Scan."),
+                estimate_box = gr.HTML(render.message("The estimate appears when settings change or after Scan."),
                                        elem_id="sd_trainer_estimate")
                 gr.HTML(elem_id="sd_trainer_progress")  # sd_trainer_start's progress callback writes here
                 output = gr.HTML(elem_id="sd_trainer_output")

@@ -1,5 +1,6 @@
 """The Trainer tab wired into the WebUI: the ``on_ui_tabs`` / ``on_ui_settings`` callbacks and the real
-:class:`~lib_train.webui.ui.Backend` (the job manager under the WebUI's queue, progress and Interrupt).
+
+:class:`~lib_train.webui.tab.build.Backend` (the job manager under the WebUI's queue, progress and Interrupt).
 
 Settings (section ``("sd_trainer", "Trainer")``, category "training"):
 
@@ -34,7 +35,7 @@ def _default_output_dir(method: str, name: str) -> str:
     ``<folder>/<name>``) without a subfolder."""
     from modules import shared
 
-    from .jobs import METHODS
+    from ..jobs import METHODS
 
     setting = _SUBFOLDER_SETTING.get(method)
     sub = str(shared.opts.data.get(setting, "") or "").strip().strip("/\\") if setting else ""
@@ -42,40 +43,40 @@ def _default_output_dir(method: str, name: str) -> str:
 
 
 def _run_job(job: Any) -> dict[str, Any]:
-    from .jobs import manager
+    from ..jobs import manager
 
     return dataclasses.asdict(manager.run(job))
 
 
 def _interrupt() -> dict[str, Any] | None:
-    from .jobs import manager
+    from ..jobs import manager
 
     active = manager.active()
     return None if active is None else manager.interrupt(active.status.id).snapshot()
 
 
 def _latest_status() -> dict[str, Any] | None:
-    from .jobs import manager
+    from ..jobs import manager
 
     jobs = manager.jobs()
     return jobs[0].snapshot() if jobs else None
 
 
 def _allowed_roots() -> list[str] | None:
-    from .jobs import restricted_roots
+    from ..jobs import restricted_roots
 
     roots = restricted_roots()
     return None if roots is None else list(roots.values())
 
 
 def _model_family() -> str | None:
-    from .host import inspect_host
+    from ..host import inspect_host
 
     return inspect_host().family  # None (nothing trainable loaded): the estimate assumes the default family
 
 
 def _host_status() -> tuple[bool, str]:
-    from .host import FAMILY_LABELS, inspect_host
+    from ..host import FAMILY_LABELS, inspect_host
 
     report = inspect_host()
     if not report.supported:
@@ -84,12 +85,12 @@ def _host_status() -> tuple[bool, str]:
 
 
 def backend():
-    """The tab's :class:`~lib_train.webui.ui.Backend`: the shared job manager, run under ``wrap_gradio_gpu_call``."""
+    """The tab's :class:`~.build.Backend`: the shared job manager, run under ``wrap_gradio_gpu_call``."""
     from modules import call_queue
 
-    from .jobs import manager
-    from .preprocess import backend_preprocess, backend_upload, interrupt_preprocess
-    from .ui import Backend
+    from ..jobs import manager
+    from ..preprocess import backend_preprocess, backend_upload, interrupt_preprocess
+    from .build import Backend
 
     return Backend(wrap_gpu_call=call_queue.wrap_gradio_gpu_call, create_job=manager.create, run_job=_run_job,
                    interrupt=_interrupt, latest_status=_latest_status, host_status=_host_status,
@@ -99,10 +100,10 @@ def backend():
 
 
 def on_ui_tabs() -> list[tuple[Any, str, str]]:
-    from .jobs import lora_dir
-    from .ui import WebuiInfo, build_ui
+    from ..jobs import lora_dir
+    from .build import WebuiInfo, build_ui
 
-    from .preprocess import upscaler_names
+    from ..preprocess import upscaler_names
 
     info = WebuiInfo(lora_dir=lora_dir(), upscalers=tuple(upscaler_names()), defaults=tab_defaults())
     return [(build_ui(info, backend()), *TAB)]

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .. import methods
-from ..config import SECTIONS, TrainConfig, default_config, method_default
-from ..settings import Declared, choices_of, declared, format_default
+from ... import methods
+from ...config import SECTIONS, TrainConfig, default_config, method_default
+from ...settings import Declared, choices_of, declared, format_default
 
 _DECLARED: list[Declared] = list(declared(SECTIONS))
 
