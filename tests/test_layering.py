@@ -82,3 +82,9 @@ def test_no_import_circle_in_the_webui_layer():
     graph = import_graph(PACKAGE / "webui")
     assert "lib_train.webui.tab.build" in graph and "lib_train.webui.grid.xyz" in graph  # sub-packages are walked
     assert import_circles(graph) == []  # no module imports itself through others (lazy imports included)
+
+
+def test_no_import_circle_in_the_grid_package():
+    graph = import_graph(PACKAGE / "grid")
+    assert set(graph) == {f"lib_train.grid.{m}" for m in ("axes", "keep", "plan", "prompts", "runs")}
+    assert import_circles(graph) == []
