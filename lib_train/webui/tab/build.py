@@ -245,7 +245,7 @@ class _Handlers:
     def resume(self, task_id: str, state_dir: str) -> tuple[str]:
         if not state_dir.strip():
             return (render.error(TrainerError("Give the resume-state folder (.NAME-state, or the run's output "
-                                                 "folder) of the interrupted run.")),)
+                                              "folder) of the interrupted run.")),)
         return self._run(lambda: self.backend.create_job(resume_dir=state_dir.strip()))
 
     def interrupt(self) -> str:
@@ -282,7 +282,7 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Row():
             host = gr.HTML(render.message("Training uses the checkpoint loaded in the WebUI (SD1.x/SD2.x). Press "
-                                             "Check to see whether it can be trained here."),
+                                          "Check to see whether it can be trained here."),
                            elem_id="sd_trainer_host")
             check = gr.Button("Check loaded model", elem_id="sd_trainer_check", scale=0)
         with gr.Row(equal_height=False):

@@ -149,7 +149,7 @@ def render_result(r: dict[str, Any]) -> str:
     parts = [render.message(head, kind)]
     if kind == "ok":
         parts.append(render.message("The processed folder is now the dataset folder above; press Scan to "
-                                       "check it."))
+                                    "check it."))
     if r.get("notes"):
         parts.append("<p>Notes:</p><ul class='sd-trainer-notes'>"
                      + "".join(f"<li>{_e(n)}</li>" for n in r["notes"]) + "</ul>")
@@ -159,8 +159,8 @@ def render_result(r: dict[str, Any]) -> str:
 
 def render_upload(r: dict[str, Any]) -> str:
     parts = [render.message(f"Stored {len(r['stored'])} file(s) in {r['folder']}"
-                               + (f" ({r['replaced']} replaced files of the same name)" if r.get("replaced") else "")
-                               + ". The source folder is set to the run folder.", "ok")]
+                            + (f" ({r['replaced']} replaced files of the same name)" if r.get("replaced") else "")
+                            + ". The source folder is set to the run folder.", "ok")]
     if r.get("rejected"):
         parts.append("<div class='sd-trainer-warning'><p>Not stored:</p><ul class='sd-trainer-problems'>"
                      + "".join(f"<li><code>{_e(p['file'])}</code>: {_e(p['message'])}</li>" for p in r["rejected"])
@@ -225,8 +225,8 @@ def build_preprocess_panel(backend_preprocess: Callable[[dict[str, Any]], dict[s
 
     with gr.Accordion("Prepare dataset (WebUI preprocessing)", open=False, elem_id=ELEM + "panel"):
         gr.HTML(render.message("Upload images or give a folder; preprocessing writes cropped / split / flipped "
-                                  "PNGs with captions into a separate processed folder, keeping the N_name "
-                                  "repeat folders, and puts it into the dataset field."))
+                               "PNGs with captions into a separate processed folder, keeping the N_name "
+                               "repeat folders, and puts it into the dataset field."))
         with gr.Row(equal_height=False):
             files = gr.File(label="Upload images (and .txt captions)", file_count="multiple",
                             elem_id=ELEM + "upload_files")
