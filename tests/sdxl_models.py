@@ -1,0 +1,176 @@
+"""SDXL layouts for tests: the UNet's Linear/Conv2d modules derived from the architecture rules (no sgm needed), the
+full-size text encoders on the meta device (transformers CLIP ViT-L + open_clip ViT-bigG text tower), and access to
+sgm (the WebUI's ``repositories/generative-models``) for the tier that needs it.
+
+The UNet rules (FORMATS.md §A.3.2, sgm configs/inference/sd_xl_base.yaml): model_channels 320, channel_mult
+[1, 2, 4], 2 ResBlocks per level, transformer depth 0 / 2 / 10 per level (level 0 has no attention), middle block
+ResBlock + transformer(10) + ResBlock, context 2048, Linear proj_in/proj_out, GEGLU feed-forward (inner 4·ch).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import cache
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+CONTEXT = 2048
+TIME = 1280  # time-embedding width (4 × model_channels)
+
+
+class Target(NamedTuple):
+    path: str
+    kind: str  # "linear" | "conv"
+    c_in: int
+    c_out: int
+    kernel: int
+
+
+def _resblock(prefix: str, c_in: int, c_out: int) -> list[Target]:
+    out = [Target(f"{prefix}.in_layers.2", "conv", c_in, c_out, 3), Target(f"{prefix}.emb_layers.1", "linear", TIME,
+                                                                         c_out, 1),
+           Target(f"{prefix}.out_layers.3", "conv", c_out, c_out, 3)]
+    if c_in != c_out:
+        out.append(Target(f"{prefix}.skip_connection", "conv", c_in, c_out, 1))
+    return out
+
+
+def _transformer(prefix: str, ch: int, depth: int) -> list[Target]:
+    out = [Target(f"{prefix}.proj_in", "linear", ch, ch, 1)]
+    for b in range(depth):
+        p = f"{prefix}.transformer_blocks.{b}"
+        for attn, ctx in (("attn1", ch), ("attn2", CONTEXT)):
+            out += [Target(f"{p}.{attn}.to_q", "linear", ch, ch, 1), Target(f"{p}.{attn}.to_k", "linear", ctx, ch, 1),
+                    Target(f"{p}.{attn}.to_v", "linear", ctx, ch, 1),
+                    Target(f"{p}.{attn}.to_out.0", "linear", ch, ch, 1)]
+        out += [Target(f"{p}.ff.net.0.proj", "linear", ch, 8 * ch, 1), Target(f"{p}.ff.net.2", "linear", 4 * ch, ch, 1)]
+    out.append(Target(f"{prefix}.proj_out", "linear", ch, ch, 1))
+    return out
+
+
+@cache
+def sdxl_unet_targets() -> tuple[Target, ...]:
+    """Every Linear/Conv2d of SDXL's UNet inside input_blocks 1.., middle_block and output_blocks (the modules a
+    kohya LoRA can target), with sgm's module paths, derived from the architecture rules."""
+    mult, depth, model_ch = (1, 2, 4), (0, 2, 10), 320
+    out: list[Target] = []
+    chans = [model_ch]  # channels entering the skip stack (conv_in first)
+    ch, n = model_ch, 1
+    for level, m in enumerate(mult):
+        for _ in range(2):
+            out += _resblock(f"input_blocks.{n}.0", ch, model_ch * m)
+            ch = model_ch * m
+            if depth[level]:
+                out += _transformer(f"input_blocks.{n}.1", ch, depth[level])
+            chans.append(ch)
+            n += 1
+        if level < len(mult) - 1:
+            out.append(Target(f"input_blocks.{n}.0.op", "conv", ch, ch, 3))
+            chans.append(ch)
+            n += 1
+    out += _resblock("middle_block.0", ch, ch) + _transformer("middle_block.1", ch, 10) + _resblock("middle_block.2",
+                                                                                                     ch, ch)
+    n = 0
+    for level in reversed(range(len(mult))):
+        for j in range(3):
+            c_in = ch + chans.pop()
+            ch = model_ch * mult[level]
+            out += _resblock(f"output_blocks.{n}.0", c_in, ch)
+            k = 1
+            if depth[level]:
+                out += _transformer(f"output_blocks.{n}.1", ch, depth[level])
+                k = 2
+            if j == 2 and level > 0:
+                out.append(Target(f"output_blocks.{n}.{k}.conv", "conv", ch, ch, 3))
+            n += 1
+    return tuple(out)
+
+
+# ---- full-size text encoders on the meta device (installable code only)
+
+CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=49408,
+              max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_G = dict(context_length=77, vocab_size=49408, width=1280, heads=20, layers=32, output_dim=1280)
+
+
+class ClipL(nn.Module):
+    """Stand-in for sgm ``FrozenCLIPEmbedder``: ``.transformer`` is an HF ``CLIPTextModel``."""
+
+    def __init__(self, **config):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        self.transformer = CLIPTextModel(CLIPTextConfig(**config))
+
+
+class ClipG(nn.Module):
+    """Stand-in for sgm ``FrozenOpenCLIPEmbedder2``: ``.model`` is an open_clip text tower (GELU, as ViT-bigG-14)."""
+
+    def __init__(self, **config):
+        super().__init__()
+        from open_clip.transformer import TextTransformer
+
+        self.model = TextTransformer(act_layer=nn.GELU, **config)
+
+    def encode_with_transformer(self, ids):  # present on the real class; the live-model check looks for it
+        raise NotImplementedError
+
+
+class Conditioner(nn.Module):
+    """Stand-in for sgm ``GeneralConditioner``: ``embedders.0`` clip_l, ``embedders.1`` clip_g."""
+
+    def __init__(self, clip_l: nn.Module, clip_g: nn.Module):
+        super().__init__()
+        self.embedders = nn.ModuleList([clip_l, clip_g])
+
+
+@cache
+def meta_sdxl_text_encoders() -> Conditioner:
+    with torch.device("meta"):
+        return Conditioner(ClipL(**CLIP_L), ClipG(**CLIP_G))
+
+
+# ---- sgm (the tier that needs the WebUI's generative-models checkout)
+
+def sgm_root() -> Path:
+    """The generative-models checkout under ``$SD_WEBUI_DIR``, importable; skips the test with the reason when it
+    is not available."""
+    webui = os.environ.get("SD_WEBUI_DIR")
+    if not webui:
+        pytest.skip("SD_WEBUI_DIR is not set (sgm tier: needs the WebUI's repositories/generative-models)")
+    root = Path(webui) / "repositories" / "generative-models"
+    if not (root / "sgm").is_dir():
+        pytest.skip(f"no sgm checkout at {root}")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        import sgm  # noqa: F401  (sgm/__init__ imports every sgm module and their dependencies)
+    except ImportError as e:
+        pytest.skip(f"sgm cannot be imported in this environment: {e}")
+    return root
+
+
+def sgm_unet_config() -> dict:
+    """sgm's own UNet parameters for SDXL base (configs/inference/sd_xl_base.yaml), attention set to plain softmax
+    (no xformers) and no checkpointing."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(sgm_root() / "configs" / "inference" / "sd_xl_base.yaml")
+    params = OmegaConf.to_container(cfg.model.params.network_config.params)
+    params.update(spatial_transformer_attn_type="softmax", use_checkpoint=False)
+    return params
+
+
+@cache
+def meta_sgm_unet() -> nn.Module:
+    """sgm's full-size SDXL UNet on the meta device (no memory)."""
+    sgm_root()
+    from sgm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        return UNetModel(**sgm_unet_config())
