@@ -174,3 +174,42 @@ def meta_sgm_unet() -> nn.Module:
 
     with torch.device("meta"):
         return UNetModel(**sgm_unet_config())
+
+
+# ---- tiny SDXL text encoders (installable code only)
+
+def tiny_clip_g_model(width: int = 32, layers: int = 3, embed_dim: int = 24):
+    """An open_clip ``CLIP`` with a tiny text tower (and the smallest vision tower open_clip builds, which sgm deletes
+    as it does for ViT-bigG)."""
+    from open_clip.model import CLIP
+
+    vision = {"image_size": 16, "patch_size": 16, "width": 16, "layers": 1, "head_width": 16}
+    text = {"context_length": 77, "vocab_size": 49408, "width": width, "heads": 4, "layers": layers}
+    return CLIP(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+def tiny_clip_l_model(width: int = 32, layers: int = 3):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=1))
+
+
+def tiny_sdxl_text_encoders(seed: int = 7, clip_l_layers: int = 3, clip_g_layers: int = 3) -> Conditioner:
+    """SDXL's two text embedders at tiny width with seeded random weights: ``embedders.0`` has ``.transformer`` (HF
+    CLIP) and ``.tokenizer`` (the CLIP tokenizer, built offline), ``embedders.1`` has ``.model`` (open_clip CLIP with
+    the vision tower deleted)."""
+    from lib_train.models.build import clip_tokenizer, randomize_
+
+    clip_l, clip_g = nn.Module(), ClipG.__new__(ClipG)
+    nn.Module.__init__(clip_g)
+    clip_l.transformer = tiny_clip_l_model(layers=clip_l_layers)
+    clip_l.tokenizer = clip_tokenizer()
+    model = tiny_clip_g_model(layers=clip_g_layers)
+    del model.visual
+    clip_g.model = model
+    root = Conditioner(clip_l, clip_g)
+    randomize_(root, seed)
+    return root.eval().requires_grad_(False)
