@@ -166,6 +166,12 @@ def sgm_unet_config() -> dict:
     return params
 
 
+def _sgm_config():
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(sgm_root() / "configs" / "inference" / "sd_xl_base.yaml")
+
+
 @cache
 def meta_sgm_unet() -> nn.Module:
     """sgm's full-size SDXL UNet on the meta device (no memory)."""
@@ -213,3 +219,65 @@ def tiny_sdxl_text_encoders(seed: int = 7, clip_l_layers: int = 3, clip_g_layers
     root = Conditioner(clip_l, clip_g)
     randomize_(root, seed)
     return root.eval().requires_grad_(False)
+
+
+# ---- tiny sgm SDXL model (sgm tier)
+
+TINY_CLIP_G_EMBED = 24  # clip_g text_projection width at tiny size (1280 at full size)
+
+
+def tiny_sgm_conditioner_config(clip_l_layers: int = 12) -> tuple[list, "pytest.MonkeyPatch"]:
+    """sgm's own conditioner config (sd_xl_base.yaml), with tiny text towers served by patched loaders: returns
+    (emb_models, an active MonkeyPatch the caller undoes after building)."""
+    import open_clip
+    import transformers
+    from omegaconf import OmegaConf
+
+    from lib_train.models.build import clip_tokenizer
+
+    clip_l = tiny_clip_l_model(layers=clip_l_layers)  # 12 layers: sgm's layer_idx 11 is real
+    clip_g = tiny_clip_g_model(embed_dim=TINY_CLIP_G_EMBED)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(transformers.CLIPTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: clip_tokenizer()))
+    mp.setattr(transformers.CLIPTextModel, "from_pretrained", classmethod(lambda cls, *a, **k: clip_l))
+    mp.setattr(open_clip, "create_model_and_transforms", lambda *a, **k: (clip_g, None, None))
+    emb = OmegaConf.to_container(_sgm_config().model.params.conditioner_config.params.emb_models)
+    for e in emb[:2]:
+        e["params"]["device"] = "cpu"
+    return emb, mp
+
+
+def tiny_sgm_sdxl(seed: int = 5, prediction: str = "eps"):
+    """An sgm ``DiffusionEngine`` built from sgm's own classes and config (sd_xl_base.yaml) at tiny widths, with
+    seeded random weights, in eval mode with frozen parameters: UNet 32 channels (8 per head, depth 1/2/2, context
+    32 + 32, vector 24 + 1536), VAE 32 channels, clip_l 12 layers / clip_g 3 layers of width 32. ``prediction``
+    "v" swaps the denoiser scaling to sgm's VScaling."""
+    import contextlib
+    import io
+
+    from omegaconf import OmegaConf
+
+    from lib_train.models.build import randomize_
+
+    sgm_root()
+    from sgm.models.diffusion import DiffusionEngine
+
+    params = OmegaConf.to_container(_sgm_config().model.params)
+    unet = params["network_config"]["params"]
+    unet.update(model_channels=32, num_head_channels=8, transformer_depth=[1, 2, 2], context_dim=64,
+                adm_in_channels=TINY_CLIP_G_EMBED + 3 * 2 * 256, use_checkpoint=False,
+                spatial_transformer_attn_type="softmax")
+    vae = params["first_stage_config"]["params"]["ddconfig"]
+    vae.update(ch=32, num_res_blocks=1, attn_type="vanilla")
+    if prediction == "v":
+        params["denoiser_config"]["params"]["scaling_config"]["target"] = (
+            "sgm.modules.diffusionmodules.denoiser_scaling.VScaling")
+    emb, mp = tiny_sgm_conditioner_config()
+    params["conditioner_config"]["params"]["emb_models"] = emb
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = DiffusionEngine(**params)
+    finally:
+        mp.undo()
+    randomize_(model, seed)
+    return model.eval().requires_grad_(False)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from sdxl_models import sgm_root, tiny_clip_g_model, tiny_clip_l_model, tiny_sdxl_text_encoders
+from sdxl_models import sgm_root, tiny_sdxl_text_encoders, tiny_sgm_conditioner_config
 
 from lib_train.models.families import SDXL
 from lib_train.models.sdxl import SDXLConditioner, size_embedding
@@ -131,32 +131,19 @@ def test_size_embedding_formula():
 
 @pytest.fixture(scope="module")
 def sgm_pair():
+    """sgm's GeneralConditioner (its classes, sd_xl_base.yaml's embedders) and our stand-in with the same weights."""
     sgm_root()
-    import open_clip
-    import transformers
-    from omegaconf import OmegaConf
-
     import sgm.modules.encoders.modules as sgm_modules
-    from lib_train.models.build import clip_tokenizer
 
-    ours = tiny_sdxl_text_encoders(seed=11, clip_l_layers=12)  # 12 layers: sgm's layer_idx 11 is real
-    clip_l = tiny_clip_l_model(layers=12)
-    clip_l.load_state_dict(ours.embedders[0].transformer.state_dict())
-    clip_g = tiny_clip_g_model()
-    clip_g.load_state_dict(ours.embedders[1].model.state_dict(), strict=False)  # ours has no vision tower
-    mp = pytest.MonkeyPatch()
-    mp.setattr(transformers.CLIPTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: clip_tokenizer()))
-    mp.setattr(transformers.CLIPTextModel, "from_pretrained", classmethod(lambda cls, *a, **k: clip_l))
-    mp.setattr(open_clip, "create_model_and_transforms", lambda *a, **k: (clip_g, None, None))
+    emb, mp = tiny_sgm_conditioner_config()
     try:
-        cfg = OmegaConf.load(sgm_root() / "configs" / "inference" / "sd_xl_base.yaml")
-        emb = OmegaConf.to_container(cfg.model.params.conditioner_config.params.emb_models)
-        for e in emb[:2]:
-            e["params"]["device"] = "cpu"
         conditioner = sgm_modules.GeneralConditioner(emb)
     finally:
         mp.undo()
-    assert conditioner.embedders[0].transformer is clip_l and conditioner.embedders[1].model is clip_g
+    ours = tiny_sdxl_text_encoders(seed=11, clip_l_layers=12)
+    conditioner.embedders[0].transformer.load_state_dict(ours.embedders[0].transformer.state_dict())
+    missing = conditioner.embedders[1].model.load_state_dict(ours.embedders[1].model.state_dict(), strict=False)
+    assert not missing.unexpected_keys
     return ours, conditioner
 
 
