@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from full_size_models import SD1Embedder
 from torch import nn
 
 CONTEXT = 2048
@@ -98,14 +99,8 @@ CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, int
 CLIP_G = dict(context_length=77, vocab_size=49408, width=1280, heads=20, layers=32, output_dim=1280)
 
 
-class ClipL(nn.Module):
-    """Stand-in for sgm ``FrozenCLIPEmbedder``: ``.transformer`` is an HF ``CLIPTextModel``."""
-
-    def __init__(self, **config):
-        super().__init__()
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        self.transformer = CLIPTextModel(CLIPTextConfig(**config))
+# sgm ``FrozenCLIPEmbedder`` has the attribute layout of ldm's (``.transformer`` is an HF ``CLIPTextModel``)
+ClipL = SD1Embedder
 
 
 class ClipG(nn.Module):

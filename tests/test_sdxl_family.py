@@ -64,13 +64,12 @@ def test_the_switch_keeps_sdxl_out_of_the_trained_families():
 
 def _sdxl_sd(in_channels: int = 4, **drop) -> dict:
     """The marker keys of an SDXL base checkpoint (shapes only where detection reads them)."""
-    u = "model.diffusion_model."
+    u, e = "model.diffusion_model.", "conditioner.embedders."
     sd = {u + "input_blocks.0.0.weight": torch.empty(320, in_channels, 3, 3, device="meta"),
           u + "middle_block.1.transformer_blocks.0.attn1.to_q.weight": torch.empty(1280, 1280, device="meta"),
-          "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.empty(49408, 768,
-                                                                                                          device="meta"),
-          "conditioner.embedders.1.model.token_embedding.weight": torch.empty(49408, 1280, device="meta"),
-          "conditioner.embedders.1.model.ln_final.weight": torch.empty(1280, device="meta")}
+          e + "0.transformer.text_model.embeddings.token_embedding.weight": torch.empty(49408, 768, device="meta"),
+          e + "1.model.token_embedding.weight": torch.empty(49408, 1280, device="meta"),
+          e + "1.model.ln_final.weight": torch.empty(1280, device="meta")}
     return {k: v for k, v in sd.items() if not any(k.endswith(d) for d in drop)}
 
 

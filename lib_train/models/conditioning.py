@@ -161,7 +161,8 @@ class TextConditioner:
 
     def tokenize_prompts(self, captions: list[str], min_chunks: int = 1) -> tuple[torch.Tensor, list[list[Fix]]]:
         """Token ids ``[B, k, 77]`` with every caption padded to the batch's chunk count ``k`` (at least
-        ``min_chunks``), and the fixes of each of the ``B·k`` rows (row ``b·k + c`` = chunk ``c`` of caption ``b``)."""
+        ``min_chunks``), and the fixes of each of the ``B·k`` rows (row ``b·k + c`` = chunk ``c`` of caption
+        ``b``)."""
         find = self.placeholders.find if self.placeholders is not None else None
         per_caption = []
         for text in captions:
