@@ -25,7 +25,8 @@ def test_the_bundle_exposes_the_engines_parts(model):
     bundle = ModelBundle.from_sgm(model, checkpoint_name="tiny-sdxl")
     assert bundle.family == SDXL.name and bundle.family_rules is SDXL
     assert bundle.unet is model.model.diffusion_model and bundle.vae is model.first_stage_model
-    assert bundle.text_encoder is model.conditioner and isinstance(bundle.encode_text, SDXLText)
+    assert isinstance(bundle.encode_text, SDXLText) and list(bundle.text_encoder.embedders) == list(
+        model.conditioner.embedders[:2])
     assert bundle.scale_factor == SDXL.latent_scale and bundle.resolution == 1024
     assert bundle.prediction == "eps" and ModelBundle.from_sgm(model, prediction="v").prediction == "v"
     assert ModelBundle.from_sgm(tiny_sgm_sdxl(prediction="v")).prediction == "v"

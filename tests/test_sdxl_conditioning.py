@@ -11,7 +11,7 @@ import torch
 from sdxl_models import sgm_root, tiny_sdxl_text_encoders, tiny_sgm_conditioner_config
 
 from lib_train.models.families import SDXL
-from lib_train.models.sdxl import SDXLConditioner, size_embedding
+from lib_train.models.sdxl import SDXLConditioner, TextRoot, size_embedding, text_root
 
 LONG = " ".join(f"word{i}" for i in range(40))  # 80+ tokens, no comma
 
@@ -111,6 +111,26 @@ def test_gradients_reach_the_text_encoders(root):
     finally:
         clip_g.ln_final.weight.requires_grad_(False)
         clip_g.ln_final.weight.grad = None
+
+
+def test_the_text_root_unwraps_the_webuis_prompt_wrappers(root):
+    class Wrapper(torch.nn.Module):  # the WebUI's FrozenCLIPEmbedderForSDXLWithCustomWords & co keep `.wrapped`
+        def __init__(self, wrapped):
+            super().__init__()
+            self.wrapped = wrapped
+
+    class Engine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedders = torch.nn.ModuleList([Wrapper(root.embedders[0]), Wrapper(root.embedders[1]),
+                                                  torch.nn.Identity()])  # + the size embedders
+
+    unwrapped = text_root(Engine())
+    assert isinstance(unwrapped, TextRoot) and list(unwrapped.embedders) == list(root.embedders)
+    assert [te.module(unwrapped) for te in SDXL.text_encoders] == list(root.embedders)
+    assert SDXL.matches_live(unwrapped)
+    a, b = SDXLConditioner(unwrapped).text(["a cat"]), SDXLConditioner(root).text(["a cat"])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_size_embedding_formula():

@@ -20,6 +20,7 @@ import torch
 from .conditioning import TextConditioner
 from .families import RECORDS, SDXL, Family, get_family
 from .sdxl import SDXLConditioner
+from .sdxl import text_root as sdxl_text_root
 
 
 def sgm_prediction(model) -> str:
@@ -77,9 +78,9 @@ class ModelBundle:
                  checkpoint_name: str = "", checkpoint_hashes=None) -> "ModelBundle":
         """Bundle an sgm ``DiffusionEngine`` (SDXL base layout), conditioning from the raw text modules.
         ``text_root``: what holds the unwrapped embedders at ``embedders.0``/``embedders.1`` (default
-        ``model.conditioner``; the WebUI's are wrapped). ``prediction``: overrides the model's own
-        (:func:`sgm_prediction`)."""
-        root = model.conditioner if text_root is None else text_root
+        :func:`.sdxl.text_root` of ``model.conditioner``, which also unwraps the WebUI's prompt wrappers).
+        ``prediction``: overrides the model's own (:func:`sgm_prediction`)."""
+        root = sdxl_text_root(model.conditioner) if text_root is None else text_root
         return cls(model=model, family=SDXL.name, prediction=prediction or sgm_prediction(model), text_encoder=root,
                    encode_text=SDXLText(root, max_chunks=max_chunks), checkpoint_name=checkpoint_name,
                    checkpoint_hashes=checkpoint_hashes or (lambda: {}))

@@ -48,6 +48,23 @@ def size_embedding(values: torch.Tensor, features: int = SIZE_FEATURES) -> torch
     return feats.reshape(values.shape[0], values.shape[1] * features)
 
 
+class TextRoot(torch.nn.Module):
+    """The text-encoder root of an SDXL bundle: the raw (unwrapped) embedders at ``embedders.0`` (clip_l) and
+    ``embedders.1`` (clip_g), the paths of the family's records. A view: it holds the model's own modules."""
+
+    def __init__(self, embedders: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.embedders = torch.nn.ModuleList(embedders)
+
+
+def text_root(conditioner, family: Family = SDXL) -> TextRoot:
+    """:class:`TextRoot` over an sgm ``GeneralConditioner``'s text embedders. The WebUI replaces each by a prompt
+    wrapper whose ``wrapped`` is the sgm embedder; that one is taken (its token-embedding table may still be wrapped
+    by the WebUI's ``EmbeddingsWithFixes``, which passes plain token ids through)."""
+    embedders = list(conditioner.embedders)[:len(family.text_encoders)]
+    return TextRoot([getattr(e, "wrapped", e) for e in embedders])
+
+
 def _pairs(values, batch: int, device) -> torch.Tensor:
     """(h, w)-style pairs → ``[B, 2]``: one pair for the whole batch, one per caption, or a tensor."""
     t = torch.as_tensor(values, device=device)
