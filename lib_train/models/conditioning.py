@@ -12,7 +12,10 @@ For a plain caption (no emphasis syntax) the WebUI's prompt wrapper (FORMATS.md 
 
 Layer choice: the family's text-encoder kind (:mod:`.text_encoders`): HF CLIP (SD1) with clip skip N>1 takes
 ``hidden_states[-N]`` and applies the final layer norm, else the last hidden state; open_clip (SD2) always takes the
-penultimate block's output through ``ln_final`` (clip skip does not apply to SD2: :meth:`Family.clip_skip`).
+penultimate block's output through ``ln_final`` (clip skip does not apply to SD2: :meth:`Family.clip_skip`). A text
+encoder whose record names a :class:`~.text_encoders.Layer` (SDXL's clip_l and clip_g) is encoded at that layer from
+the raw modules, with its pooled output where the layer asks for it (:meth:`TextConditioner.encode_ids_pooled`);
+:mod:`.sdxl` combines SDXL's two encoders.
 Captions longer than ``max_chunks`` chunks are cut (as kohya's ``max_token_length``); :func:`chunk_tokens` reports it.
 
 Placeholders (textual-inversion embeddings, FORMATS.md §C.5/§E.4): when a :class:`Placeholders` registry is set on
@@ -30,7 +33,7 @@ from typing import Callable, NamedTuple, Optional, Protocol, Tuple
 
 import torch
 
-from .families import get_family
+from .families import Family, as_family
 from .text_encoders import TokenIds
 
 CHUNK = 75
@@ -120,20 +123,21 @@ def chunk_ids(chunk: list[int], ids: TokenIds) -> list[int]:
 
 
 class TextConditioner:
-    """Encodes captions with the ldm text embedder of a one-encoder family (SD1 ``FrozenCLIPEmbedder``, SD2
-    ``FrozenOpenCLIPEmbedder``).
+    """Encodes captions with one text embedder of a family: the ldm embedder of SD1 (``FrozenCLIPEmbedder``) or SD2
+    (``FrozenOpenCLIPEmbedder``), or one of SDXL's two (``encoder`` = 0 clip_l, 1 clip_g; :mod:`.sdxl` uses both).
 
     The encoder is called under the caller's grad mode, so LoRA on the text encoder receives gradients. Set
     ``placeholders`` to inject embedding vectors (see the module docstring); ``None`` (the default) encodes plain text.
     """
 
-    def __init__(self, embedder, family: str, *, clip_skip: int = 1, max_chunks: int = 3):
-        """``family``: a family name; ``clip_skip``: the ``model.clip_skip`` setting (the family says whether it
-        applies)."""
+    def __init__(self, embedder, family: str | Family, *, clip_skip: int = 1, max_chunks: int = 3, encoder: int = 0):
+        """``family``: a family name (or record); ``clip_skip``: the ``model.clip_skip`` setting (the family says
+        whether it applies); ``encoder``: which of the family's text encoders ``embedder`` is."""
         self.embedder = embedder
-        self.family = family
-        fam = get_family(family)
-        self.kind = fam.text_encoder.kind  # tokenizer, token-embedding table and encoding of this text encoder
+        fam = as_family(family)
+        self.family = fam.name
+        self.encoder = fam.text_encoders[encoder]  # the record: kind, layer
+        self.kind = self.encoder.kind  # tokenizer, token-embedding table and encoding of this text encoder
         self.clip_skip = fam.clip_skip(clip_skip)
         self.max_chunks = max_chunks
         self.truncated_captions = 0  # how many captions were longer than max_chunks × 75 tokens
@@ -155,9 +159,10 @@ class TextConditioner:
         inner = getattr(table, "wrapped", None)
         return inner if isinstance(inner, torch.nn.Embedding) and not isinstance(table, torch.nn.Embedding) else table
 
-    def tokenize_prompts(self, captions: list[str]) -> tuple[torch.Tensor, list[list[Fix]]]:
-        """Token ids ``[B, k, 77]`` with every caption padded to the batch's chunk count ``k``, and the fixes of each
-        of the ``B·k`` rows (row ``b·k + c`` = chunk ``c`` of caption ``b``)."""
+    def tokenize_prompts(self, captions: list[str], min_chunks: int = 1) -> tuple[torch.Tensor, list[list[Fix]]]:
+        """Token ids ``[B, k, 77]`` with every caption padded to the batch's chunk count ``k`` (at least
+        ``min_chunks``), and the fixes of each of the ``B·k`` rows (row ``b·k + c`` = chunk ``c`` of caption
+        ``b``)."""
         find = self.placeholders.find if self.placeholders is not None else None
         per_caption = []
         for text in captions:
@@ -165,7 +170,7 @@ class TextConditioner:
                                                     max_chunks=self.max_chunks, find=find)
             self.truncated_captions += int(truncated)
             per_caption.append((chunks, fixes))
-        k = max(len(c) for c, _ in per_caption)
+        k = max(min_chunks, *(len(c) for c, _ in per_caption))
         rows = [[chunk_ids(c, self.ids) for c in chunks + [[]] * (k - len(chunks))] for chunks, _ in per_caption]
         row_fixes = [f for _, fixes in per_caption for f in fixes + [[]] * (k - len(fixes))]
         return torch.tensor(rows, dtype=torch.long), row_fixes
@@ -177,6 +182,12 @@ class TextConditioner:
     def encode_ids(self, ids: torch.Tensor, fixes: list[list[Fix]] | None = None) -> torch.Tensor:
         """``[B, k, 77]`` token ids → conditioning ``[B, 77·k, width]``; ``fixes`` (per row, from
         :meth:`tokenize_prompts`) are spliced into the token-embedding output by ``placeholders``."""
+        return self.encode_ids_pooled(ids, fixes)[0]
+
+    def encode_ids_pooled(self, ids: torch.Tensor, fixes: list[list[Fix]] | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`encode_ids`, plus the pooled output of every chunk ``[B, k, dim]`` where the encoder's layer
+        gives one (SDXL clip_g), else None."""
         b, k, n = ids.shape
         flat = ids.reshape(b * k, n).to(self._device())
         hook = None
@@ -186,11 +197,14 @@ class TextConditioner:
             splice = self.placeholders.splice
             hook = self.token_embedding.register_forward_hook(lambda _m, _args, out: splice(out, fixes))
         try:
-            z = self.kind.encode(self.embedder, flat, self.clip_skip)
+            if self.encoder.layer is None:
+                z, pooled = self.kind.encode(self.embedder, flat, self.clip_skip), None
+            else:
+                z, pooled = self.kind.hidden(self.embedder, flat, self.encoder.layer)
         finally:
             if hook is not None:
                 hook.remove()
-        return z.reshape(b, k * n, z.shape[-1])
+        return z.reshape(b, k * n, z.shape[-1]), (None if pooled is None else pooled.reshape(b, k, -1))
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         return self.encode_ids(*self.tokenize_prompts(captions))

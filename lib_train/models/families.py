@@ -5,8 +5,12 @@ A family's name (``"sd1"``, ``"sd2"``) is what files, resume states and the API 
 back into the record. Behaviour that differs (tokenizing, encoding, LoRA naming, state-dict reading) sits in the
 text-encoder kind a record points at (:mod:`.text_encoders`), not in branches on the name.
 
-Adding a family (SDXL: clip_l + clip_g, pooled output, size conditioning, ``lora_te1_``/``lora_te2_``, scale 0.13025,
-native 1024) is one more record here, plus its own conditioning code.
+SDXL has its record (:data:`SDXL`: clip_l + clip_g, pooled output, size conditioning, ``lora_te1_``/``lora_te2_``,
+sgm UNet names, scale 0.13025, native 1024; its conditioning is :mod:`.sdxl`), but until its bundle trains end to end
+the switch :data:`TRAINS_SDXL` keeps it out of :data:`FAMILIES`, the families this version *trains*: names resolve
+(:func:`get_family`), checkpoints and live models are detected, and the tab, estimate and CLI list only those.
+Library code that builds SDXL parts ahead of that (naming, LoRA modules, conditioning, tests) is handed the record
+itself; :func:`as_family` accepts a record or a trained family's name.
 
 No torch import: the naming, metadata and estimate code read this table without torch.
 """
@@ -16,9 +20,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .text_encoders import HF_CLIP, OPEN_CLIP, TextEncoderKind
+from .text_encoders import HF_CLIP, OPEN_CLIP, Layer, TextEncoderKind
 
 V = "v"  # the v-prediction type ("eps" is the other)
+
+# How a family's UNet modules are named in kohya files (FORMATS §A.3.1 / §A.3.2).
+DIFFUSERS_NAMES = "diffusers"  # ldm paths renamed to the diffusers layout (SD1/SD2)
+SGM_NAMES = "sgm"  # the sgm paths themselves (SDXL)
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,18 @@ class TextEncoder:
     kind: TextEncoderKind  # its module layout and behaviour
     checkpoint_prefix: str  # key prefix of its weights in a single-file checkpoint
     lora_prefix: str  # kohya stem prefix of its LoRA modules
+    path: str = ""  # module path of the embedder under the family's text-encoder root ("" = the root itself)
+    key: str = ""  # its name in SDXL embedding files ("clip_l", "clip_g"); "" for one-encoder families
+    layer: Layer | None = None  # the conditioning layer; None: the ldm embedder's own rule (kind.encode)
+    lora_last_layer: bool = True  # kohya targets the tower's last layer (SD2: no, its output is never used)
+
+    def module(self, root):
+        """The embedder under the family's text-encoder root (the root itself for one-encoder families)."""
+        return root.get_submodule(self.path) if self.path else root
+
+    def lora_layer_limit(self, num_layers: int) -> int | None:
+        """Layers at or above this index carry no LoRA (None: every layer does)."""
+        return None if self.lora_last_layer else num_layers - 1
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,9 @@ class Family:
     probe_v_prediction: bool  # full-size weights with no other hint get the WebUI's v-prediction probe
     default_prediction: str = "eps"
     latent_scale: float = 0.18215  # the VAE latent scaling (inference configs' scale_factor)
+    v_base_model_suffix: bool = True  # ``ss_base_model_version`` gets "_v" for v-prediction (kohya: SD1/SD2 only)
+    unet_lora_names: str = DIFFUSERS_NAMES  # DIFFUSERS_NAMES or SGM_NAMES
+    size_conditioning: bool = False  # the UNet takes a vector y (pooled text + size embeddings, SDXL)
 
     # ---- text encoders
 
@@ -111,7 +134,7 @@ class Family:
         return self.native_v if prediction == V else self.native
 
     def ss_base_model_version(self, prediction: str) -> str:
-        return self.base_model + ("_v" if prediction == V else "")
+        return self.base_model + ("_v" if prediction == V and self.v_base_model_suffix else "")
 
     def modelspec_architecture(self, prediction: str, kind: str = "lora") -> str:
         """``modelspec.architecture`` of a ``kind`` file ("lora", "textual-inversion") trained on this family."""
@@ -128,8 +151,12 @@ class Family:
         return all(t.checkpoint_prefix + t.kind.token_embedding_key in sd for t in self.text_encoders)
 
     def matches_live(self, encoder) -> bool:
-        """True when a live (unwrapped) ldm text embedder is this family's."""
-        return len(self.text_encoders) == 1 and self.text_encoder.kind.matches_live(encoder)
+        """True when a live (unwrapped) text-encoder root is this family's: the ldm embedder (SD1/SD2), or an object
+        holding the embedders at the records' paths (SDXL: sgm's ``GeneralConditioner``)."""
+        try:
+            return all(t.kind.matches_live(t.module(encoder)) for t in self.text_encoders)
+        except AttributeError:  # get_submodule on a root without that path
+            return False
 
 
 SD1 = Family(
@@ -143,7 +170,7 @@ SD1 = Family(
 )
 SD2 = Family(
     name="sd2", label="SD2.x", short="SD2",
-    text_encoders=(TextEncoder(OPEN_CLIP, "cond_stage_model.model.", "lora_te_"),),
+    text_encoders=(TextEncoder(OPEN_CLIP, "cond_stage_model.model.", "lora_te_", lora_last_layer=False),),
     clip_skip_applies=False, base_model="sd_v2", ss_v2=True,
     modelspec_eps="stable-diffusion-v2-512", modelspec_v="stable-diffusion-v2-768-v", native=512, native_v=768,
     params=ModelParams(unet=865_910_724, text_encoder=354_032_640, vae=83_653_863),
@@ -151,14 +178,42 @@ SD2 = Family(
     unet_head_channels=64, linear_proj=True, probe_v_prediction=True,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2)}  # in detection order
+# SDXL base 1.0 and its fine-tunes (sgm ``DiffusionEngine``, configs/inference/sd_xl_base.yaml). Conditioning
+# (FORMATS §E.4): clip_l ``hidden_states[11]`` (= [-2] of its 12 layers) without the final layer norm, clip_g the
+# penultimate block's output without ``ln_final`` plus its pooled output; the WebUI's clip skip does not apply (its
+# option ``sdxl_clip_l_skip`` is off by default; kohya ignores clip skip for SDXL), so ``ss_clip_skip`` is "None".
+# kohya writes its LoRA with sgm UNet names and all 32 clip_g layers (layer 31 feeds the pooled output).
+SDXL = Family(
+    name="sdxl", label="SDXL", short="SDXL",
+    text_encoders=(
+        TextEncoder(HF_CLIP, "conditioner.embedders.0.transformer.", "lora_te1_", path="embedders.0", key="clip_l",
+                    layer=Layer(-2, final_norm=False)),
+        TextEncoder(OPEN_CLIP, "conditioner.embedders.1.model.", "lora_te2_", path="embedders.1", key="clip_g",
+                    layer=Layer(-2, final_norm=False, pooled=True)),
+    ),
+    clip_skip_applies=False, base_model="sdxl_base_v1-0", ss_v2=False,
+    modelspec_eps="stable-diffusion-xl-v1-base", modelspec_v="stable-diffusion-xl-v1-base", native=1024,
+    native_v=1024,
+    # counted on the meta device from sgm's classes (tests/test_sdxl_layout.py): UNet 2.57 G, clip_l 123.1 M +
+    # clip_g 694.7 M, VAE as SD1
+    params=ModelParams(unet=2_567_463_684, text_encoder=817_720_320, vae=83_653_863),
+    lora_params_per_rank=LoRAParams(unet=2_659_840, text_encoder=903_168, locon_linear=58_560, conv=355_840),
+    unet_head_channels=64, linear_proj=True, probe_v_prediction=False, latent_scale=0.13025,
+    v_base_model_suffix=False, unet_lora_names=SGM_NAMES, size_conditioning=True,
+)
+
+# The switch: True once an SDXL bundle trains end to end (issue 10). While False, SDXL checkpoints and live models
+# are refused with a reason and no list of trainable families names SDXL.
+TRAINS_SDXL = False
+
+RECORDS: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}  # every record, in detection order
+FAMILIES: dict[str, Family] = {n: f for n, f in RECORDS.items() if f is not SDXL or TRAINS_SDXL}  # trained here
 DEFAULT = SD1  # assumed where no model is loaded (the tab's estimate)
 
 # The Lora card's ``sd version`` (FORMATS §B.5) of the families trained here, and of SDXL files, which a grid keeps
-# choices for although this version does not train them.
-SDXL_FILES = "sdxl"
-SIDECAR_SD_VERSIONS: dict[str, str] = {**{f.name: f.sidecar_sd_version for f in FAMILIES.values()},
-                                       SDXL_FILES: "SDXL"}
+# choices for although this version may not train them.
+SDXL_FILES = SDXL.name
+SIDECAR_SD_VERSIONS: dict[str, str] = {f.name: f.sidecar_sd_version for f in RECORDS.values()}
 
 
 def get_family(name: str) -> Family:
@@ -167,6 +222,11 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown model family {name!r}; expected {names_text(repr)}") from None
+
+
+def as_family(family: Family | str) -> Family:
+    """A record as is; a name through :func:`get_family` (trained families only)."""
+    return family if isinstance(family, Family) else get_family(family)
 
 
 def family_or_default(name: str | None) -> Family:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
 from ..errors import TrainerError
-from .families import SD1, SD2, family_from_state_dict, get_family, labels_text
+from .families import SD1, SD2, SDXL, TRAINS_SDXL, family_from_state_dict, get_family, labels_text
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -91,15 +91,46 @@ def sd2_spec() -> ModelSpec:
     )
 
 
+SD3_MARKERS = (UNET_PREFIX + "x_embedder.proj.weight",)  # the WebUI's SD3 test (sd_models.py), plus joint_blocks
+
+
+def sdxl_problem(sd: Mapping[str, object]) -> str | None:
+    """Why a checkpoint with sgm conditioner keys (``conditioner.embedders.*``) is not an SDXL base-layout model
+    this trainer can take, or None when it is (clip_l at ``embedders.0``, clip_g at ``embedders.1``, 4 input
+    channels, the full UNet). The WebUI's own tests (sd_models_config.py, sd_models.py) tell the variants apart:
+    the refiner has only an OpenCLIP ViT-bigG at ``embedders.0`` (and a 2560-wide vector: size + aesthetic score),
+    SSD-1B has no middle-block transformer, SDXL inpainting has 9 input channels."""
+    u = UNET_PREFIX
+    if "conditioner.embedders.0.model.ln_final.weight" in sd:
+        return ("This checkpoint is an SDXL refiner (one OpenCLIP ViT-bigG text encoder, aesthetic-score "
+                "conditioning); LoRAs are trained on the SDXL base model or its fine-tunes.")
+    if not SDXL.in_state_dict(sd):
+        return ("This checkpoint has SDXL-style conditioner keys but not SDXL's two text encoders (CLIP ViT-L at "
+                "conditioner.embedders.0, OpenCLIP ViT-bigG at conditioner.embedders.1); it is not supported.")
+    weight = sd.get(u + "input_blocks.0.0.weight")
+    if weight is not None and tuple(weight.shape)[1:2] == (9,):  # type: ignore[attr-defined]
+        return "This checkpoint is an SDXL inpainting model; train on the normal (4-channel) SDXL model instead."
+    if u + "middle_block.1.transformer_blocks.0.attn1.to_q.weight" not in sd:
+        return ("This checkpoint is SSD-1B or another reduced SDXL (transformer blocks removed); it is not "
+                "supported. Train on the full SDXL base model or its fine-tunes.")
+    return None
+
+
 def detect_family(sd: Mapping[str, object]) -> str:
-    """The family name (a key of ``families.FAMILIES``) from the text-encoder keys; TrainerError for SDXL, SD3,
-    inpainting and non-SD files."""
+    """The family name (a key of ``families.FAMILIES``) from the text-encoder keys; TrainerError for SD3,
+    inpainting, the SDXL variants of :func:`sdxl_problem`, SDXL itself while ``families.TRAINS_SDXL`` is off, and
+    non-SD files."""
     keys = sd.keys()
     only = f"this version trains {labels_text(' and ')} models only."
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise TrainerError(f"This checkpoint is an SDXL model; {only}")
-    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
+    if any(k in sd for k in SD3_MARKERS) or any(k.startswith(UNET_PREFIX + "joint_blocks.") for k in keys):
         raise TrainerError(f"This checkpoint is an SD3 model; {only}")
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        problem = sdxl_problem(sd)
+        if problem is not None:
+            raise TrainerError(problem)
+        if not TRAINS_SDXL:
+            raise TrainerError(f"This checkpoint is an SDXL model; {only}")
+        return SDXL.name
     if UNET_PREFIX + "input_blocks.0.0.weight" not in sd:
         hint = ""
         if any(k.startswith("lora_") for k in keys):
@@ -133,6 +164,9 @@ def _indices(keys, pattern: str) -> list[int]:
 def infer_spec(sd: Mapping[str, object]) -> ModelSpec:
     """Read the architecture from a checkpoint state dict (keys as saved by ldm / the WebUI)."""
     family = get_family(detect_family(sd))
+    if family is SDXL:  # reached only with families.TRAINS_SDXL on
+        raise TrainerError("Loading an SDXL checkpoint headless needs sgm (the WebUI's generative-models checkout); "
+                           "this version does not load SDXL checkpoint files yet.")
     keys = list(sd.keys())
     u = UNET_PREFIX
     model_channels = _shape(sd, u + "input_blocks.0.0.weight")[0]

@@ -7,6 +7,10 @@ weights look in a checkpoint, how the offline builder makes one, and how to reco
 - :data:`HF_CLIP` — ldm ``FrozenCLIPEmbedder``: ``.transformer`` is an HF ``CLIPTextModel`` (SD1; SDXL's clip_l).
 - :data:`OPEN_CLIP` — ldm ``FrozenOpenCLIPEmbedder``: ``.model`` is open_clip's text tower (SD2; SDXL's clip_g).
 
+Which hidden state conditions is the family's choice: SD1/SD2 keep the ldm embedders' own rule (:meth:`encode`); a
+family that names a :class:`Layer` (SDXL) gets it from :meth:`TextEncoderKind.hidden`, computed from the raw modules
+(``.transformer`` / ``.model``), which also gives the pooled output.
+
 No torch import at module level: :mod:`lib_train.network.naming` reads the LoRA names without torch.
 """
 
@@ -19,6 +23,20 @@ from typing import Any
 
 Shape = Callable[[str], tuple[int, ...]]  # checkpoint key → tensor shape (TrainerError when missing)
 Count = Callable[[str], int]  # checkpoint key prefix → how many numbered blocks follow it (``prefix{i}.``)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """The hidden state an encoder conditions with, for families that name it (SDXL, FORMATS §E.4).
+
+    ``index`` counts like HF ``hidden_states`` (-1: the last block's output, -2: the penultimate block's output,
+    which is ``hidden_states[11]`` of a 12-layer tower); ``final_norm``: through the final layer norm;
+    ``pooled``: also return the pooled output (HF: ``pooler_output``; open_clip: ``ln_final`` of the last block's
+    output at the end-of-text token, times ``text_projection``)."""
+
+    index: int
+    final_norm: bool
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,10 +70,15 @@ class TextEncoderKind:
         """Token ids ``[rows, 77]`` → hidden states ``[rows, 77, width]`` at the layer this kind conditions with."""
         raise NotImplementedError
 
-    def lora_names(self, path: str, num_layers: int) -> list[str]:
+    def hidden(self, embedder, ids, layer: Layer):
+        """Token ids ``[rows, 77]`` → (hidden states ``[rows, 77, width]`` at ``layer``, pooled ``[rows, dim]`` or
+        None), from the raw text modules."""
+        raise NotImplementedError
+
+    def lora_names(self, path: str, max_layer: int | None = None) -> list[str]:
         """HF CLIP module names (``text_model.encoder.layers.{i}.…``) a kohya LoRA gives the module at ``path``
-        (relative to the embedder), in kohya's order; ``[]`` when it is never targeted. ``num_layers`` is the
-        tower's layer count."""
+        (relative to the embedder), in kohya's order; ``[]`` when it is never targeted or its layer ``i`` is
+        ``max_layer`` or above."""
         raise NotImplementedError
 
     def text_spec(self, shape: Shape, count: Count, prefix: str) -> dict[str, int]:
@@ -104,9 +127,19 @@ class _HFClip(TextEncoderKind):
             return tr.text_model.final_layer_norm(out.hidden_states[-clip_skip])
         return tr(input_ids=ids).last_hidden_state
 
-    def lora_names(self, path: str, num_layers: int) -> list[str]:
+    def hidden(self, embedder, ids, layer: Layer):
+        tr = embedder.transformer
+        out = tr(input_ids=ids, output_hidden_states=True)
+        z = out.hidden_states[layer.index]
+        if layer.final_norm:
+            z = tr.text_model.final_layer_norm(z)
+        return z, (out.pooler_output if layer.pooled else None)
+
+    def lora_names(self, path: str, max_layer: int | None = None) -> list[str]:
         m = self._PATH.match(path)
-        return [] if m is None else [f"text_model.encoder.layers.{m.group(1)}.{m.group(2)}"]
+        if m is None or (max_layer is not None and int(m.group(1)) >= max_layer):
+            return []
+        return [f"text_model.encoder.layers.{m.group(1)}.{m.group(2)}"]
 
     def text_spec(self, shape: Shape, count: Count, prefix: str) -> dict[str, int]:
         p = prefix + "text_model."
@@ -121,8 +154,9 @@ class _HFClip(TextEncoderKind):
 
 class _OpenClip(TextEncoderKind):
     """ldm ``FrozenOpenCLIPEmbedder``: always the penultimate block's output through ``ln_final`` (clip skip does not
-    apply), so the last resblock is never a LoRA target (kohya never writes it, §A.3.3). Its fused ``attn``
-    (``nn.MultiheadAttention``) gives four names q/k/v/out; ``mlp.c_fc``/``mlp.c_proj`` are ``mlp.fc1``/``mlp.fc2``."""
+    apply); SD2 therefore never targets the last resblock (kohya never writes it, §A.3.3; the family's
+    :attr:`TextEncoder.lora_last_layer`). Its fused ``attn`` (``nn.MultiheadAttention``) gives four names q/k/v/out;
+    ``mlp.c_fc``/``mlp.c_proj`` are ``mlp.fc1``/``mlp.fc2``."""
 
     name = "open_clip"
     layers_path = "model.transformer.resblocks"
@@ -147,9 +181,34 @@ class _OpenClip(TextEncoderKind):
     def encode(self, embedder, ids, clip_skip: int):
         return embedder.encode_with_transformer(ids)
 
-    def lora_names(self, path: str, num_layers: int) -> list[str]:
+    def hidden(self, embedder, ids, layer: Layer):
+        """open_clip's text forward (sequence-first resblocks with the causal mask), keeping the output of block
+        ``n + index`` (before it runs block ``n + index + 1``); the blocks after it run only for the pooled output."""
+        import torch
+
+        model = embedder.model
+        blocks = model.transformer.resblocks
+        keep = len(blocks) + layer.index + 1  # hidden state after `keep` blocks
+        x = (model.token_embedding(ids) + model.positional_embedding).permute(1, 0, 2)
+        z = x if keep == 0 else None
+        for i, block in enumerate(blocks):
+            if z is not None and not layer.pooled:
+                break
+            x = block(x, attn_mask=model.attn_mask)
+            if i + 1 == keep:
+                z = x
+        z = z.permute(1, 0, 2)
+        if layer.final_norm:
+            z = model.ln_final(z)
+        pooled = None
+        if layer.pooled:
+            last = model.ln_final(x.permute(1, 0, 2))
+            pooled = last[torch.arange(last.shape[0], device=last.device), ids.argmax(dim=-1)] @ model.text_projection
+        return z, pooled
+
+    def lora_names(self, path: str, max_layer: int | None = None) -> list[str]:
         m = self._PATH.match(path)
-        if m is None or int(m.group(1)) >= num_layers - 1:
+        if m is None or (max_layer is not None and int(m.group(1)) >= max_layer):
             return []
         base = f"text_model.encoder.layers.{m.group(1)}."
         if m.group(2) == "attn":

@@ -1,4 +1,4 @@
-"""kohya-compatible LoRA network injected into the WebUI's live SD1/SD2 modules (FORMATS.md §A, §E.7).
+"""kohya-compatible LoRA network injected into the WebUI's live SD1/SD2/SDXL modules (FORMATS.md §A, §E.7).
 
 Three layers:
 
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TrainerError
-from ..models.families import FAMILIES, Family, labels_text
-from .naming import UNET_PREFIX, te_key_stems, unet_key_stem, unet_stem_is_locon
+from ..models.families import FAMILIES, Family, TextEncoder, labels_text
+from .naming import UNET_PREFIX, encoder_key_stems, unet_stem, unet_stem_is_locon
 
 _PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
@@ -259,7 +259,7 @@ def _check_alpha(value: float | None, what: str) -> None:
         raise TrainerError(f"the LoRA {what} must be 0 or more (0 means 'same as the rank'), got {value!r}")
 
 
-def _unet_adapters(unet: nn.Module, rank: int, alpha: float | None, conv_rank: int | None,
+def _unet_adapters(unet: nn.Module, family: Family, rank: int, alpha: float | None, conv_rank: int | None,
                    conv_alpha: float | None, dropout: float) -> list[_Adapter]:
     """kohya's default UNet targets (FORMATS §A.2): SpatialTransformer Linear/Conv2d children, plus with ``conv_rank``
     the ResBlock/Downsample/Upsample children (3×3 convs get conv rank/alpha, the rest the linear rank/alpha)."""
@@ -267,7 +267,7 @@ def _unet_adapters(unet: nn.Module, rank: int, alpha: float | None, conv_rank: i
     for path, module in unet.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        stem = unet_key_stem(path)
+        stem = unet_stem(family, path)
         if stem is None or (conv_rank is None and unet_stem_is_locon(stem)):
             continue
         if isinstance(module, nn.Linear):
@@ -279,20 +279,37 @@ def _unet_adapters(unet: nn.Module, rank: int, alpha: float | None, conv_rank: i
             pair = LoRAPair.for_conv(module, conv_rank, conv_alpha, dropout)
         adapters.append(_LinearConvAdapter(stem, module, pair))
     if not adapters:
-        raise TrainerError(f"found no LoRA target modules in the UNet; only {labels_text('/')} (ldm UNetModel) are "
-                           "supported")
+        raise TrainerError(f"found no LoRA target modules in the UNet; only {labels_text('/')} (ldm UNetModel) and "
+                           "SDXL (sgm UNetModel) are supported")
     return adapters
 
 
 def _text_encoder_adapters(text_encoder: nn.Module, family: Family, rank: int, alpha: float | None,
                            dropout: float) -> list[_Adapter]:
-    """Text-encoder targets (FORMATS §A.2, §A.3.3): SD1 CLIP q/k/v/out + fc1/fc2; SD2 fused MHA (q/k/v/out) +
-    c_fc/c_proj of every resblock but the last (0..22 on the real model). ``text_encoder`` is the ldm embedder
-    (module paths relative to it)."""
+    """Text-encoder targets (FORMATS §A.2, §A.3.3) of every encoder of ``family``: HF CLIP q/k/v/out + fc1/fc2 (SD1,
+    SDXL clip_l); open_clip fused MHA (q/k/v/out) + c_fc/c_proj (SD2: every resblock but the last, 0..22 on the real
+    model; SDXL clip_g: all). ``text_encoder`` is the text-encoder root: the ldm embedder (SD1/SD2) or the object
+    holding the embedders at the records' paths (SDXL ``conditioner``: ``embedders.0``/``embedders.1``)."""
     adapters: list[_Adapter] = []
-    num_layers = family.text_encoder.kind.num_layers(text_encoder)
-    for path, module in text_encoder.named_modules():
-        stems = te_key_stems(family.name, path, num_layers=num_layers)
+    for encoder in family.text_encoders:
+        try:
+            embedder = encoder.module(text_encoder)
+        except AttributeError:
+            continue  # reported below as "no target modules"
+        adapters += _encoder_adapters(embedder, encoder, family, rank, alpha, dropout)
+    if not adapters:
+        raise TrainerError(f"found no LoRA target modules in the text encoder; is this an {family.short} model "
+                           f"(family {family.name!r})?")
+    return adapters
+
+
+def _encoder_adapters(embedder: nn.Module, encoder: TextEncoder, family: Family, rank: int, alpha: float | None,
+                      dropout: float) -> list[_Adapter]:
+    """The targets of one text encoder (module paths relative to its embedder)."""
+    adapters: list[_Adapter] = []
+    num_layers = encoder.kind.num_layers(embedder)
+    for path, module in embedder.named_modules():
+        stems = encoder_key_stems(encoder, path, num_layers)
         if not stems:
             continue
         if isinstance(module, nn.MultiheadAttention) and len(stems) == 4:
@@ -306,8 +323,6 @@ def _text_encoder_adapters(text_encoder: nn.Module, family: Family, rank: int, a
         else:
             raise TrainerError(f"text-encoder module '{path}' is a {type(module).__name__}, not the layer an "
                                f"{family.short} text encoder has there; this model is not supported")
-    if not adapters:
-        raise TrainerError(f"found no LoRA target modules in the text encoder; is this an {family.short} model?")
     return adapters
 
 
@@ -327,7 +342,7 @@ def _listing(items: list[str], limit: int = 5) -> str:
 
 
 class LoRANetwork(nn.Module):
-    """All LoRA pairs for one SD1/SD2 model, keyed by kohya stem; injects and removes them.
+    """All LoRA pairs for one SD1/SD2/SDXL model, keyed by kohya stem; injects and removes them.
 
     Build with :meth:`for_model`, then ``apply()``/``restore()`` (or ``with network:``). While applied, the host
     modules' ``forward`` include the LoRA; host weights, ``requires_grad``, ``training`` and dtype are never touched.
@@ -347,19 +362,25 @@ class LoRANetwork(nn.Module):
                 self._adapter_of[stem] = adapter
 
     @classmethod
-    def for_model(cls, unet: nn.Module | None, text_encoder: nn.Module | None, *, family: str, rank: int,
+    def for_model(cls, unet: nn.Module | None, text_encoder: nn.Module | None, *, family: str | Family, rank: int,
                   alpha: float | None, conv_rank: int | None = None, conv_alpha: float | None = None,
                   train_unet: bool = True, train_text_encoder: bool = True, dropout: float = 0.0) -> LoRANetwork:
         """kohya's default target set (FORMATS §A.2) on an ldm ``UNetModel`` and/or ldm text embedder.
 
-        ``family``: a family name (:data:`lib_train.models.families.FAMILIES`): SD1's ``text_encoder.transformer`` is
-        an HF ``CLIPTextModel``, SD2's ``text_encoder.model`` an open_clip text tower. ``rank``/``alpha``: Linear
+        ``family``: a trained family's name (:data:`lib_train.models.families.FAMILIES`) or a record (the SDXL record
+        works before SDXL is switched on there): SD1's ``text_encoder.transformer`` is an HF ``CLIPTextModel``, SD2's
+        ``text_encoder.model`` an open_clip text tower, SDXL's ``text_encoder`` the conditioner holding both
+        (``embedders.0``/``embedders.1``); the UNet is ldm's (SD1/SD2) or sgm's (SDXL). ``rank``/``alpha``: Linear
         and 1×1 conv targets;
         ``conv_rank``/``conv_alpha``: set ``conv_rank`` for LoCon (adds ResBlock/Down/Upsample targets; 3×3 convs
         get these). Alpha 0/None ⇒ alpha = its rank. ``text_encoder=None`` or ``train_text_encoder=False`` ⇒ no
         text-encoder LoRA; ``train_unet=False`` ⇒ no UNet LoRA. Raises :class:`TrainerError` for bad settings.
         """
-        if family not in FAMILIES:
+        if isinstance(family, Family):
+            fam = family
+        elif family in FAMILIES:
+            fam = FAMILIES[family]
+        else:
             raise TrainerError(f"LoRA training supports {labels_text(' and ')} models here, not '{family}'")
         _check_rank(rank, "rank (network dim)")
         _check_alpha(alpha, "alpha")
@@ -370,9 +391,9 @@ class LoRANetwork(nn.Module):
             raise TrainerError(f"the LoRA dropout must be at least 0 and below 1, got {dropout!r}")
         adapters: list[_Adapter] = []
         if train_unet and unet is not None:
-            adapters += _unet_adapters(unet, rank, alpha, conv_rank, conv_alpha, dropout)
+            adapters += _unet_adapters(unet, fam, rank, alpha, conv_rank, conv_alpha, dropout)
         if train_text_encoder and text_encoder is not None:
-            adapters += _text_encoder_adapters(text_encoder, FAMILIES[family], rank, alpha, dropout)
+            adapters += _text_encoder_adapters(text_encoder, fam, rank, alpha, dropout)
         if not adapters:
             raise TrainerError("nothing to train: the LoRA covers neither the UNet nor the text encoder")
         return cls(adapters)

@@ -1,4 +1,4 @@
-"""Module path → kohya LoRA key stem, for SD1.x / SD2.x (FORMATS.md §A.3).
+"""Module path → kohya LoRA key stem, for SD1.x / SD2.x and SDXL (FORMATS.md §A.3).
 
 Pure string functions. A *stem* is the part of a kohya key before ``.lora_down.weight`` / ``.lora_up.weight`` /
 ``.alpha``; it is the diffusers-style module name with every "." replaced by "_" and a prefix:
@@ -11,6 +11,9 @@ Pure string functions. A *stem* is the part of a kohya key before ``.lora_down.w
   resblocks are renamed (``mlp.c_fc`` → ``mlp.fc1``, ``mlp.c_proj`` → ``mlp.fc2``) and the fused ``attn``
   (``nn.MultiheadAttention``) gives four stems q/k/v/out. SD2 conditions on the penultimate resblock, so its last
   resblock (23 of 0..23) is never targeted.
+- SDXL (§A.3.2): UNet stems are ``lora_unet_`` + the sgm path itself (:func:`sgm_unet_key_stem`); the two text
+  encoders are named per encoder record (:func:`encoder_key_stems`): ``lora_te1_`` (clip_l, layers 0..11) and
+  ``lora_te2_`` (clip_g, layers 0..31, q/k/v/out from the fused ``attn``).
 
 Every function returns None (UNet) or an empty list (text encoder) for a module that is never targeted.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from ..models.families import get_family, names_text
+from ..models.families import SGM_NAMES, Family, TextEncoder, as_family, get_family, names_text
 
 UNET_PREFIX = "lora_unet_"
 
@@ -40,8 +43,16 @@ _TRANSFORMER_CHILD = re.compile(
 
 _UNET_PATH = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)$|^middle_block\.(\d+)\.(.+)$")
 
-# Stems of ResBlock / Downsample / Upsample children: trained only with LoCon (conv rank set, §A.2).
-_LOCON_STEM = re.compile(r"_(resnets_\d+|downsamplers_0|upsamplers_0)_")
+# Stems of ResBlock / Downsample / Upsample children: trained only with LoCon (conv rank set, §A.2). Diffusers names
+# (SD1/SD2) say resnets/downsamplers/upsamplers; sgm names (SDXL) end in a ResBlock child, ``op`` or ``.{k}.conv``.
+_LOCON_STEM = re.compile(r"_(resnets_\d+|downsamplers_0|upsamplers_0)_"
+                         r"|^lora_unet_(input_blocks|middle_block|output_blocks)_.*"
+                         r"_(in_layers_2|out_layers_3|emb_layers_1|skip_connection|op|\d+_conv)$")
+
+# sgm UNet children kohya targets (§A.3.2): SpatialTransformer children (always), ResBlock children, the
+# downsampler ``op`` and the upsampler ``conv`` (LoCon).
+_SGM_BLOCK = re.compile(r"^(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)\.(.+)$")
+_SGM_LOCON_CHILD = re.compile(r"^(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection|op|conv)$")
 
 
 def _stem(prefix: str, diffusers_path: str) -> str:
@@ -103,9 +114,36 @@ def unet_key_stem(ldm_path: str) -> str | None:
     return None if renamed is None else _stem(UNET_PREFIX, renamed)
 
 
+def sgm_unet_key_stem(sgm_path: str) -> str | None:
+    """kohya stem for an SDXL (sgm ``UNetModel``) module path, or None if never targeted (FORMATS §A.3.2): the path
+    itself with "." → "_" after ``lora_unet_``. Targets: a SpatialTransformer's ``proj_in``/``proj_out``/attention/
+    feed-forward Linear children, a ResBlock's ``in_layers.2``/``out_layers.3``/``emb_layers.1``/``skip_connection``,
+    a Downsample's ``op`` and an Upsample's ``conv`` (the last four groups: LoCon). ``input_blocks.0.0`` (conv_in),
+    ``time_embed``, ``label_emb`` and ``out`` are never targeted.
+
+    >>> sgm_unet_key_stem("input_blocks.4.1.transformer_blocks.1.attn1.to_q")
+    'lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q'
+    """
+    m = _SGM_BLOCK.match(sgm_path)
+    if m is None or m.group(1) == "input_blocks.0.0":
+        return None
+    rest = m.group(2)
+    if _TRANSFORMER_CHILD.match(rest) or _SGM_LOCON_CHILD.match(rest):
+        return _stem(UNET_PREFIX, sgm_path)
+    return None
+
+
+def unet_stem(family: Family | str, path: str) -> str | None:
+    """kohya stem of a UNet module path of ``family`` (a record, or a trained family's name): diffusers names for
+    SD1/SD2 (:func:`unet_key_stem`), sgm names for SDXL (:func:`sgm_unet_key_stem`)."""
+    naming = sgm_unet_key_stem if as_family(family).unet_lora_names == SGM_NAMES else unet_key_stem
+    return naming(path)
+
+
 def unet_stem_is_locon(stem: str) -> bool:
     """True for stems of ResBlock / Downsample / Upsample children (resnets, downsamplers, upsamplers): kohya trains
-    these only in LoCon mode (``conv_dim`` set, FORMATS §A.2); SpatialTransformer stems are always trained."""
+    these only in LoCon mode (``conv_dim`` set, FORMATS §A.2); SpatialTransformer stems are always trained. Works
+    on diffusers (SD1/SD2) and sgm (SDXL) stems."""
     return stem.startswith(UNET_PREFIX) and _LOCON_STEM.search(stem) is not None
 
 
@@ -127,5 +165,12 @@ def te_key_stems(family: str, path: str, num_layers: int = 24) -> list[str]:
         fam = get_family(family)
     except ValueError:
         raise ValueError(f"unknown text-encoder family {family!r}; expected {names_text(repr)}") from None
-    te = fam.text_encoder
-    return [_stem(te.lora_prefix, name) for name in te.kind.lora_names(path, num_layers)]
+    return encoder_key_stems(fam.text_encoder, path, num_layers)
+
+
+def encoder_key_stems(encoder: TextEncoder, path: str, num_layers: int) -> list[str]:
+    """kohya stems for a module path relative to one text encoder's embedder (``encoder`` is a record of
+    ``Family.text_encoders``); ``[]`` if never targeted. ``num_layers``: the tower's layer count (the last layer
+    carries no LoRA where the record says so: SD2)."""
+    names = encoder.kind.lora_names(path, encoder.lora_layer_limit(num_layers))
+    return [_stem(encoder.lora_prefix, name) for name in names]
