@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import module_flags, state_hash
+from helpers import module_flags, state_hash
 from sdxl_models import TINY_CLIP_G_EMBED, sgm_root, tiny_sgm_sdxl
 
 from lib_train.models.bundle import ModelBundle, SDXLText
