@@ -75,3 +75,161 @@ def test_found_and_imported_from_the_checkout(no_sgm, tmp_path):
     assert sys.path[0] == str(webui / sgm_import.SGM_SUBDIR)
     sgm_import.import_sgm(tmp_path / "elsewhere")  # importable now: no second entry
     assert sys.path.count(str(webui / sgm_import.SGM_SUBDIR)) == 1
+
+
+# ---- sgm tier: a tiny SDXL-layout checkpoint through the headless loader
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    """(the tiny sgm engine, its checkpoint file): every UNet, VAE and text-encoder tensor, as a WebUI-saved SDXL
+    file holds them (no denoiser buffers)."""
+    from safetensors.torch import save_file
+    from sdxl_models import sgm_root, tiny_sgm_sdxl
+
+    sgm_root()
+    from lib_train.models.sdxl_load import REQUIRED
+
+    model = tiny_sgm_sdxl(seed=11)
+    sd = {k: t.contiguous() for k, t in model.state_dict().items() if k.startswith(REQUIRED)}
+    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors"
+    save_file(sd, str(path))
+    return model, path
+
+
+@pytest.fixture
+def sdxl_on(monkeypatch):
+    from lib_train.models import spec
+
+    monkeypatch.setattr(spec, "TRAINS_SDXL", True)  # the switch gates acceptance in detect_family only
+
+
+def _load(path, prediction="auto"):
+    from lib_train.models.sdxl_load import load_sdxl_checkpoint
+
+    return load_sdxl_checkpoint(path, prediction=prediction, webui_dir=None)
+
+
+def test_switch_off_keeps_todays_refusal(tiny_file):
+    from lib_train.models.checkpoint import load_checkpoint
+
+    with pytest.raises(TrainerError, match="This checkpoint is an SDXL model; this version trains SD1.x and SD2.x"):
+        load_checkpoint(tiny_file[1])
+
+
+def test_spec_config_and_parts(tiny_file, sdxl_on):
+    import torch
+    from sgm.models.diffusion import DiffusionEngine
+    from sgm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder2
+
+    from lib_train.models.bundle import ModelBundle
+    from lib_train.models.families import SDXL
+    from lib_train.models.spec import SDXLSpec
+
+    original, path = tiny_file
+    model, info = _load(path)
+    spec = info.spec
+    assert isinstance(spec, SDXLSpec) and spec.family == SDXL.name and not spec.is_full_size
+    u = spec.unet
+    assert (u.model_channels, u.channel_mult, u.attention_resolutions, u.transformer_depth,
+            u.transformer_depth_middle, u.context_dim, u.adm_in_channels) == (32, [1, 2, 4], [4, 2], [1, 2, 2], 2,
+                                                                              64, 24 + 1536)
+    assert (spec.clip_l.width, spec.clip_l.layers, spec.clip_g.width, spec.clip_g.layers) == (32, 12, 32, 3)
+    assert (info.prediction, info.prediction_source, info.name) == ("eps", "default", "tiny-sdxl.safetensors")
+    assert isinstance(model, DiffusionEngine) and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert isinstance(model.conditioner.embedders[0], FrozenCLIPEmbedder)
+    assert isinstance(model.conditioner.embedders[1], FrozenOpenCLIPEmbedder2)
+    assert len(model.conditioner.embedders) == 5 and model.scale_factor == SDXL.latent_scale
+    bundle = ModelBundle.from_sgm(model, prediction=info.prediction, checkpoint_name=info.name)
+    assert bundle.family == SDXL.name and bundle.unet is model.model.diffusion_model
+    assert torch.equal(bundle.alphas_cumprod, ModelBundle.from_sgm(original).alphas_cumprod)
+
+
+def test_state_dict_round_trips_bit_exactly(tiny_file, sdxl_on):
+    import torch
+
+    original, path = tiny_file
+    model, _ = _load(path)
+    ours, theirs = model.state_dict(), original.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_conditioning_and_predict_equal_the_original(tiny_file, sdxl_on):
+    import torch
+
+    from lib_train.models.bundle import ModelBundle
+
+    original, path = tiny_file
+    model, info = _load(path)
+    ours, theirs = ModelBundle.from_sgm(model, prediction=info.prediction), ModelBundle.from_sgm(original)
+    captions = ["a photo of a cat", "", "a dog, " * 40]
+    sizes = dict(original_size=[[64, 96], [96, 64], [64, 64]], crop_top_left=(0, 8), target_size=(64, 64))
+    with torch.no_grad():
+        c_ours, c_theirs = ours.encode_text(captions, **sizes), theirs.encode_text(captions, **sizes)
+        assert torch.equal(c_ours["crossattn"], c_theirs["crossattn"])
+        assert torch.equal(c_ours["vector"], c_theirs["vector"])
+        batch = {"txt": captions[:1], "original_size_as_tuple": torch.tensor([[64, 64]]),
+                 "crop_coords_top_left": torch.tensor([[0, 0]]), "target_size_as_tuple": torch.tensor([[64, 64]])}
+        sgm_ours, sgm_theirs = model.conditioner(batch), original.conditioner(batch)  # sgm's own forward too
+        assert all(torch.equal(sgm_ours[k], sgm_theirs[k]) for k in ("crossattn", "vector"))
+        x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([5, 500, 999])
+        assert torch.equal(ours.predict(x, t, c_ours), original.model(x, t, c_theirs))
+        pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        assert torch.equal(ours.encode_pixels(pixels), theirs.encode_pixels(pixels))
+
+
+def test_prediction_override_and_sidecar_yaml(tiny_file, sdxl_on, tmp_path):
+    import shutil
+
+    from sgm.modules.diffusionmodules.denoiser_scaling import EpsScaling, VScaling
+
+    from lib_train.models.bundle import ModelBundle
+
+    _, path = tiny_file
+    model, info = _load(path, prediction="v")
+    assert (info.prediction, info.prediction_source) == ("v", "flag")
+    assert isinstance(model.denoiser.scaling, VScaling) and ModelBundle.from_sgm(model).prediction == "v"
+    copy = tmp_path / "vpred.safetensors"
+    shutil.copy(path, copy)
+    (tmp_path / "vpred.yaml").write_text(
+        "scaling_config:\n  target: sgm.modules.diffusionmodules.denoiser_scaling.VScaling\n")
+    assert _load(copy)[1].prediction == "v"
+    model, info = _load(copy, prediction="eps")
+    assert info.prediction == "eps" and isinstance(model.denoiser.scaling, EpsScaling)
+
+
+def test_strict_keys_are_named(tiny_file, sdxl_on, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = tiny_file
+    sd = load_file(str(path))
+    gone = "first_stage_model.decoder.conv_out.bias"
+    extra = "conditioner.embedders.1.model.extra_projection"
+    broken = {k: t for k, t in sd.items() if k != gone}
+    broken[extra] = sd["conditioner.embedders.1.model.text_projection"].clone()
+    broken["model_ema.decay"] = sd[gone].clone()  # outside the model's prefixes: ignored
+    bad = tmp_path / "broken.safetensors"
+    save_file(broken, str(bad))
+    with pytest.raises(TrainerError) as err:
+        _load(bad)
+    text = str(err.value)
+    assert f"missing weights this model needs: {gone}" in text
+    assert f"tensors this SDXL layout does not have: {extra}" in text and "model_ema" not in text
+
+
+def test_load_bundle_headless(tiny_file, sdxl_on):
+    import torch
+
+    from lib_train.config import TrainConfig
+    from lib_train.models.load import load_bundle
+
+    original, path = tiny_file
+    cfg = TrainConfig()
+    cfg.model.checkpoint = str(path)
+    lines = []
+    bundle = load_bundle(cfg, "cpu", lines.append)
+    assert lines[0] == f"Loading {path} ..." and lines[1].startswith("  SDXL model, eps-prediction (default)")
+    assert bundle.family == "sdxl" and bundle.dtype == torch.float32 and bundle.checkpoint_name == path.name
+    assert bundle.checkpoint_hashes()["sha256"]
