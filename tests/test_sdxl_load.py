@@ -233,3 +233,60 @@ def test_load_bundle_headless(tiny_file, sdxl_on):
     assert lines[0] == f"Loading {path} ..." and lines[1].startswith("  SDXL model, eps-prediction (default)")
     assert bundle.family == "sdxl" and bundle.dtype == torch.float32 and bundle.checkpoint_name == path.name
     assert bundle.checkpoint_hashes()["sha256"]
+
+
+# ---- sgm tier, full size on the meta device (no memory)
+
+def test_full_size_layout_config_and_spec_on_meta(sdxl_on):
+    import contextlib
+    import io
+
+    import torch
+    from omegaconf import OmegaConf
+    from sdxl_models import sgm_root
+
+    root = sgm_root()
+    from sgm.modules.diffusionmodules.wrappers import OpenAIWrapper
+    from sgm.util import instantiate_from_config
+
+    from lib_train.models.families import SDXL
+    from lib_train.models.sdxl_load import REQUIRED, sgm_config
+    from lib_train.models.spec import SDXLSpec, detect_family, infer_spec
+
+    ours = sgm_config(SDXLSpec())
+    yaml = OmegaConf.to_container(OmegaConf.load(root / "configs" / "inference" / "sd_xl_base.yaml").model.params)
+    # the yaml's values, apart from the headless choices (attention, checkpointing, offline text embedders)
+    unet = dict(yaml["network_config"]["params"], use_checkpoint=False, spatial_transformer_attn_type="softmax")
+    assert {k: ours["network_config"]["params"][k] for k in unet} == unet
+    assert ours["network_config"]["target"] == yaml["network_config"]["target"]
+    vae = yaml["first_stage_config"]
+    vae["params"]["ddconfig"]["attn_type"] = "vanilla"
+    assert ours["first_stage_config"] == vae
+    assert ours["scale_factor"] == yaml["scale_factor"] and ours["denoiser_config"]["target"] == yaml[
+        "denoiser_config"]["target"]
+    emb_ours, emb_yaml = ours["conditioner_config"]["params"]["emb_models"], yaml["conditioner_config"]["params"][
+        "emb_models"]
+    assert emb_ours[2:] == emb_yaml[2:] and [e["input_key"] for e in emb_ours] == [e["input_key"] for e in emb_yaml]
+    assert [e["params"]["layer"] for e in emb_ours[:2]] == [e["params"]["layer"] for e in emb_yaml[:2]]
+
+    # the engine's parts as DiffusionEngine builds them (its denoiser computes its schedule in numpy: not on meta)
+    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
+        model = torch.nn.Module()
+        model.model = OpenAIWrapper(instantiate_from_config(ours["network_config"]))
+        model.conditioner = instantiate_from_config(ours["conditioner_config"])
+        model.first_stage_model = instantiate_from_config(ours["first_stage_config"])
+    sd = {k: t for k, t in model.state_dict().items() if k.startswith(REQUIRED)}
+    counts = {p: sum(k.startswith(p) for k in sd) for p in ("model.diffusion_model.", "first_stage_model.",
+                                                             "conditioner.embedders.0.", "conditioner.embedders.1.")}
+    # WEBUI.md §8b: SDXL base 1.0 holds 2515 tensors (UNet 1680, VAE 248, CLIP-L 197, OpenCLIP bigG 390); the
+    # transformers pinned here may keep clip_l's position_ids out of the state dict (the loader accepts both)
+    clip_l = counts.pop("conditioner.embedders.0.")
+    assert counts == {"model.diffusion_model.": 1680, "first_stage_model.": 248, "conditioner.embedders.1.": 390}
+    assert clip_l in (196, 197)
+    assert detect_family(sd) == SDXL.name
+    spec = infer_spec(sd)
+    assert spec == SDXLSpec() and spec.is_full_size
+    n_unet = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    n_text = sum(p.numel() for e in model.conditioner.embedders[:2] for n, p in e.named_parameters()
+                 if not n.endswith("logit_scale"))  # open_clip's CLIP-loss temperature: no part of the text tower
+    assert (n_unet, n_text) == (SDXL.params.unet, SDXL.params.text_encoder)
