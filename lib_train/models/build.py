@@ -105,6 +105,17 @@ def open_clip_text_model(text: TextSpec):
     return model
 
 
+def finish_offline_embedder(embedder, device: str, max_length: int, freeze: bool, **attrs) -> None:
+    """Set what the ldm / sgm text embedders set in ``__init__`` besides their modules: device, max length, frozen
+    parameters, and their layer choice (``attrs``)."""
+    embedder.device = device
+    embedder.max_length = max_length
+    if freeze:
+        embedder.freeze()
+    for name, value in attrs.items():
+        setattr(embedder, name, value)
+
+
 def _offline_classes():
     from ldm.modules.encoders.modules import AbstractEncoder, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 
@@ -116,12 +127,7 @@ def _offline_classes():
             AbstractEncoder.__init__(self)
             self.tokenizer = clip_tokenizer()
             self.transformer = clip_text_model(TextSpec(**text))
-            self.device = device
-            self.max_length = max_length
-            if freeze:
-                self.freeze()
-            self.layer = layer
-            self.layer_idx = layer_idx
+            finish_offline_embedder(self, device, max_length, freeze, layer=layer, layer_idx=layer_idx)
 
     class OfflineFrozenOpenCLIPEmbedder(FrozenOpenCLIPEmbedder):
         """ldm ``FrozenOpenCLIPEmbedder`` (SD2) built from a spec: open_clip's ``CLIP`` with the vision tower
@@ -131,12 +137,8 @@ def _offline_classes():
                      layer: str = "penultimate"):
             AbstractEncoder.__init__(self)
             self.model = open_clip_text_model(TextSpec(**text))
-            self.device = device
-            self.max_length = max_length
-            if freeze:
-                self.freeze()
-            self.layer = layer
-            self.layer_idx = {"last": 0, "penultimate": 1}[layer]
+            finish_offline_embedder(self, device, max_length, freeze, layer=layer,
+                                    layer_idx={"last": 0, "penultimate": 1}[layer])
 
     return OfflineFrozenCLIPEmbedder, OfflineFrozenOpenCLIPEmbedder
 

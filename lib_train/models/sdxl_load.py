@@ -24,13 +24,14 @@ from typing import Mapping
 import torch
 
 from ..errors import TrainerError
-from .build import LINEAR_END, LINEAR_START, TIMESTEPS, clip_text_model, clip_tokenizer, open_clip_text_model
+from .build import (LINEAR_END, LINEAR_START, TIMESTEPS, clip_text_model, clip_tokenizer, finish_offline_embedder,
+                    open_clip_text_model)
 from .families import SDXL, V
+from .sdxl import SIZE_FEATURES
 from .spec import SDXLSpec, TextSpec
 
 # Prefixes of the tensors the engine takes from the file (others, such as model_ema.*, are ignored).
 REQUIRED = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")
-SIZE_FEATURES = 256  # per size number (sgm ConcatTimestepEmbedderND outdim)
 _DIFF = "sgm.modules.diffusionmodules."
 
 
@@ -45,13 +46,8 @@ def _offline_classes():
             AbstractEmbModel.__init__(self)
             self.tokenizer = clip_tokenizer()
             self.transformer = clip_text_model(TextSpec(**text))
-            self.device = device
-            self.max_length = max_length
-            if freeze:
-                self.freeze()
-            self.layer = layer
-            self.layer_idx = layer_idx
-            self.return_pooled = always_return_pooled
+            finish_offline_embedder(self, device, max_length, freeze, layer=layer, layer_idx=layer_idx,
+                                    return_pooled=always_return_pooled)
 
     class OfflineFrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder2):
         """sgm ``FrozenOpenCLIPEmbedder2`` (clip_g) built from a spec: open_clip's ``CLIP`` without its vision
@@ -61,14 +57,8 @@ def _offline_classes():
                      layer: str = "penultimate", always_return_pooled: bool = True, legacy: bool = False):
             AbstractEmbModel.__init__(self)
             self.model = open_clip_text_model(TextSpec(**text))
-            self.device = device
-            self.max_length = max_length
-            self.return_pooled = always_return_pooled
-            if freeze:
-                self.freeze()
-            self.layer = layer
-            self.layer_idx = {"last": 0, "penultimate": 1}[layer]
-            self.legacy = legacy
+            finish_offline_embedder(self, device, max_length, freeze, layer=layer, return_pooled=always_return_pooled,
+                                    layer_idx={"last": 0, "penultimate": 1}[layer], legacy=legacy)
 
     return {c.__name__: c for c in (OfflineFrozenCLIPEmbedder, OfflineFrozenOpenCLIPEmbedder2)}
 
@@ -112,8 +102,8 @@ def sgm_config(spec: SDXLSpec, prediction: str = "eps") -> dict:
          "params": {"text": dict(spec.clip_g.__dict__), "device": "cpu", "freeze": True, "layer": "penultimate",
                     "always_return_pooled": True, "legacy": False}},
     ]
-    sizes = [{"is_trainable": False, "input_key": key, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
-              "params": {"outdim": SIZE_FEATURES}}
+    size_embedder = "sgm.modules.encoders.modules.ConcatTimestepEmbedderND"
+    sizes = [{"is_trainable": False, "input_key": key, "target": size_embedder, "params": {"outdim": SIZE_FEATURES}}
              for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")]
     ddconfig = dict(attn_type="vanilla", double_z=True, z_channels=v.z_channels, resolution=256, in_channels=3,
                     out_ch=3, ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks, attn_resolutions=[],
