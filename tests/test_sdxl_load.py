@@ -218,6 +218,13 @@ def test_strict_keys_are_named(tiny_file, sdxl_on, tmp_path):
     assert f"missing weights this model needs: {gone}" in text
     assert f"tensors this SDXL layout does not have: {extra}" in text and "model_ema" not in text
 
+    odd = "model.diffusion_model.out.2.bias"
+    wrong = dict(sd, **{odd: sd[odd][:2].clone()})
+    save_file(wrong, str(bad))
+    with pytest.raises(TrainerError) as err:
+        _load(bad)
+    assert f"tensors of another shape than the layout read from the file: {odd} is [2], expected [4]" in str(err.value)
+
 
 def test_load_bundle_headless(tiny_file, sdxl_on):
     import torch

@@ -138,12 +138,18 @@ def _listed(keys: list[str]) -> str:
 
 def load_sdxl_weights(model, sd: Mapping[str, torch.Tensor], path: str = "the checkpoint") -> None:
     """Copy the UNet, VAE and text-encoder tensors of ``sd`` into ``model``, strictly: TrainerError naming the
-    missing and the unexpected keys (and shape mismatches)."""
-    wanted = {k: t for k, t in sd.items() if k.startswith(REQUIRED)}
-    try:
-        missing, unexpected = model.load_state_dict(wanted, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise TrainerError(f"{path} does not fit the SDXL layout read from it: {e}") from None
+    missing keys, the unexpected ones and those of another shape."""
+    own = model.state_dict()
+    wanted, mismatched = {}, []
+    for k, t in sd.items():
+        if not k.startswith(REQUIRED):
+            continue
+        if k in own and tuple(own[k].shape) != tuple(t.shape):
+            if not k.endswith("position_ids"):  # saved as [77] or [1, 77]: the model keeps its own
+                mismatched.append(f"{k} is {list(t.shape)}, expected {list(own[k].shape)}")
+            continue
+        wanted[k] = t
+    missing, unexpected = model.load_state_dict(wanted, strict=False) if not mismatched else ([], [])
     missing = [k for k in missing if k.startswith(REQUIRED) and not k.endswith("position_ids")]
     unexpected = [k for k in unexpected if not k.endswith("position_ids")]
     problems = []
@@ -151,6 +157,8 @@ def load_sdxl_weights(model, sd: Mapping[str, torch.Tensor], path: str = "the ch
         problems.append(f"missing weights this model needs: {_listed(missing)}")
     if unexpected:
         problems.append(f"tensors this SDXL layout does not have: {_listed(unexpected)}")
+    if mismatched:
+        problems.append(f"tensors of another shape than the layout read from the file: {_listed(mismatched)}")
     if problems:
         raise TrainerError(f"{path} is not a complete SDXL base checkpoint ({'; '.join(problems)}). The file may be "
                            "truncated or made for another architecture.")
