@@ -143,6 +143,11 @@ def test_spec_config_and_parts(tiny_file, sdxl_on):
     bundle = ModelBundle.from_sgm(model, prediction=info.prediction, checkpoint_name=info.name)
     assert bundle.family == SDXL.name and bundle.unet is model.model.diffusion_model
     assert torch.equal(bundle.alphas_cumprod, ModelBundle.from_sgm(original).alphas_cumprod)
+    from lib_train.models.sdxl_load import build_sdxl
+
+    fresh = build_sdxl(spec)  # random weights (the loader leaves UNet and VAE unfilled until the strict load)
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.isfinite(t).all() for t in fresh.state_dict().values() if t.is_floating_point())
 
 
 def test_state_dict_round_trips_bit_exactly(tiny_file, sdxl_on):

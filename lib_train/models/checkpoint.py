@@ -135,7 +135,7 @@ def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto",
     if isinstance(spec, SDXLSpec):
         from .sdxl_load import build_sdxl, load_sdxl_weights
 
-        model = build_sdxl(spec, prediction, webui_dir)
+        model = build_sdxl(spec, prediction, webui_dir, init=False)  # every UNet/VAE weight comes next
         load_sdxl_weights(model, sd, path)
         del sd
         return model, CheckpointInfo(path=path, name=os.path.basename(path), spec=spec, prediction=prediction,

@@ -119,16 +119,36 @@ def sgm_config(spec: SDXLSpec, prediction: str = "eps") -> dict:
     )
 
 
-def build_sdxl(spec: SDXLSpec, prediction: str = "eps", webui_dir: str | os.PathLike | None = None):
-    """A randomly initialised sgm ``DiffusionEngine`` of ``spec``, in eval mode with frozen parameters (sgm found by
-    :func:`.sgm_import.import_sgm`). sgm prints progress lines while it builds; they are swallowed here."""
+def unfilled(target: str, params: dict):
+    """The sgm module ``target(**params)`` with its parameters allocated on the CPU but not initialised (built on the
+    meta device): for parts without buffers (UNet, VAE) whose every weight the strict load then sets, which saves
+    the random initialisation of billions of values at full size."""
+    from sgm.util import get_obj_from_str
+
+    with torch.device("meta"):
+        module = get_obj_from_str(target)(**params)
+    if next(module.buffers(), None) is not None:
+        raise ValueError(f"{target} has buffers; build it with its initialisation")
+    return module.to_empty(device="cpu")
+
+
+def build_sdxl(spec: SDXLSpec, prediction: str = "eps", webui_dir: str | os.PathLike | None = None, *,
+               init: bool = True):
+    """An sgm ``DiffusionEngine`` of ``spec`` in eval mode with frozen parameters (sgm found by
+    :func:`.sgm_import.import_sgm`): randomly initialised, or with ``init=False`` the UNet and VAE left unfilled
+    (:func:`unfilled`; load weights next). sgm prints progress lines while it builds; they are swallowed here."""
     from .sgm_import import import_sgm
 
     import_sgm(webui_dir)
     from sgm.models.diffusion import DiffusionEngine
 
+    config = sgm_config(spec, prediction)
+    if not init:
+        for part in ("network_config", "first_stage_config"):
+            config[part] = {"target": f"{__name__}.unfilled", "params": {"target": config[part]["target"],
+                                                                         "params": config[part]["params"]}}
     with contextlib.redirect_stdout(io.StringIO()):
-        model = DiffusionEngine(**sgm_config(spec, prediction))
+        model = DiffusionEngine(**config)
     return model.eval().requires_grad_(False)
 
 
