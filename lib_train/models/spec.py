@@ -1,8 +1,9 @@
-"""Architecture of an SD1.x / SD2.x checkpoint, read from its state dict.
+"""Architecture of an SD1.x / SD2.x / SDXL checkpoint, read from its state dict.
 
 A :class:`ModelSpec` holds everything needed to rebuild the ldm ``LatentDiffusion`` a checkpoint was made for: the
-UNet, VAE and text-encoder hyper-parameters. :func:`infer_spec` reads them from tensor shapes, so the same code loads a
-full-size SD1.5 / SD2 checkpoint and the tiny random-weight models the tests build (same key layout, smaller widths).
+UNet, VAE and text-encoder hyper-parameters; an :class:`SDXLSpec` the same for sgm's ``DiffusionEngine``.
+:func:`infer_spec` reads them from tensor shapes, so the same code loads a full-size SD1.5 / SD2 / SDXL checkpoint
+and the tiny random-weight models the tests build (same key layout, smaller widths).
 
 Head counts cannot be read from weights. We follow the official configs (SD1 UNet: 8 heads; SD2 UNet: 64 channels per
 head; CLIP text: 64 channels per head) and, for widths too small for that (test models), fall back to the rules in
