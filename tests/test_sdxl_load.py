@@ -203,6 +203,14 @@ def test_prediction_override_and_sidecar_yaml(tiny_file, sdxl_on, tmp_path):
     assert _load(copy)[1].prediction == "v"
     model, info = _load(copy, prediction="eps")
     assert info.prediction == "eps" and isinstance(model.denoiser.scaling, EpsScaling)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    marked = tmp_path / "marked.safetensors"  # v-prediction fine-tunes (NoobAI-style) carry a v_pred tensor
+    save_file(dict(load_file(str(path)), v_pred=torch.tensor([])), str(marked))
+    model, info = _load(marked)
+    assert (info.prediction, info.prediction_source) == ("v", "v_pred marker in the checkpoint")
+    assert isinstance(model.denoiser.scaling, VScaling)
 
 
 def test_strict_keys_are_named(tiny_file, sdxl_on, tmp_path):
