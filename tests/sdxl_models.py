@@ -244,7 +244,7 @@ def tiny_sgm_conditioner_config(clip_l_layers: int = 12) -> tuple[list, "pytest.
 
 def tiny_sgm_sdxl(seed: int = 5, prediction: str = "eps"):
     """An sgm ``DiffusionEngine`` built from sgm's own classes and config (sd_xl_base.yaml) at tiny widths, with
-    seeded random weights, in eval mode with frozen parameters: UNet 32 channels (8 per head, depth 1/2/2, context
+    seeded random weights, in eval mode with frozen parameters: UNet 32 channels (8 heads, depth 1/2/2, context
     32 + 32, vector 24 + 1536), VAE 32 channels, clip_l 12 layers / clip_g 3 layers of width 32. ``prediction``
     "v" swaps the denoiser scaling to sgm's VScaling."""
     import contextlib
@@ -253,13 +253,16 @@ def tiny_sgm_sdxl(seed: int = 5, prediction: str = "eps"):
     from omegaconf import OmegaConf
 
     from lib_train.models.build import randomize_
+    from lib_train.models.families import SDXL
 
     sgm_root()
     from sgm.models.diffusion import DiffusionEngine
 
     params = OmegaConf.to_container(_sgm_config().model.params)
     unet = params["network_config"]["params"]
-    unet.update(model_channels=32, num_head_channels=8, transformer_depth=[1, 2, 2], context_dim=64,
+    heads, head_channels = SDXL.unet_heads(32)  # the rule the headless loader reads tiny checkpoints with
+    unet.update(model_channels=32, num_heads=heads, num_head_channels=head_channels, transformer_depth=[1, 2, 2],
+                context_dim=64,
                 adm_in_channels=TINY_CLIP_G_EMBED + 3 * 2 * 256, use_checkpoint=False,
                 spatial_transformer_attn_type="softmax")
     vae = params["first_stage_config"]["params"]["ddconfig"]

@@ -82,6 +82,40 @@ def _clip_text_config(text: TextSpec):
     )
 
 
+def clip_text_model(text: TextSpec):
+    """An HF ``CLIPTextModel`` of ``text``'s layout with random weights."""
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(_clip_text_config(text))
+
+
+def open_clip_text_model(text: TextSpec):
+    """open_clip's ``CLIP`` with ``text``'s text tower and random weights, its vision tower deleted (as the ldm and
+    sgm embedders do after loading pretrained weights)."""
+    from open_clip.model import CLIP
+
+    # The vision tower is deleted right away; build the smallest one open_clip accepts.
+    tiny_vision = {"image_size": 16, "patch_size": 16, "width": 16, "layers": 1, "head_width": 16}
+    text_cfg = {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
+                "heads": text.heads, "layers": text.layers}
+    if text.intermediate != 4 * text.width:  # open_clip 2.20 builds text towers with an MLP ratio of 4 only
+        raise ValueError(f"open_clip text towers need intermediate = 4 x width, got {text.intermediate}")
+    model = CLIP(embed_dim=text.projection_dim, vision_cfg=tiny_vision, text_cfg=text_cfg)
+    del model.visual
+    return model
+
+
+def finish_offline_embedder(embedder, device: str, max_length: int, freeze: bool, **attrs) -> None:
+    """Set what the ldm / sgm text embedders set in ``__init__`` besides their modules: device, max length, frozen
+    parameters, and their layer choice (``attrs``)."""
+    embedder.device = device
+    embedder.max_length = max_length
+    if freeze:
+        embedder.freeze()
+    for name, value in attrs.items():
+        setattr(embedder, name, value)
+
+
 def _offline_classes():
     from ldm.modules.encoders.modules import AbstractEncoder, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 
@@ -91,16 +125,9 @@ def _offline_classes():
         def __init__(self, text: dict, device: str = "cpu", max_length: int = 77, freeze: bool = True,
                      layer: str = "last", layer_idx=None):
             AbstractEncoder.__init__(self)
-            from transformers import CLIPTextModel
-
             self.tokenizer = clip_tokenizer()
-            self.transformer = CLIPTextModel(_clip_text_config(TextSpec(**text)))
-            self.device = device
-            self.max_length = max_length
-            if freeze:
-                self.freeze()
-            self.layer = layer
-            self.layer_idx = layer_idx
+            self.transformer = clip_text_model(TextSpec(**text))
+            finish_offline_embedder(self, device, max_length, freeze, layer=layer, layer_idx=layer_idx)
 
     class OfflineFrozenOpenCLIPEmbedder(FrozenOpenCLIPEmbedder):
         """ldm ``FrozenOpenCLIPEmbedder`` (SD2) built from a spec: open_clip's ``CLIP`` with the vision tower
@@ -109,24 +136,9 @@ def _offline_classes():
         def __init__(self, text: dict, device: str = "cpu", max_length: int = 77, freeze: bool = True,
                      layer: str = "penultimate"):
             AbstractEncoder.__init__(self)
-            from open_clip.model import CLIP
-
-            t = TextSpec(**text)
-            # The vision tower is deleted right away; build the smallest one open_clip accepts.
-            tiny_vision = {"image_size": 16, "patch_size": 16, "width": 16, "layers": 1, "head_width": 16}
-            text_cfg = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
-                        "heads": t.heads, "layers": t.layers}
-            if t.intermediate != 4 * t.width:  # open_clip 2.20 builds text towers with an MLP ratio of 4 only
-                raise ValueError(f"open_clip text towers need intermediate = 4 x width, got {t.intermediate}")
-            model = CLIP(embed_dim=t.projection_dim, vision_cfg=tiny_vision, text_cfg=text_cfg)
-            del model.visual
-            self.model = model
-            self.device = device
-            self.max_length = max_length
-            if freeze:
-                self.freeze()
-            self.layer = layer
-            self.layer_idx = {"last": 0, "penultimate": 1}[layer]
+            self.model = open_clip_text_model(TextSpec(**text))
+            finish_offline_embedder(self, device, max_length, freeze, layer=layer,
+                                    layer_idx={"last": 0, "penultimate": 1}[layer])
 
     return OfflineFrozenCLIPEmbedder, OfflineFrozenOpenCLIPEmbedder
 

@@ -1,4 +1,6 @@
-"""Load a single-file SD1.x / SD2.x checkpoint headless into an ldm ``LatentDiffusion``, with no hub access."""
+"""Load a single-file checkpoint headless, with no hub access: SD1.x / SD2.x into an ldm ``LatentDiffusion``, SDXL
+(once :data:`.families.TRAINS_SDXL` lets :func:`.spec.detect_family` accept it) into sgm's ``DiffusionEngine``
+(:mod:`.sdxl_load`)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import torch
 
 from ..errors import TrainerError
 from .build import build_latent_diffusion
-from .families import get_family
-from .spec import UNET_PREFIX, ModelSpec, infer_spec
+from .families import RECORDS
+from .spec import UNET_PREFIX, ModelSpec, SDXLSpec, infer_spec
 
 # Prefixes whose weights the model must find in the file (others, such as model_ema.*, are ignored).
 _REQUIRED = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
@@ -24,7 +26,7 @@ _REQUIRED = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 class CheckpointInfo:
     path: str
     name: str  # file name, as ss_sd_model_name
-    spec: ModelSpec
+    spec: ModelSpec | SDXLSpec
     prediction: str  # "eps" or "v"
     prediction_source: str  # how the prediction type was decided
 
@@ -93,7 +95,9 @@ def _yaml_prediction(path: str) -> str | None:
     except OSError:
         return None
     m = re.search(r"parameterization:\s*['\"]?(\w+)", text)
-    return ("v" if m.group(1) == "v" else "eps") if m else "eps"
+    if m is None:  # an sgm (SDXL) config names its denoiser scaling instead
+        return "v" if re.search(r"denoiser_scaling\.VScaling", text) else "eps"
+    return "v" if m.group(1) == "v" else "eps"
 
 
 def _probe_v_prediction(unet: torch.nn.Module, context_dim: int) -> bool:
@@ -106,8 +110,10 @@ def _probe_v_prediction(unet: torch.nn.Module, context_dim: int) -> bool:
         return float((out - x).mean()) < -1
 
 
-def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto"):
-    """Build the ldm model for ``path`` and load its weights. Returns ``(LatentDiffusion, CheckpointInfo)``.
+def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto",
+                    webui_dir: str | os.PathLike | None = None):
+    """Build the model for ``path`` and load its weights. Returns ``(LatentDiffusion, CheckpointInfo)``; for an SDXL
+    file ``(DiffusionEngine, CheckpointInfo)`` (sgm from the WebUI, ``webui_dir`` or as :mod:`.sgm_import` finds it).
 
     Prediction type: ``prediction`` when not "auto"; else a ``<checkpoint>.yaml`` next to the file; else a ``v_pred``
     marker tensor in the file; else, for full-size weights of a family that has one (SD2), the WebUI's probe; else
@@ -116,7 +122,7 @@ def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto"):
     path = str(path)
     sd = read_state_dict(path)
     spec = infer_spec(sd)
-    family = get_family(spec.family)
+    family = RECORDS[spec.family]
     source = "flag"
     if prediction == "auto":
         yaml_pred = _yaml_prediction(path)
@@ -126,6 +132,14 @@ def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto"):
             prediction, source = "v", "v_pred marker in the checkpoint"
         else:
             prediction, source = family.default_prediction, "default"
+    if isinstance(spec, SDXLSpec):
+        from .sdxl_load import build_sdxl, load_sdxl_weights
+
+        model = build_sdxl(spec, prediction, webui_dir, init=False)  # every UNet/VAE weight comes next
+        load_sdxl_weights(model, sd, path)
+        del sd
+        return model, CheckpointInfo(path=path, name=os.path.basename(path), spec=spec, prediction=prediction,
+                                     prediction_source=source)
     model = build_latent_diffusion(spec, "v" if prediction == "v" else "eps")
     dtype_sd = {k: v for k, v in sd.items() if k.startswith(_REQUIRED)}
     missing, _unexpected = model.load_state_dict(dtype_sd, strict=False)

@@ -15,7 +15,7 @@ import torch
 
 from ..config import TrainConfig
 from .bundle import ModelBundle
-from .families import get_family
+from .families import RECORDS
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -61,21 +61,42 @@ def _ready(model, *, family: str, device: torch.device | str, precision: str, **
     return ModelBundle.from_ldm(model, family=family, **bundle_args)
 
 
-def load_bundle(cfg: TrainConfig, device: torch.device | str,
-                say: Callable[[str], None] | None = None) -> ModelBundle:
-    """Load ``cfg.model.checkpoint`` and make it ready for training on ``device`` (see :func:`bundle_from_ldm`).
-    ``say`` gets the progress lines ("Loading …", then the family, prediction type and load time)."""
+def bundle_from_sgm(model, *, device: torch.device | str, precision: str, prediction: str | None = None,
+                    max_chunks: int = 3, checkpoint_name: str = "", checkpoint_hashes=None) -> ModelBundle:
+    """An sgm ``DiffusionEngine`` (SDXL) made ready for training on ``device``: the frozen UNet and text encoders in
+    the half dtype of ``precision`` (the VAE, which overflows in fp16, and what is trained stay fp32), wrapped in a
+    bundle. Its attention is sgm's softmax mode, which already runs PyTorch's fused kernel."""
+    half = resolve_precision(precision, device)
+    if half is not None:
+        model.model.to(half)
+        model.conditioner.to(half)
+    model.to(device)
+    return ModelBundle.from_sgm(model, prediction=prediction, max_chunks=max_chunks, checkpoint_name=checkpoint_name,
+                                checkpoint_hashes=checkpoint_hashes)
+
+
+def load_bundle(cfg: TrainConfig, device: torch.device | str, say: Callable[[str], None] | None = None,
+                webui_dir: str | None = None) -> ModelBundle:
+    """Load ``cfg.model.checkpoint`` and make it ready for training on ``device`` (see :func:`bundle_from_ldm`;
+    an SDXL file, once the family is switched on: :func:`bundle_from_sgm`, sgm found in ``webui_dir`` or as
+    :mod:`.sgm_import` finds it). ``say`` gets the progress lines ("Loading …", then the family, prediction type and
+    load time)."""
     from .attention import use_sdpa
     from .checkpoint import load_checkpoint
+    from .spec import SDXLSpec
 
     say = say or (lambda line: None)
     say(f"Loading {cfg.model.checkpoint} ...")
     t0 = time.perf_counter()
-    model, info = load_checkpoint(cfg.model.checkpoint, prediction=cfg.model.prediction)
-    use_sdpa(model.model.diffusion_model)  # fused attention (the WebUI installs its own; headless we do)
-    say(f"  {get_family(info.spec.family).short} model, {info.prediction}-prediction ({info.prediction_source}), "
+    model, info = load_checkpoint(cfg.model.checkpoint, prediction=cfg.model.prediction, webui_dir=webui_dir)
+    sgm = isinstance(info.spec, SDXLSpec)
+    if not sgm:
+        use_sdpa(model.model.diffusion_model)  # fused attention (the WebUI installs its own; headless we do)
+    say(f"  {RECORDS[info.spec.family].short} model, {info.prediction}-prediction ({info.prediction_source}), "
         f"loaded in {time.perf_counter() - t0:.1f}s")
-    return _ready(model, family=info.spec.family, device=device, precision=cfg.train.mixed_precision,
-                  prediction=info.prediction, clip_skip=cfg.model.clip_skip,
+    common = dict(device=device, precision=cfg.train.mixed_precision, prediction=info.prediction,
                   max_chunks=cfg.data.max_token_length // 75, checkpoint_name=info.name,
                   checkpoint_hashes=lambda: {"legacy": info.legacy_hash(), "sha256": info.sha256()})
+    if sgm:
+        return bundle_from_sgm(model, **common)
+    return _ready(model, family=info.spec.family, clip_skip=cfg.model.clip_skip, **common)

@@ -1,8 +1,9 @@
-"""Architecture of an SD1.x / SD2.x checkpoint, read from its state dict.
+"""Architecture of an SD1.x / SD2.x / SDXL checkpoint, read from its state dict.
 
 A :class:`ModelSpec` holds everything needed to rebuild the ldm ``LatentDiffusion`` a checkpoint was made for: the
-UNet, VAE and text-encoder hyper-parameters. :func:`infer_spec` reads them from tensor shapes, so the same code loads a
-full-size SD1.5 / SD2 checkpoint and the tiny random-weight models the tests build (same key layout, smaller widths).
+UNet, VAE and text-encoder hyper-parameters; an :class:`SDXLSpec` the same for sgm's ``DiffusionEngine``.
+:func:`infer_spec` reads them from tensor shapes, so the same code loads a full-size SD1.5 / SD2 / SDXL checkpoint
+and the tiny random-weight models the tests build (same key layout, smaller widths).
 
 Head counts cannot be read from weights. We follow the official configs (SD1 UNet: 8 heads; SD2 UNet: 64 channels per
 head; CLIP text: 64 channels per head) and, for widths too small for that (test models), fall back to the rules in
@@ -70,6 +71,41 @@ class ModelSpec:
     @property
     def is_full_size(self) -> bool:
         return self.unet.model_channels == 320 and self.text.width in (768, 1024)
+
+
+@dataclass
+class SDXLUNetSpec:
+    """sgm ``UNetModel`` hyper-parameters (configs/inference/sd_xl_base.yaml values by default)."""
+
+    model_channels: int = 320
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [4, 2])
+    transformer_depth: list[int] = field(default_factory=lambda: [1, 2, 10])  # per level
+    transformer_depth_middle: int = 10
+    context_dim: int = 2048  # clip_l 768 + clip_g 1280
+    adm_in_channels: int = 2816  # the vector y: pooled clip_g 1280 + 3 x 2 x 256 size features
+    num_heads: int = -1
+    num_head_channels: int = 64
+
+
+@dataclass
+class SDXLSpec:
+    """Everything needed to rebuild the sgm ``DiffusionEngine`` of an SDXL base-layout checkpoint."""
+
+    family: str = SDXL.name
+    unet: SDXLUNetSpec = field(default_factory=SDXLUNetSpec)
+    clip_l: TextSpec = field(default_factory=TextSpec)  # CLIP ViT-L/14 text (HF layout)
+    clip_g: TextSpec = field(default_factory=lambda: TextSpec(width=1280, layers=32, heads=20, intermediate=5120,
+                                                              projection_dim=1280))  # OpenCLIP ViT-bigG/14 text
+    vae: VAESpec = field(default_factory=VAESpec)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_full_size(self) -> bool:
+        return self.unet.model_channels == 320 and (self.clip_l.width, self.clip_g.width) == (768, 1280)
 
 
 def text_heads(width: int) -> int:
@@ -161,12 +197,13 @@ def _indices(keys, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
 
 
-def infer_spec(sd: Mapping[str, object]) -> ModelSpec:
-    """Read the architecture from a checkpoint state dict (keys as saved by ldm / the WebUI)."""
-    family = get_family(detect_family(sd))
-    if family is SDXL:  # reached only with families.TRAINS_SDXL on
-        raise TrainerError("Loading an SDXL checkpoint headless needs sgm (the WebUI's generative-models checkout); "
-                           "this version does not load SDXL checkpoint files yet.")
+def infer_spec(sd: Mapping[str, object]) -> ModelSpec | SDXLSpec:
+    """Read the architecture from a checkpoint state dict (keys as saved by ldm / the WebUI; SDXL:
+    :func:`infer_sdxl_spec`)."""
+    name = detect_family(sd)
+    if name == SDXL.name:  # reached only with families.TRAINS_SDXL on
+        return infer_sdxl_spec(sd)
+    family = get_family(name)
     keys = list(sd.keys())
     u = UNET_PREFIX
     model_channels = _shape(sd, u + "input_blocks.0.0.weight")[0]
@@ -201,12 +238,54 @@ def infer_spec(sd: Mapping[str, object]) -> ModelSpec:
     fields = te.kind.text_spec(lambda key: _shape(sd, key), count, te.checkpoint_prefix)
     text = TextSpec(heads=text_heads(fields["width"]), **fields)
 
+    return ModelSpec(family=family.name, unet=unet, text=text, vae=_vae_spec(sd, keys))
+
+
+def _vae_spec(sd: Mapping[str, object], keys: list[str]) -> VAESpec:
+    """The VAE's hyper-parameters (the same ``AutoencoderKL`` layout in ldm and sgm checkpoints)."""
     v = VAE_PREFIX
     ch = _shape(sd, v + "encoder.conv_in.weight")[0]
     vae_levels = _indices(keys, re.escape(v) + r"encoder\.down\.(\d+)\.")
     ch_mult = [_shape(sd, v + f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in vae_levels]
-    vae = VAESpec(ch=ch, ch_mult=ch_mult,
-                  num_res_blocks=len(_indices(keys, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")),
-                  z_channels=_shape(sd, v + "decoder.conv_in.weight")[1],
-                  embed_dim=_shape(sd, v + "quant_conv.weight")[0] // 2)
-    return ModelSpec(family=family.name, unet=unet, text=text, vae=vae)
+    return VAESpec(ch=ch, ch_mult=ch_mult,
+                   num_res_blocks=len(_indices(keys, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")),
+                   z_channels=_shape(sd, v + "decoder.conv_in.weight")[1],
+                   embed_dim=_shape(sd, v + "quant_conv.weight")[0] // 2)
+
+
+def infer_sdxl_spec(sd: Mapping[str, object]) -> SDXLSpec:
+    """The architecture of an SDXL base-layout checkpoint (sgm keys; :func:`sdxl_problem` has ruled out the
+    variants): per-level transformer depths, the context and vector widths, both text towers and the VAE, read from
+    tensor shapes, so full-size files and the tiny test models load through the same code. Heads follow
+    :meth:`.families.Family.unet_heads` / :func:`text_heads` (64 channels per head at full size)."""
+    keys = list(sd.keys())
+    u, ue = UNET_PREFIX, re.escape(UNET_PREFIX)
+    model_channels = _shape(sd, u + "input_blocks.0.0.weight")[0]
+    n_input = len(_indices(keys, ue + r"input_blocks\.(\d+)\."))
+    levels = len(_indices(keys, ue + r"input_blocks\.(\d+)\.0\.op\.weight")) + 1
+    num_res_blocks = (n_input - 1 - (levels - 1)) // levels
+    channel_mult, attention_res, depth = [], [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)
+        channel_mult.append(_shape(sd, u + f"input_blocks.{first}.0.out_layers.3.weight")[0] // model_channels)
+        blocks = _indices(keys, ue + rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")
+        if blocks:
+            attention_res.insert(0, 2 ** level)  # as the config lists them: [4, 2]
+        depth.append(len(blocks) or 1)  # a level without attention: unused (the config says 1)
+    first_attn = next(1 + lv * (num_res_blocks + 1) for lv in range(levels) if 2 ** lv in attention_res)
+    heads, head_ch = SDXL.unet_heads(model_channels)
+    unet = SDXLUNetSpec(
+        model_channels=model_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_res, transformer_depth=depth,
+        transformer_depth_middle=len(_indices(keys, ue + r"middle_block\.1\.transformer_blocks\.(\d+)\.")),
+        context_dim=_shape(sd, u + f"input_blocks.{first_attn}.1.transformer_blocks.0.attn2.to_k.weight")[1],
+        adm_in_channels=_shape(sd, u + "label_emb.0.0.weight")[1], num_heads=heads, num_head_channels=head_ch)
+
+    def count(prefix: str) -> int:
+        return len(_indices(keys, re.escape(prefix) + r"(\d+)\."))
+
+    texts = []
+    for te in SDXL.text_encoders:
+        fields = te.kind.text_spec(lambda key: _shape(sd, key), count, te.checkpoint_prefix)
+        texts.append(TextSpec(heads=text_heads(fields["width"]), **fields))
+    return SDXLSpec(unet=unet, clip_l=texts[0], clip_g=texts[1], vae=_vae_spec(sd, keys))
