@@ -100,7 +100,7 @@ def build_config(args: argparse.Namespace, method: Method | None = None) -> Trai
     method = method or methods.get(args.command)
     data = read_config_file(args.config) if args.config else {}
     found = data.get("method", method.name)
-    if found in methods.METHODS and found != method.name:
+    if isinstance(found, str) and found in methods.METHODS and found != method.name:
         raise ConfigError([Problem(f"method ({args.config})", f"the config file is for '{found}' training; "
                                                               f"run it with `python -m lib_train {found}`")])
     return from_dict(data, default_method=method.name, overrides=_flag_values(args, method))

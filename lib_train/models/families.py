@@ -194,7 +194,7 @@ SDXL = Family(
     clip_skip_applies=False, base_model="sdxl_base_v1-0", ss_v2=False,
     modelspec_eps="stable-diffusion-xl-v1-base", modelspec_v="stable-diffusion-xl-v1-base", native=1024,
     native_v=1024,
-    # counted on the meta device from sgm's classes (tests/test_sdxl_layout.py): UNet 2.57 G, clip_l 123.1 M +
+    # counted on the meta device from sgm's classes (tests/test_sdxl_naming.py): UNet 2.57 G, clip_l 123.1 M +
     # clip_g 694.7 M, VAE as SD1
     params=ModelParams(unet=2_567_463_684, text_encoder=817_720_320, vae=83_653_863),
     lora_params_per_rank=LoRAParams(unet=2_659_840, text_encoder=903_168, locon_linear=58_560, conv=355_840),
@@ -210,9 +210,8 @@ RECORDS: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}  # every reco
 FAMILIES: dict[str, Family] = {n: f for n, f in RECORDS.items() if f is not SDXL or TRAINS_SDXL}  # trained here
 DEFAULT = SD1  # assumed where no model is loaded (the tab's estimate)
 
-# The Lora card's ``sd version`` (FORMATS §B.5) of the families trained here, and of SDXL files, which a grid keeps
-# choices for although this version may not train them.
-SDXL_FILES = SDXL.name
+# The Lora card's ``sd version`` (FORMATS §B.5) of every record, SDXL included (a grid keeps choices for SDXL files
+# although this version may not train them).
 SIDECAR_SD_VERSIONS: dict[str, str] = {f.name: f.sidecar_sd_version for f in RECORDS.values()}
 
 
@@ -257,8 +256,8 @@ def family_from_live(encoder) -> Family | None:
 def family_name_from_metadata(meta: Mapping[str, str]) -> str:
     """The family key a LoRA file's ``ss_*`` metadata implies (files of other trainers too): ``"sdxl"`` for an SDXL
     base model version, the ``ss_v2`` family when ``ss_v2`` is "True", else SD1; "unknown" without metadata."""
-    if str(meta.get("ss_base_model_version", "")).startswith(SDXL_FILES):
-        return SDXL_FILES
+    if str(meta.get("ss_base_model_version", "")).startswith(SDXL.name):
+        return SDXL.name
     if meta.get("ss_v2") == "True":
         return next(f.name for f in FAMILIES.values() if f.ss_v2)
     return SD1.name if meta else "unknown"
