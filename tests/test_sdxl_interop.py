@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,7 +56,7 @@ def _worker(work: Path) -> subprocess.CompletedProcess:
     return subprocess.run([INTEROP_PYTHON, str(WORKER), str(work)], capture_output=True, text=True, timeout=600)
 
 
-def _ours(bundle, net, inputs: dict, fixed: dict) -> dict[str, torch.Tensor]:
+def _ours(bundle, inputs: dict, fixed: dict) -> dict[str, torch.Tensor]:
     """Our outputs for the worker's inputs (the names of the worker's docstring), under the LoRA as it is now."""
     clip_l, clip_g = bundle.encode_text.conditioner.encoders
     with torch.no_grad():
@@ -82,8 +82,6 @@ def run(tmp_path_factory):
     from lib_train.network.kohya_file import read_lora_file, save_lora_file
     from lib_train.network.lora import LoRANetwork
 
-    if not Path(INTEROP_PYTHON).is_file():
-        pytest.skip("TRAINER_INTEROP_PYTHON is not set")
     work = tmp_path_factory.mktemp("sdxl-interop")
     model = tiny_sgm_sdxl(seed=13)
     sd = {k: t.contiguous() for k, t in model.state_dict().items() if k.startswith(REQUIRED)}
@@ -122,9 +120,9 @@ def run(tmp_path_factory):
               "pooled": pooled[:, 0].contiguous()}
     save_file({k: v.contiguous() for k, v in inputs.items()}, str(work / "inputs.safetensors"))
 
-    ours = {f"{k}_base": v for k, v in _ours(bundle, net, inputs, fixed).items()}
+    ours = {f"{k}_base": v for k, v in _ours(bundle, inputs, fixed).items()}
     with net:
-        ours |= {f"{k}_lora": v for k, v in _ours(bundle, net, inputs, fixed).items()}
+        ours |= {f"{k}_lora": v for k, v in _ours(bundle, inputs, fixed).items()}
 
     proc = _worker(work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -160,10 +158,12 @@ def test_lora_outputs_equal_ours(run, name):
 
 def test_a_stem_diffusers_cannot_place_fails_the_worker(run, tmp_path):
     """The check can fail: one stem for a module the model does not have (a third transformer block where the
-    tiny layout has two) and the worker stops, naming the counts and what diffusers said."""
-    work = tmp_path / "work"
-    shutil.copytree(run[4], work)
-    tensors = load_file(str(work / "lora.safetensors"))
+    tiny layout has two) and the worker stops, naming the counts and what diffusers said (its "unexpected keys"
+    warning)."""
+    work = tmp_path / "work"  # layout mode (no checkpoint): the tiny models on the meta device
+    work.mkdir()
+    shutil.copy(run[4] / "spec.json", work / "spec.json")
+    tensors = load_file(str(run[4] / "lora.safetensors"))
     real, ghost = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", (
         "lora_unet_input_blocks_4_1_transformer_blocks_2_attn1_to_q")
     assert f"{real}.alpha" in tensors and f"{ghost}.alpha" not in tensors
@@ -173,3 +173,47 @@ def test_a_stem_diffusers_cannot_place_fails_the_worker(run, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and "some were not applied" in last, proc.stderr
     assert "'lora_unet_': 309" in last and "unexpected keys" in last and "transformer_blocks.2.attn1.to_q" in last
+
+
+def test_full_size_layout_loads_into_diffusers(tmp_path):
+    """kohya's default SDXL targets on the full-size layout (sd_xl_base.yaml's UNet: 722 transformer targets + 66
+    LoCon; clip_l 72, clip_g 192), rank 1 with random weights: diffusers' SDXL UNet and text encoders (its config
+    builder fed with the same yaml; the meta device, no weights) place every stem, with the shapes the loader
+    checks, and nothing is logged. The tiny model above has depth-2 transformers and 3 clip_g layers; this covers
+    every index of the real layout."""
+    from omegaconf import OmegaConf
+    from sdxl_models import meta_sdxl_text_encoders, meta_sgm_unet, sgm_root, sgm_unet_config
+
+    root = sgm_root()
+    from lib_train.models.families import SDXL
+    from lib_train.network.kohya_file import save_lora_file
+    from lib_train.network.lora import LoRANetwork
+
+    text_root = meta_sdxl_text_encoders()
+    net = LoRANetwork.for_model(meta_sgm_unet(), text_root, family=SDXL, rank=1, alpha=1.0, conv_rank=1,
+                                conv_alpha=1.0)
+    gen = torch.Generator().manual_seed(5)
+    tensors = {}
+    for stem, pair in net.pairs.items():  # the pairs live on the meta device: same shapes, real numbers
+        for part in ("lora_down", "lora_up"):
+            shape = getattr(pair, part).weight.shape
+            tensors[f"{stem}.{part}.weight"] = (torch.randn(shape, generator=gen) * 0.01).half()
+        tensors[f"{stem}.alpha"] = torch.tensor(pair.alpha, dtype=torch.float16)
+    work = tmp_path / "layout"
+    work.mkdir()
+    save_lora_file(work / "lora.safetensors", tensors, {"ss_base_model_version": "sdxl_base_v1-0"})
+    yaml = OmegaConf.load(root / "configs" / "inference" / "sd_xl_base.yaml")
+    clip_l, clip_g = _text_configs(text_root)
+    spec = {"unet": sgm_unet_config(),
+            "vae": OmegaConf.to_container(yaml.model.params.first_stage_config.params.ddconfig),
+            "text_encoder": clip_l, "text_encoder_2": clip_g, "multiplier": 1.0}
+    (work / "spec.json").write_text(json.dumps(spec, indent=2))
+
+    proc = _worker(work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((work / "report.json").read_text())
+    assert report["lora_file_stems"] == {"lora_unet_": 722 + 66, "lora_te1_": 72, "lora_te2_": 192}
+    assert report["lora_layers"] == report["lora_file_stems"]
+    n = len(net.stems())
+    assert (report["lora_keys_converted"], report["lora_alphas_converted"]) == (2 * n, n)
+    assert report["load_messages"] == []

@@ -37,6 +37,12 @@ Output, in ``<workdir>/`` (float32):
   layer counts and the file's stem counts; ``lora_keys_converted`` (down/up weights) and ``lora_alphas_converted``
   in diffusers' converted state dict.
 
+Layout mode, when ``checkpoint.safetensors`` is absent (a layout without weights, e.g. full size): the UNet and both
+text encoders are built on the meta device from spec.json (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``),
+the LoRA is loaded with ``low_cpu_mem_usage=True`` and the same placement checks run; ``report.json`` only, no outputs.
+The loader still checks every LoRA tensor's shape against its peft layer there (a wrong shape raises "size
+mismatch"), though peft then moves the loaded weights to the base layers' (meta) device, so values cannot be read.
+
 Exit status 0 on success; otherwise 1, with the traceback and a last line ``diffusers_sdxl_worker: <step> failed: ...``.
 """
 
@@ -176,39 +182,15 @@ class Messages(logging.Handler):
         self.lines.append(f"{record.name}: {record.getMessage()}")
 
 
-def run(workdir: Path, step: list[str]) -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # before diffusers: its import warns about the absent torchvision
-    transformers.logging.disable_progress_bar()
+def load_lora(pipe, workdir: Path, multiplier: float, **kwargs) -> tuple[list[str], dict, dict]:
+    """``pipe.load_lora_weights`` + ``set_adapters``: (what the loaders logged or warned, peft layers per model, the
+    file's stems per model); raises unless every stem of the file became one peft layer in the model its prefix
+    names."""
     import diffusers
-    import peft
-    import torch
-    from diffusers import StableDiffusionXLPipeline
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
 
-    step[0] = "reading the workdir"
-    spec = json.loads((workdir / "spec.json").read_text(encoding="utf-8"))
-    checkpoint = load_file(str(workdir / "checkpoint.safetensors"))
-    inputs = load_file(str(workdir / "inputs.safetensors"))
-    lora_keys = list(load_file(str(workdir / "lora.safetensors")))
-    stems = {k.split(".", 1)[0] for k in lora_keys}
-    torch.manual_seed(0)
-
-    step[0] = "building the diffusers SDXL pipeline from the sgm single file"
-    pipe = build_pipeline(spec, checkpoint)
-    for part in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
-        part.eval()
-
-    step[0] = "converting the LoRA with diffusers (StableDiffusionXLPipeline.lora_state_dict)"
-    converted, alphas = StableDiffusionXLPipeline.lora_state_dict(
-        str(workdir), weight_name="lora.safetensors", unet_config=pipe.unet.config
-    )
-
-    step[0] = "computing the outputs without LoRA"
-    base = forward(pipe, inputs)
-
-    step[0] = "loading the LoRA with diffusers (load_lora_weights)"
+    with safe_open(str(workdir / "lora.safetensors"), framework="pt") as f:
+        stems = {k.split(".", 1)[0] for k in f.keys()}
     handler = Messages()
     loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
     for logger in loggers:
@@ -217,8 +199,8 @@ def run(workdir: Path, step: list[str]) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pipe.load_lora_weights(str(workdir), weight_name="lora.safetensors", adapter_name=ADAPTER)
-            pipe.set_adapters([ADAPTER], adapter_weights=[float(spec["multiplier"])])
+            pipe.load_lora_weights(str(workdir), weight_name="lora.safetensors", adapter_name=ADAPTER, **kwargs)
+            pipe.set_adapters([ADAPTER], adapter_weights=[multiplier])
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
@@ -235,6 +217,85 @@ def run(workdir: Path, step: list[str]) -> None:
             f"peft injected {layers} LoRA layers (UNet, clip_l, clip_g), but the file has {file_stems} stems of "
             f"{len(stems)}: some were not applied; the loaders said: {messages or 'nothing'}"
         )
+    return messages, layers, file_stems
+
+
+def versions() -> dict:
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    return {"diffusers": diffusers.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__}
+
+
+def meta_pipeline(spec: dict):
+    """A StableDiffusionXLPipeline of the spec's UNet and text encoders on the meta device (no VAE, no weights)."""
+    from accelerate import init_empty_weights
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = unet_config(sgm_original_config(spec), {})  # no checkpoint: only the default sample size reads it
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**config)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"]))
+    return StableDiffusionXLPipeline(vae=None, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=None, tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler())
+
+
+def run_layout(workdir: Path, spec: dict, step: list[str]) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    step[0] = "building the diffusers SDXL models on the meta device"
+    pipe = meta_pipeline(spec)
+    step[0] = "converting the LoRA with diffusers (StableDiffusionXLPipeline.lora_state_dict)"
+    converted, alphas = StableDiffusionXLPipeline.lora_state_dict(
+        str(workdir), weight_name="lora.safetensors", unet_config=pipe.unet.config
+    )
+    step[0] = "loading the LoRA with diffusers (load_lora_weights, low_cpu_mem_usage)"
+    messages, layers, file_stems = load_lora(pipe, workdir, float(spec["multiplier"]), low_cpu_mem_usage=True)
+    step[0] = "writing report.json"
+    report = {"versions": versions(), "load_messages": messages, "lora_layers": layers, "lora_file_stems": file_stems,
+              "lora_keys_converted": len(converted), "lora_alphas_converted": len(alphas or {})}
+    (workdir / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
+def run(workdir: Path, step: list[str]) -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # before diffusers: its import warns about the absent torchvision
+    transformers.logging.disable_progress_bar()
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    step[0] = "reading the workdir"
+    spec = json.loads((workdir / "spec.json").read_text(encoding="utf-8"))
+    if not (workdir / "checkpoint.safetensors").is_file():
+        run_layout(workdir, spec, step)
+        return
+    checkpoint = load_file(str(workdir / "checkpoint.safetensors"))
+    inputs = load_file(str(workdir / "inputs.safetensors"))
+    lora_keys = list(load_file(str(workdir / "lora.safetensors")))
+    torch.manual_seed(0)
+
+    step[0] = "building the diffusers SDXL pipeline from the sgm single file"
+    pipe = build_pipeline(spec, checkpoint)
+    for part in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        part.eval()
+
+    step[0] = "converting the LoRA with diffusers (StableDiffusionXLPipeline.lora_state_dict)"
+    converted, alphas = StableDiffusionXLPipeline.lora_state_dict(
+        str(workdir), weight_name="lora.safetensors", unet_config=pipe.unet.config
+    )
+
+    step[0] = "computing the outputs without LoRA"
+    base = forward(pipe, inputs)
+
+    step[0] = "loading the LoRA with diffusers (load_lora_weights)"
+    messages, layers, file_stems = load_lora(pipe, workdir, float(spec["multiplier"]))
 
     step[0] = "computing the outputs with LoRA"
     lora = forward(pipe, inputs)
@@ -243,12 +304,7 @@ def run(workdir: Path, step: list[str]) -> None:
     outputs = {f"{k}_base": v for k, v in base.items()} | {f"{k}_lora": v for k, v in lora.items()}
     save_file(outputs, str(workdir / "outputs.safetensors"))
     report = {
-        "versions": {
-            "diffusers": diffusers.__version__,
-            "peft": peft.__version__,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-        },
+        "versions": versions(),
         "load_messages": messages,
         "lora_layers": layers,
         "lora_file_stems": file_stems,
