@@ -24,14 +24,14 @@ Memory = frozen weights + trainable state + activations + a fixed CUDA reserve, 
   largest latent size, so checkpointing saves more there. 16-bit autocast keeps :data:`HALF_ACTIVATION_SHARE` of it
   (norms and softmax statistics stay fp32);
 - **text-encoder activations** when the encoders get gradients: :data:`TE_ACT_GIB_PER_CHUNK` × 75-token chunks
-  (``max_token_length`` / 75) × batch, counted the same way (clip_l 0.051 GiB per chunk, clip_g 0.118, SD2's OpenCLIP
+  (``max_token_length`` / 75) × batch, counted the same way (clip_l 0.038 GiB per chunk, clip_g 0.118, SD2's OpenCLIP
   0.071; with checkpointing about 0.14 of that: layer inputs plus one layer);
 - :data:`CUDA_RESERVE_GIB` for the CUDA context and allocator slack.
 
 Checked against published SDXL LoRA figures (kohya-ss, 1024², batch 1, UNet only, gradient checkpointing, cached
 text-encoder outputs and latents): sd-scripts' SDXL notes say such a LoRA trains in 8 GB (10 GB recommended) with
 Adafactor or 8-bit optimizers, and the kohya_ss GUI's SDXL LoRA guide (docs/LoRA/top_level.md) asks for at least
-12 GB. This estimate gives 8.3 GiB for rank 16 with AdamW8bit and 8.5 GiB with AdamW: within its ±30 %, on the high
+12 GB. This estimate gives 8.4 GiB for rank 16 with AdamW8bit and 8.6 GiB with AdamW: within its ±30 %, on the high
 side, because its activation figure comes from CPU peak RSS (no GPU measurement exists here yet).
 
 It is a planning figure (about ±30 %), not a measurement: the README's bench numbers are the measured ones. The time
@@ -64,8 +64,8 @@ ACT_GIB_PER_MPIX = {False: 9.66e-6 * 2**20, True: 5.3e-6 * 2**20}  # fp32 SD1.5,
 UNET_ACTIVATION_SCALE = {"sd1": {False: 1.0, True: 1.0}, "sd2": {False: 0.940, True: 0.776},
                          "sdxl": {False: 1.728, True: 0.722}}
 # Text-encoder activations, fp32 GiB per 75-token chunk and sample (without, with checkpointing), all encoders.
-TE_ACT_GIB_PER_CHUNK = {"sd1": {False: 0.051, True: 0.007}, "sd2": {False: 0.071, True: 0.010},
-                        "sdxl": {False: 0.169, True: 0.023}}
+TE_ACT_GIB_PER_CHUNK = {"sd1": {False: 0.038, True: 0.0056}, "sd2": {False: 0.071, True: 0.0097},
+                        "sdxl": {False: 0.155, True: 0.021}}
 HALF_ACTIVATION_SHARE = 0.6
 CUDA_RESERVE_GIB = 0.8
 VAE_BYTES = 4  # the VAE stays fp32 (SDXL's overflows in fp16)
