@@ -29,10 +29,11 @@ Memory = frozen weights + trainable state + activations + a fixed CUDA reserve, 
 - :data:`CUDA_RESERVE_GIB` for the CUDA context and allocator slack.
 
 Checked against published SDXL LoRA figures (kohya-ss, 1024², batch 1, UNet only, gradient checkpointing, cached
-text-encoder outputs and latents): sd-scripts' SDXL notes say such a LoRA trains in 8 GB (10 GB recommended) with
-Adafactor or 8-bit optimizers, and the kohya_ss GUI's SDXL LoRA guide (docs/LoRA/top_level.md) asks for at least
-12 GB. This estimate gives 8.4 GiB for rank 16 with AdamW8bit and 8.6 GiB with AdamW: within its ±30 %, on the high
-side, because its activation figure comes from CPU peak RSS (no GPU measurement exists here yet).
+text-encoder outputs and latents): sd-scripts' "Tips for SDXL training" say such a LoRA "can be done with 8GB GPU
+memory (10GB recommended)" with an 8-bit optimizer or Adafactor and dim 4-8, and the kohya_ss GUI's SDXL LoRA guide
+(docs/LoRA/top_level.md) asks for at least 12 GB. This estimate gives 8.2 GiB at rank 8 with AdamW8bit, 8.4 GiB at
+rank 16 and 8.6 GiB with AdamW: between the two, on the high side of the first, because its activation figure comes
+from CPU peak RSS (no GPU measurement of SDXL exists here yet; bench/README.md).
 
 It is a planning figure (about ±30 %), not a measurement: the README's bench numbers are the measured ones. The time
 estimate needs a measured rate (seconds per step per megapixel from a run on this machine, of the same family);

@@ -11,11 +11,12 @@ common fields, then the subject's, then the tier's):
   *concept* (an object, pose or outfit: flips, a little noise offset);
 - SD1.x/SD2.x tiers, at 512 px: 6 GB (batch 1, gradient checkpointing, 8-bit AdamW with a fallback to AdamW where
   bitsandbytes cannot run), 8 GB (batch 1 with gradient checkpointing), 12 GB (batch 2), 24 GB (batch 4);
-- SDXL tiers, gradient checkpointing always on, buckets up to 2048 px: 8 GB (768 px, rank 8, Adafactor, UNet only),
-  12 GB (1024 px, UNet only), 16 GB (1024 px, batch 2), 24 GB (1024 px, batch 4); at 8 and 12 GB nothing trains the
-  text encoders and captions are not shuffled, so the encoders' outputs are cached and the encoders leave the GPU
-  (kohya's advice for SDXL LoRA on small cards: UNet only, cached text-encoder outputs). At 16 and 24 GB the
-  character and concept presets also train both text encoders, at a low rate (1e-5).
+- SDXL tiers, every one UNet only with gradient checkpointing and buckets up to 2048 px (kohya sd-scripts' tips for
+  SDXL: "--network_train_unet_only is highly recommended for SDXL LoRA"; LoRA in 8 GB, 10 GB recommended, with
+  gradient checkpointing, cached text-encoder outputs and latents, an 8-bit optimizer or Adafactor, dim 4-8 on
+  8 GB): 8 GB (768 px, rank 8, Adafactor), 12 GB (1024 px, batch 1), 16 GB (1024 px, batch 2), 24 GB (1024 px,
+  batch 4). At 8 and 12 GB captions are not shuffled, so the text encoders' outputs are cached and the encoders
+  leave the GPU; at 16 and 24 GB captions shuffle as for SD1 (the encoders stay, without gradients).
 
 :func:`presets_for` gives the presets of the loaded model's family (SD1/SD2 presets for no model);
 :mod:`lib_train.estimate` gives each preset a planning figure under its tier (tests/test_ui_build.py for SD1,
@@ -69,23 +70,22 @@ TABLE: dict[str, dict[str, Any]] = {
         "common": {"optim.lr": _LR, "optim.scheduler": "cosine", "optim.warmup_steps": 0, "train.min_snr_gamma": 5.0,
                    "data.resolution": 1024, "data.min_bucket_side": 512, "data.max_bucket_side": 2048,
                    "train.gradient_checkpointing": True, "data.cache_latents": "memory"},
-        "subjects": {
-            "character": {"network.rank": 16, "network.alpha": 8.0, "optim.te_lr": 1e-5, "train.epochs": 10,
+        "subjects": {  # UNet only: kohya's advice for SDXL LoRA (two text encoders give unexpected results)
+            "character": {"network.rank": 16, "network.alpha": 8.0, "optim.te_lr": 0.0, "train.epochs": 10,
                           "data.flip": False, "data.shuffle_caption": True, "data.keep_tokens": 1,
                           "train.noise_offset": 0.0},
             "style": {"network.rank": 32, "network.alpha": 16.0, "optim.te_lr": 0.0, "train.epochs": 12,
                       "data.flip": True, "data.shuffle_caption": True, "data.keep_tokens": 0,
                       "train.noise_offset": 0.0},
-            "concept": {"network.rank": 16, "network.alpha": 8.0, "optim.te_lr": 1e-5, "train.epochs": 10,
+            "concept": {"network.rank": 16, "network.alpha": 8.0, "optim.te_lr": 0.0, "train.epochs": 10,
                         "data.flip": True, "data.shuffle_caption": True, "data.keep_tokens": 1,
                         "train.noise_offset": 0.05},
         },
         "tiers": {
             "8 GB": {"data.resolution": 768, "train.batch_size": 1, "network.rank": 8, "network.alpha": 4.0,
-                     "optim.te_lr": 0.0, "data.shuffle_caption": False, "optim.optimizer": "Adafactor",
-                     "optim.allow_fallback": False},
-            "12 GB": {"train.batch_size": 1, "optim.te_lr": 0.0, "data.shuffle_caption": False,
-                      "optim.optimizer": "AdamW", "optim.allow_fallback": False},
+                     "data.shuffle_caption": False, "optim.optimizer": "Adafactor", "optim.allow_fallback": False},
+            "12 GB": {"train.batch_size": 1, "data.shuffle_caption": False, "optim.optimizer": "AdamW",
+                      "optim.allow_fallback": False},
             "16 GB": {"train.batch_size": 2, "optim.optimizer": "AdamW", "optim.allow_fallback": False},
             "24 GB": {"train.batch_size": 4, "optim.optimizer": "AdamW", "optim.allow_fallback": False},
         },
