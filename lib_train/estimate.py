@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 
 from . import methods
 from .config import SETTINGS, TrainConfig
-from .models.families import DEFAULT, RECORDS
+from .models.families import DEFAULT, RECORDS, SD1, SD2, SDXL
 from .settings import resolve
 
 GIB = 2**30
@@ -56,17 +56,19 @@ MODEL_PARAMS = {name: asdict(f.params) for name, f in RECORDS.items()}
 LORA_PARAMS_PER_RANK = {name: asdict(f.lora_params_per_rank) for name, f in RECORDS.items()}
 # Optimizer state in bytes per trained parameter: AdamW two fp32 moments; AdamW8bit two 8-bit moments; Lion one
 # moment; DAdaptAdam moments + s; Prodigy moments + s + the initial weights; Adafactor (no first moment, as
-# configured) a factored second moment, rows + columns per matrix: 4 / rank bytes per LoRA parameter, 1 covers rank ≥ 4.
+# configured) a factored second moment, rows + columns per matrix: 4 / rank bytes per LoRA parameter (1 covers
+# rank ≥ 4).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "lion8bit": 1, "dadaptadam": 12, "prodigy": 16,
                          "adafactor": 1}
 ACT_GIB_PER_MPIX = {False: 9.66e-6 * 2**20, True: 5.3e-6 * 2**20}  # fp32 SD1.5, by gradient checkpointing
 # UNet activations relative to SD1.5's at the same pixel count (without, with checkpointing): saved-tensor bytes
 # counted from the real layouts (see the module docstring; tests/test_sdxl_estimate.py recounts them).
-UNET_ACTIVATION_SCALE = {"sd1": {False: 1.0, True: 1.0}, "sd2": {False: 0.940, True: 0.776},
-                         "sdxl": {False: 1.728, True: 0.722}}
+# This table and the next are facts of each family, keyed by the record's name: fields of ``Family`` once it has them.
+UNET_ACTIVATION_SCALE = {SD1.name: {False: 1.0, True: 1.0}, SD2.name: {False: 0.940, True: 0.776},
+                         SDXL.name: {False: 1.728, True: 0.722}}
 # Text-encoder activations, fp32 GiB per 75-token chunk and sample (without, with checkpointing), all encoders.
-TE_ACT_GIB_PER_CHUNK = {"sd1": {False: 0.038, True: 0.0056}, "sd2": {False: 0.071, True: 0.0097},
-                        "sdxl": {False: 0.155, True: 0.021}}
+TE_ACT_GIB_PER_CHUNK = {SD1.name: {False: 0.038, True: 0.0056}, SD2.name: {False: 0.071, True: 0.0097},
+                        SDXL.name: {False: 0.155, True: 0.021}}
 HALF_ACTIVATION_SHARE = 0.6
 CUDA_RESERVE_GIB = 0.8
 VAE_BYTES = 4  # the VAE stays fp32 (SDXL's overflows in fp16)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...config import method_default
+from ...models.families import SD1, SD2, SDXL
 
 PRESET_METHOD = "lora"  # the method the presets are for; another method takes only what applies to it (build.py)
 
@@ -38,7 +39,7 @@ _LR = method_default(PRESET_METHOD, "optim.lr")
 # "tiers" (name → fields). A preset's name is "<prefix><subject> · <tier>".
 TABLE: dict[str, dict[str, Any]] = {
     "SD1.x/SD2.x": {
-        "families": ("sd1", "sd2"),
+        "families": (SD1.name, SD2.name),
         "prefix": "",
         "common": {"optim.lr": _LR, "optim.scheduler": "cosine", "optim.warmup_steps": 0, "train.min_snr_gamma": 5.0,
                    "data.resolution": 512},
@@ -65,7 +66,7 @@ TABLE: dict[str, dict[str, Any]] = {
         },
     },
     "SDXL": {
-        "families": ("sdxl",),
+        "families": (SDXL.name,),
         "prefix": "SDXL ",
         "common": {"optim.lr": _LR, "optim.scheduler": "cosine", "optim.warmup_steps": 0, "train.min_snr_gamma": 5.0,
                    "data.resolution": 1024, "data.min_bucket_side": 512, "data.max_bucket_side": 2048,
