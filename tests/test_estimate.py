@@ -52,15 +52,19 @@ def test_estimate_moves_with_the_settings():
     cfg.train.batch_size = 4
     assert estimate(cfg, 1000).parts["activations"] == pytest.approx(4 * base.parts["activations"])
     cfg.train.batch_size, cfg.data.cache_latents = 1, "off"
-    assert estimate(cfg, 1000).parts["model weights"] > base.parts["model weights"]  # the VAE stays on the GPU
+    assert "VAE weights (fp32)" not in base.parts
+    assert estimate(cfg, 1000).parts["VAE weights (fp32)"] > 0  # the VAE stays on the GPU
     cfg.data.cache_latents, cfg.train.mixed_precision = "memory", "no"
-    assert estimate(cfg, 1000).parts["model weights"] == pytest.approx(2 * base.parts["model weights"])
+    fp32 = estimate(cfg, 1000)
+    assert fp32.parts["UNet weights"] == pytest.approx(2 * base.parts["UNet weights"])
+    assert fp32.parts["text-encoder weights"] == pytest.approx(2 * base.parts["text-encoder weights"])
     cfg.train.mixed_precision, cfg.optim.optimizer = "auto", "AdamW8bit"
     assert estimate(cfg, 1000).vram_gib < base.vram_gib
     emb = default_config("embedding")
     emb.data.resolution = 512
     assert "LoRA + gradients + optimizer" not in estimate(emb, 10).parts
-    assert estimate(cfg, 1000, family="sd2").parts["model weights"] > base.parts["model weights"]
+    sd2 = estimate(cfg, 1000, family="sd2")
+    assert sd2.parts["text-encoder weights"] > base.parts["text-encoder weights"]
 
 
 def test_lora_params_follow_what_is_trained():

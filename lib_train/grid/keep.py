@@ -16,7 +16,8 @@ from .. import methods
 from ..atomic import atomic_write
 from ..errors import TrainerError
 from ..safetensors_io import data_offset, read_metadata, read_safetensors_header, sha256_from
-from ..train.sidecar import SD_VERSIONS, write_lora_sidecar
+from ..models.families import SIDECAR_SD_VERSIONS, family_name_from_metadata
+from ..train.sidecar import write_lora_sidecar
 from .axes import format_weight
 from .runs import Run, _int_or_none
 
@@ -30,10 +31,9 @@ class KeepResult:
 
 
 def _family_of(sidecar: dict, meta: dict[str, str]) -> str:
-    """The sidecar's ``sd version`` as a family key (kept as it is), else the version the metadata implies."""
-    from ..models.families import family_name_from_metadata
-
-    reverse = {v: k for k, v in SD_VERSIONS.items()}
+    """The sidecar's ``sd version`` as a family key (kept as it is), else the family the metadata implies; both
+    through the family records (every record, SDXL included, whether or not this version trains it)."""
+    reverse = {v: k for k, v in SIDECAR_SD_VERSIONS.items()}
     if "sd version" in sidecar:
         return reverse.get(str(sidecar["sd version"]), "unknown")
     return family_name_from_metadata(meta)
