@@ -40,6 +40,7 @@ from .checkpointing import GradientCheckpointing
 from .events import Commands, Events, Progress
 from .optim import build_optimizer, effective_lr, parse_optimizer_args, resolve_optimizer
 from .outputs import check_final_free
+from .placement import Placement, on_device
 from .prepare import PreparedData
 from .sampling import SampleContext, Sampler, ddim_sampler
 from .schedule import make_scheduler
@@ -255,6 +256,7 @@ class Run:
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.last_save: tuple[str, int, str] | None = None  # (stem, step, path): a stem is written once per step
         self.last_samples: tuple[int, list[Path]] | None = None  # (step, paths) of the newest sample set
+        self.parked_text_encoders = False  # the text encoders wait on the CPU (their outputs are cached)
         self.sampling_failed = False  # a sampler failure turns samples off for this session (not in the config:
         # the resume state keeps the settings, and a resumed run tries again)
 
@@ -306,7 +308,8 @@ class Run:
         ctx = SampleContext(cfg=cfg, bundle=s.bundle, device=s.device, autocast=self.autocast, name_text=name_text,
                             embedding=s.sample_embedding(), condition=s.condition)
         try:
-            images = self.sampler(ctx, request)
+            with on_device(s.bundle.text_encoder, s.device) if self.parked_text_encoders else nullcontext():
+                images = self.sampler(ctx, request)
             paths = sampling.save_samples(s.out_dir, s.name, self.step, images)
         except Exception as e:  # noqa: BLE001 - any sampler failure (out of memory too): report, keep training
             if s.device.type == "cuda":
@@ -378,6 +381,22 @@ def cache_latents(run: Run) -> None:
             run.events.status(f"Caching latents {n + 1}/{len(todo)}")
 
 
+def cache_text(run: Run) -> bool:
+    """Encode the session's static texts once (:meth:`TrainingSession.static_texts`), under the run's autocast, as the
+    steps would; True when it did (raises :class:`Stopped` when a stop is requested meanwhile)."""
+    texts = run.session.static_texts()
+    if not texts:
+        return False
+    run.events.status(f"Caching text encodings of {len(texts)} captions and prompts")
+    ctx = torch.autocast(run.session.device.type, dtype=run.autocast) if run.autocast else nullcontext()
+    for n in range(0, len(texts), 32):
+        if run.commands.stop_requested():
+            raise Stopped()
+        with ctx:
+            run.session.cache_texts(texts[n:n + 32])
+    return True
+
+
 def latents_for(run: Run, index: int, flip: bool) -> torch.Tensor:
     cached = run.latents.get((index, flip))
     if cached is not None:
@@ -398,11 +417,12 @@ def micro_step(run: Run, mb: MicroBatch, ac: torch.Tensor, scaler) -> torch.Tens
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.stack([latents_for(run, x.index, x.flip) for x in mb.samples]).to(device)
     prompts = s.prompts(mb.samples)
+    sizes = [run.prep.image_size(x.index, x.flip) for x in mb.samples]  # for families with size conditioning
     noise = L.make_noise(x0, gen, noise_offset=t_cfg.noise_offset)
     t = L.sample_timesteps(len(mb.samples), gen, device)
     x_t = L.add_noise(x0, noise, t, ac)
     with torch.autocast(device.type, dtype=run.autocast) if run.autocast else nullcontext():
-        cond = s.condition(prompts)
+        cond = s.condition(prompts, sizes)
         pred = bundle.predict(x_t, t, cond)
     target = L.target_for(x0, noise, t, ac, bundle.prediction)
     weights = L.min_snr_weights(t, ac, t_cfg.min_snr_gamma, bundle.prediction) if t_cfg.min_snr_gamma else None
@@ -425,7 +445,7 @@ def run_training(session: TrainingSession, *, events: Events, commands: Commands
 
     run = Run(session, events, commands, sampler or ddim_sampler)
     guard = ModelGuard(bundle.model)
-    vae_device = next(bundle.vae.parameters()).device
+    placement = Placement(bundle.model)  # the run may move the VAE and text encoders to the CPU
     ckpt: GradientCheckpointing | None = None
     try:
         for warning in session.attach():
@@ -438,10 +458,15 @@ def run_training(session: TrainingSession, *, events: Events, commands: Commands
                     else RunInfo(random.getrandbits(31), time.time(), optim.name))
         try:
             cache_latents(run)
+            texts_cached = cache_text(run)
         except Stopped:
             return run.result("interrupted")
-        if cfg.train.offload_vae and cfg.data.cache_latents != "off" and session.device.type == "cuda":
-            bundle.vae.to("cpu")  # the VAE is not needed any more: free its memory for training
+        if session.device.type == "cuda":
+            if cfg.train.offload_vae and cfg.data.cache_latents != "off":
+                bundle.vae.to("cpu")  # the VAE is not needed any more: free its memory for training
+            if texts_cached:
+                bundle.text_encoder.to("cpu")  # nor the text encoders (back for sampling, and at the end)
+                run.parked_text_encoders = True
             torch.cuda.empty_cache()
         session.start(run.info)
         return _loop(run, optim)
@@ -455,8 +480,7 @@ def run_training(session: TrainingSession, *, events: Events, commands: Commands
             ckpt.remove()
         session.detach()
         guard.restore()
-        if next(bundle.vae.parameters()).device != vae_device:
-            bundle.vae.to(vae_device)
+        placement.restore()
         if session.device.type == "cuda":
             torch.cuda.empty_cache()
 
