@@ -210,6 +210,28 @@ def test_headless_command_line_run_on_a_tiny_sdxl_file(tiny_sdxl_file, tmp_path,
     assert saved["train"]["gradient_checkpointing"] is True
 
 
+def test_sdxl_without_sgm_says_what_to_do(tiny_sdxl_file, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from helpers import assert_clear_error
+
+    from lib_train.models import sgm_import
+
+    for name in [n for n in sys.modules if n == "sgm" or n.startswith("sgm.")]:
+        monkeypatch.delitem(sys.modules, name)  # put back afterwards
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "generative-models" not in p])
+    monkeypatch.delenv(sgm_import.ENV_VAR)
+    monkeypatch.setattr(sgm_import, "EXTENSION_ROOT", tmp_path / "nowhere" / "extensions" / "trainer")
+    _sdxl_data(tmp_path)
+    code, text = run_cli("lora", ["--checkpoint", tiny_sdxl_file, "--data", tmp_path / "data", "--output",
+                                  tmp_path / "out", "--name", "n", "--resolution", "64", "--min-bucket", "64",
+                                  "--max-bucket", "128"], capsys)
+    error = text[text.index("error: "):]  # after the dataset summary: sgm is looked for once the file says SDXL
+    assert_clear_error(code, error, [f"{tiny_sdxl_file} is an SDXL checkpoint", "SD_WEBUI_DIR=",
+                                     "model.webui_dir (--webui-dir)"])
+    assert not (tmp_path / "out" / "n.safetensors").exists()
+
+
 def _sdxl_bundle(seed: int = 9):
     from sdxl_models import tiny_sgm_sdxl
 
