@@ -8,6 +8,12 @@ reaches into the model object itself.
 SDXL (:meth:`ModelBundle.from_sgm`): the UNet is ``model.diffusion_model`` (sgm ``OpenAIWrapper``), the text-encoder
 root is ``conditioner`` (``embedders.0`` clip_l, ``embedders.1`` clip_g; LoRA targets and conditioning take them from
 there), conditioning is a dict ``{"crossattn", "vector"}`` that :meth:`predict` passes as ``context`` and ``y``.
+
+Text conditioning comes in two halves for every family: :meth:`ModelBundle.text_outputs` (what depends on the
+captions alone — the context, and SDXL's pooled output — so a run can cache it per caption) and
+:meth:`ModelBundle.condition` (the UNet's conditioning from those and each image's
+:class:`~.conditioning.ImageSize`; families without size conditioning ignore the sizes). The family record's
+``size_conditioning`` is the one rule that decides between a context tensor and SDXL's dict.
 """
 
 from __future__ import annotations

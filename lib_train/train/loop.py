@@ -1,9 +1,16 @@
 """The training run every method shares: set-up, the loop, saves, samples, resume, restore.
 
 :func:`run_training` takes a method's :class:`~lib_train.train.session.TrainingSession` and does the rest, in this
-order: attach (reversible) → gradient checkpointing → optimizer and schedule → cache latents → loop → atomic saves →
-detach. However the run ends (finished, interrupted, error, out of memory) the host model is restored exactly:
-attachments removed, flags and hooks as before (:class:`~lib_train.models.guard.ModelGuard`).
+order: attach (reversible) → gradient checkpointing → optimizer and schedule → cache latents → cache text outputs
+(where the session's texts are static: no text encoder trains, captions unchanging) → on a GPU, the VAE and cached
+text encoders to the CPU → loop → atomic saves → detach. However the run ends (finished, interrupted, error, out of
+memory) the host model is restored exactly: attachments removed, flags and hooks as before
+(:class:`~lib_train.models.guard.ModelGuard`), every parameter and buffer on its device
+(:class:`~lib_train.train.placement.Placement`).
+
+Each sample of a micro-batch is conditioned on its caption and, for families with size conditioning (SDXL), on its
+image's sizes (:meth:`~lib_train.train.prepare.PreparedData.image_size`, kohya's rule); the bundle decides what it
+needs (:meth:`~lib_train.models.bundle.ModelBundle.condition`).
 
 The loop (:func:`_loop`) reads top to bottom: a micro-batch's forward and backward; every ``grad_accum``
 micro-batches (and at the end of an epoch) an optimizer step; then one line per decision — log, samples, saves,
@@ -365,7 +372,7 @@ def cache_latents(run: Run) -> None:
     if mode == "off":
         return
     cache_dir = run.session.out_dir / ".latent-cache" if mode == "disk" else None
-    vae_id = f"{bundle.checkpoint_name}|{bundle.family}|{next(bundle.vae.parameters()).dtype}"
+    vae_id = f"{bundle.checkpoint_name}|{bundle.family}|{bundle.vae_compute_dtype}"  # the dtype latents come in
     cache = LatentCache(mode, cache_dir, vae_id)
     flips = (False, True) if cfg.data.flip else (False,)
     todo = [(i, f) for i in range(len(prep.items)) for f in flips]
