@@ -336,3 +336,24 @@ def test_gradient_checkpointing_covers_the_sgm_unet_and_both_text_encoders():
     assert grads[0].keys() == grads[1].keys() and any("te2" in n or "lora_te2" in n for n in grads[0])
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7)
+
+
+def test_an_fp16_sdxl_vae_encodes_in_fp32_and_stays_fp16():
+    """SDXL's VAE overflows in fp16 (Family.vae_fp16_safe): a VAE held in fp16 (as the WebUI may hold it) computes
+    latents in fp32 for the call and is left bit-identical in fp16; SD1's would compute in fp16."""
+    from sdxl_models import sgm_root
+
+    sgm_root()
+    bundle = _sdxl_bundle()
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    bundle.vae.half()
+    before = state_hash(bundle.vae)
+    assert bundle.vae_compute_dtype == torch.float32
+    latents = bundle.encode_pixels(pixels)
+    images = bundle.decode_latents(latents)
+    assert state_hash(bundle.vae) == before and all(p.dtype == torch.float16 for p in bundle.vae.parameters())
+    bundle.vae.float()  # the same (fp16-rounded) weights in fp32 give the same latents and images
+    assert torch.equal(bundle.encode_pixels(pixels), latents) and torch.equal(bundle.decode_latents(latents), images)
+    sd1 = make_bundle("sd1")
+    sd1.vae.half()
+    assert sd1.vae_compute_dtype == torch.float16
