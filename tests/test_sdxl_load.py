@@ -154,12 +154,20 @@ def test_spec_config_and_parts(tiny_file, sdxl_on):
 
 def test_state_dict_round_trips_bit_exactly(tiny_file, sdxl_on):
     import torch
+    from safetensors.torch import load_file
+
+    from lib_train.models.sdxl_load import build_sdxl, load_sdxl_weights
 
     original, path = tiny_file
-    model, _ = _load(path)
+    model, info = _load(path)
     ours, theirs = model.state_dict(), original.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    sd = dict(load_file(str(path)), model_ema_decay=torch.zeros(1))
+    fresh = build_sdxl(info.spec, init=False)
+    load_sdxl_weights(fresh, sd)  # each file tensor leaves the dict once copied (the file's copy is freed)
+    assert list(sd) == ["model_ema_decay"]
+    assert all(torch.equal(t, theirs[k]) for k, t in fresh.state_dict().items())
 
 
 def test_conditioning_and_predict_equal_the_original(tiny_file, sdxl_on):
