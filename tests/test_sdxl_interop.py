@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lib_train.models.conditioning import ImageSize
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "interop" / "diffusers_sdxl_worker.py"
 INTEROP_PYTHON = os.environ.get("TRAINER_INTEROP_PYTHON", "")
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.skipif(not Path(INTEROP_PYTHON).is_file(),
                                 reason="TRAINER_INTEROP_PYTHON is not set: run `bash tests/run.sh`")
 
 CAPTIONS = ["a photo of a red cat on a sofa", "two dogs, running, snow"]
-SIZES = dict(original_size=[[96, 64], [64, 128]], crop_top_left=(8, 0), target_size=(64, 64))
+SIZES = [ImageSize((96, 64), (8, 0), (64, 64)), ImageSize((64, 128), (8, 0), (64, 64))]  # one per caption
 RANK, ALPHA, CONV_RANK, CONV_ALPHA = 4, 2.0, 2, 1.5
 UP_STD = 0.05  # random lora_up weights (kohya starts them at 0, which would change nothing)
 OUTPUTS = ("te1_hidden", "te1_last", "te2_hidden", "te2_pooled", "unet", "chain")
@@ -64,7 +66,7 @@ def _ours(bundle, inputs: dict, fixed: dict) -> dict[str, torch.Tensor]:
         te2_hidden, pooled = clip_g.encode_ids_pooled(inputs["ids_g"][:, None])
         te1_last = bundle.text_encoder.embedders[0].transformer(input_ids=inputs["ids_l"]).last_hidden_state
         unet = bundle.predict(inputs["x"], inputs["t"], fixed)
-        chain = bundle.predict(inputs["x"], inputs["t"], bundle.encode_text(CAPTIONS, **SIZES))
+        chain = bundle.predict(inputs["x"], inputs["t"], bundle.conditioning(CAPTIONS, SIZES))
     return {"te1_hidden": te1_hidden, "te1_last": te1_last, "te2_hidden": te2_hidden, "te2_pooled": pooled[:, 0],
             "unet": unet, "chain": chain}
 
@@ -111,9 +113,9 @@ def run(tmp_path_factory):
     ids = [e.tokenize_prompts(CAPTIONS)[0] for e in encoders]
     assert all(i.shape == (len(CAPTIONS), 1, 77) for i in ids)  # one chunk each: the worker feeds plain [B, 77]
     g = torch.Generator().manual_seed(3)
-    time_ids = torch.cat([torch.as_tensor(v).expand(len(CAPTIONS), 2) for v in SIZES.values()], dim=1).float()
+    time_ids = torch.tensor([[*s.original, *s.crop_top_left, *s.target] for s in SIZES], dtype=torch.float32)
     with torch.no_grad():
-        fixed = bundle.encode_text(CAPTIONS, **SIZES)  # the base model's conditioning, fed to both UNets
+        fixed = bundle.conditioning(CAPTIONS, SIZES)  # the base model's conditioning, fed to both UNets
         _, pooled = encoders[1].encode_ids_pooled(ids[1])
     inputs = {"ids_l": ids[0][:, 0], "ids_g": ids[1][:, 0], "x": torch.randn(2, 4, 8, 8, generator=g),
               "t": torch.tensor([15, 730]), "time_ids": time_ids, "context": fixed["crossattn"],
