@@ -386,6 +386,21 @@ def apply_family_defaults(cfg: TrainConfig, family: Any, given: set[str]) -> lis
     return notes
 
 
+def text_encoders_train(cfg: TrainConfig) -> bool:
+    """Do gradients reach the text encoders? (A LoRA with a text-encoder rate, or an embedding's vectors.)"""
+    method = methods.METHODS.get(cfg.method)
+    if method is not None and method.injects_vectors:
+        return True
+    return SETTINGS["optim.te_lr"].applies_to(cfg.method) and cfg.optim.te_lr > 0
+
+
+def text_outputs_cached(cfg: TrainConfig) -> bool:
+    """Can the text encoders' outputs be cached once (so the encoders leave the GPU)? Only when nothing trains them
+    and every caption is the same text every step (no shuffling, no caption or tag dropout)."""
+    d = cfg.data
+    return not text_encoders_train(cfg) and not (d.shuffle_caption or d.caption_dropout or d.tag_dropout)
+
+
 # ----------------------------------------------------------------------------------------------- validation
 
 def _out_of_range(key: str, value: float) -> bool:

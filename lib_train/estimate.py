@@ -45,8 +45,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from . import methods
-from .config import SETTINGS, TrainConfig
-from .models.families import DEFAULT, RECORDS, SD1, SD2, SDXL
+from .config import SETTINGS, TrainConfig, text_encoders_train, text_outputs_cached
+from .models.families import DEFAULT, RECORDS
 from .settings import resolve
 
 GIB = 2**30
@@ -61,14 +61,10 @@ LORA_PARAMS_PER_RANK = {name: asdict(f.lora_params_per_rank) for name, f in RECO
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "lion8bit": 1, "dadaptadam": 12, "prodigy": 16,
                          "adafactor": 1}
 ACT_GIB_PER_MPIX = {False: 9.66e-6 * 2**20, True: 5.3e-6 * 2**20}  # fp32 SD1.5, by gradient checkpointing
-# UNet activations relative to SD1.5's at the same pixel count (without, with checkpointing): saved-tensor bytes
-# counted from the real layouts (see the module docstring; tests/test_sdxl_estimate.py recounts them).
-# This table and the next are facts of each family, keyed by the record's name: fields of ``Family`` once it has them.
-UNET_ACTIVATION_SCALE = {SD1.name: {False: 1.0, True: 1.0}, SD2.name: {False: 0.940, True: 0.776},
-                         SDXL.name: {False: 1.728, True: 0.722}}
-# Text-encoder activations, fp32 GiB per 75-token chunk and sample (without, with checkpointing), all encoders.
-TE_ACT_GIB_PER_CHUNK = {SD1.name: {False: 0.038, True: 0.0056}, SD2.name: {False: 0.071, True: 0.0097},
-                        SDXL.name: {False: 0.155, True: 0.021}}
+# UNet activations relative to SD1.5's at the same pixel count, and text-encoder activations in fp32 GiB per 75-token
+# chunk and sample, by gradient checkpointing (off, on): the records' ActivationCosts.
+UNET_ACTIVATION_SCALE = {name: dict(enumerate(f.activations.unet_scale)) for name, f in RECORDS.items()}
+TE_ACT_GIB_PER_CHUNK = {name: dict(enumerate(f.activations.te_gib_per_chunk)) for name, f in RECORDS.items()}
 HALF_ACTIVATION_SHARE = 0.6
 CUDA_RESERVE_GIB = 0.8
 VAE_BYTES = 4  # the VAE stays fp32 (SDXL's overflows in fp16)
@@ -98,21 +94,6 @@ def _family_name(family) -> str:
     if name not in RECORDS:
         raise ValueError(f"unknown model family {name!r}; expected one of {', '.join(RECORDS)}")
     return name
-
-
-def text_encoders_train(cfg: TrainConfig) -> bool:
-    """Do gradients reach the text encoders? (A LoRA with a text-encoder rate, or an embedding's vectors.)"""
-    method = methods.METHODS.get(cfg.method)
-    if method is not None and method.injects_vectors:
-        return True
-    return SETTINGS["optim.te_lr"].applies_to(cfg.method) and cfg.optim.te_lr > 0
-
-
-def text_outputs_cached(cfg: TrainConfig) -> bool:
-    """Can the text encoders' outputs be cached once (so the encoders leave the GPU)? Only when nothing trains them
-    and every caption is the same text every step (no shuffling, no caption or tag dropout)."""
-    d = cfg.data
-    return not text_encoders_train(cfg) and not (d.shuffle_caption or d.caption_dropout or d.tag_dropout)
 
 
 def lora_params(cfg: TrainConfig, family) -> int:

@@ -26,8 +26,8 @@ from lib_train.estimate import (
     estimate,
     lora_params,
     rate_from_run,
-    text_outputs_cached,
 )
+from lib_train.config import text_outputs_cached
 from lib_train.models.attention import use_sdpa
 from lib_train.models.families import RECORDS, SDXL
 from lib_train.network.lora import LoRANetwork

@@ -127,8 +127,6 @@ def test_other_trainers_sdxl_files_are_sdxl(tmp_path, version):
     assert json.loads(write_preferred_weight(path, 1.0).read_text(encoding="utf-8"))["sd version"] == "SDXL"
 
 
-@pytest.mark.xfail(strict=True, reason="families.family_name_from_metadata reads only ss_* keys; a file with only "
-                                       "modelspec.architecture (other trainers) is taken for SD1")
 def test_a_file_with_only_modelspec_is_sdxl(tmp_path):
     path = tmp_path / "spec.safetensors"
     save_lora_file(path, _tensors(3), {"modelspec.sai_model_spec": "1.0.0",

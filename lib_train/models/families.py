@@ -71,6 +71,17 @@ class LoRAParams:
 
 
 @dataclass(frozen=True)
+class ActivationCosts:
+    """Training activations for the memory estimate, each as (without, with gradient checkpointing): the UNet's
+    relative to SD1.5's at the same pixel count (saved-tensor bytes counted from the real layouts on the meta device;
+    tests/test_sdxl_estimate.py recounts them), and the text encoders' (all of them) in fp32 GiB per 75-token chunk
+    and sample."""
+
+    unet_scale: tuple[float, float]
+    te_gib_per_chunk: tuple[float, float]
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # stored in files, resume states and API output
     label: str  # for people: "SD1.x"
@@ -85,6 +96,7 @@ class Family:
     native_v: int  # … and for v-prediction
     params: ModelParams  # for the memory estimate
     lora_params_per_rank: LoRAParams
+    activations: ActivationCosts  # for the memory estimate
     unet_head_channels: int | None  # channels per UNet attention head; None: 8 heads (the configs' rule)
     linear_proj: bool  # the UNet's transformers use Linear proj_in/proj_out (else 1x1 convs)
     probe_v_prediction: bool  # full-size weights with no other hint get the WebUI's v-prediction probe
@@ -170,6 +182,7 @@ SD1 = Family(
     modelspec_eps="stable-diffusion-v1", modelspec_v="stable-diffusion-v1", native=512, native_v=512,
     params=ModelParams(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863),
     lora_params_per_rank=LoRAParams(unet=423_936, text_encoder=165_888, locon_linear=82_880, conv=544_000),
+    activations=ActivationCosts(unet_scale=(1.0, 1.0), te_gib_per_chunk=(0.038, 0.0056)),
     unet_head_channels=None, linear_proj=False, probe_v_prediction=False,
 )
 SD2 = Family(
@@ -179,6 +192,7 @@ SD2 = Family(
     modelspec_eps="stable-diffusion-v2-512", modelspec_v="stable-diffusion-v2-768-v", native=512, native_v=768,
     params=ModelParams(unet=865_910_724, text_encoder=354_032_640, vae=83_653_863),
     lora_params_per_rank=LoRAParams(unet=432_128, text_encoder=423_936, locon_linear=82_880, conv=544_000),
+    activations=ActivationCosts(unet_scale=(0.940, 0.776), te_gib_per_chunk=(0.071, 0.0097)),
     unet_head_channels=64, linear_proj=True, probe_v_prediction=True,
 )
 
@@ -202,6 +216,7 @@ SDXL = Family(
     # clip_g 694.7 M, VAE as SD1
     params=ModelParams(unet=2_567_463_684, text_encoder=817_720_320, vae=83_653_863),
     lora_params_per_rank=LoRAParams(unet=2_659_840, text_encoder=903_168, locon_linear=58_560, conv=355_840),
+    activations=ActivationCosts(unet_scale=(1.728, 0.722), te_gib_per_chunk=(0.155, 0.021)),
     unet_head_channels=64, linear_proj=True, probe_v_prediction=False, latent_scale=0.13025,
     v_base_model_suffix=False, unet_lora_names=SGM_NAMES, size_conditioning=True,
     modelspec_implementation="https://github.com/Stability-AI/generative-models", vae_fp16_safe=False,
@@ -260,10 +275,16 @@ def family_from_live(encoder) -> Family | None:
 
 
 def family_name_from_metadata(meta: Mapping[str, str]) -> str:
-    """The family key a LoRA file's ``ss_*`` metadata implies (files of other trainers too): ``"sdxl"`` for an SDXL
-    base model version, the ``ss_v2`` family when ``ss_v2`` is "True", else SD1; "unknown" without metadata."""
+    """The family key a LoRA file's metadata implies (files of other trainers too): ``"sdxl"`` for an SDXL base model
+    version, the ``ss_v2`` family when ``ss_v2`` is "True"; without ``ss_*`` keys the family whose
+    ``modelspec.architecture`` (without its "/lora" part) the file names; else SD1; "unknown" without metadata."""
     if str(meta.get("ss_base_model_version", "")).startswith(SDXL.name):
         return SDXL.name
     if meta.get("ss_v2") == "True":
         return next(f.name for f in FAMILIES.values() if f.ss_v2)
+    if not any(k.startswith("ss_") for k in meta):
+        architecture = str(meta.get("modelspec.architecture", "")).split("/")[0]
+        for f in RECORDS.values():
+            if architecture in (f.modelspec_eps, f.modelspec_v):
+                return f.name
     return SD1.name if meta else "unknown"

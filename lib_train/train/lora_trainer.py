@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, text_outputs_cached
 from ..data import Sample, process_caption
 from ..models.bundle import ModelBundle
 from ..models.conditioning import ImageSize
@@ -47,8 +47,7 @@ class LoRASession(TrainingSession):
         # caption → its text outputs (``ModelBundle.text_outputs`` of that caption alone: context [77·k, D], and
         # SDXL's pooled output [P]); used when no text encoder trains and the captions do not change between steps
         self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
-        self.cache_text = not self.train_te and not (cfg.data.shuffle_caption or cfg.data.caption_dropout
-                                                     or cfg.data.tag_dropout)
+        self.cache_text = text_outputs_cached(cfg)
 
     def sample_name_text(self) -> str:
         return self.cfg.output.trigger_words.strip()
