@@ -215,12 +215,18 @@ def _build_sdxl(bc: BenchConfig):
 
 
 def _sgm_problem(webui_dir: str | None) -> str | None:
-    """Why sgm (SDXL's model code) cannot be imported here, or None when it can."""
-    from lib_train.errors import TrainerError
-    from lib_train.models.sgm_import import import_sgm
+    """Why sgm (SDXL's model code) cannot be found here, or None when it can. Only looked for, not imported: this
+    parent process stays small while each configuration's subprocess holds the model (~0.35 GB for sgm's imports),
+    and a subprocess that fails to import it says why."""
+    import importlib.util
 
+    from lib_train.errors import TrainerError
+    from lib_train.models.sgm_import import find_sgm_root
+
+    if importlib.util.find_spec("sgm") is not None:
+        return None
     try:
-        import_sgm(webui_dir)
+        find_sgm_root(webui_dir)
     except TrainerError as e:
         return f"{e} Or give --webui-dir /path/to/stable-diffusion-webui."
     return None
