@@ -96,6 +96,24 @@ def test_the_loop_passes_each_samples_sizes(tmp_path, monkeypatch):
     assert any(s.crop_top_left != (0, 0) for batch in seen for s in batch)
 
 
+def test_the_headless_sampler_conditions_on_the_samples_size_and_the_negative_prompt(tmp_path):
+    from lib_train.train.sampling import SampleContext, SampleRequest, ddim_sampler
+
+    bundle, calls = make_bundle("sd1"), []
+
+    def condition(prompts, sizes=None):
+        calls.append((list(prompts), sizes))
+        return bundle.conditioning(prompts, sizes)
+
+    ctx = SampleContext(cfg=tiny_config(tmp_path), bundle=bundle, device=torch.device("cpu"), autocast=None,
+                        name_text="", embedding=None, condition=condition)
+    request = SampleRequest(prompts=("a cat",), negative="", steps=2, cfg_scale=5.0, seed=1, width=128, height=64,
+                            sampler="DDIM")
+    images = ddim_sampler(ctx, request)
+    assert images[0].size == (128, 64)
+    assert calls == [(["a cat"], [ImageSize.plain(128, 64)]), ([""], [ImageSize.plain(128, 64)])]
+
+
 # ---- CI tier: files and defaults from the record
 
 
@@ -230,6 +248,17 @@ def test_sdxl_without_sgm_says_what_to_do(tiny_sdxl_file, tmp_path, capsys, monk
     assert_clear_error(code, error, [f"{tiny_sdxl_file} is an SDXL checkpoint", "SD_WEBUI_DIR=",
                                      "model.webui_dir (--webui-dir)"])
     assert not (tmp_path / "out" / "n.safetensors").exists()
+
+
+def test_embedding_training_on_sdxl_is_refused_with_the_reason(tiny_sdxl_file, tmp_path, capsys):
+    from helpers import assert_clear_error
+
+    make_images(tmp_path / "data" / "1_a", n=1)
+    code, text = run_cli("embedding", ["--checkpoint", tiny_sdxl_file, "--webui-dir", os.environ["SD_WEBUI_DIR"],
+                                       "--data", tmp_path / "data", "--output", tmp_path / "out", "--name", "emb",
+                                       "--resolution", "64", "--min-bucket", "64", "--max-bucket", "128"], capsys)
+    assert_clear_error(code, text[text.index("error: "):], ["Embeddings cannot be trained on SDXL models yet",
+                                                            "train a LoRA instead"])
 
 
 def _sdxl_bundle(seed: int = 9):

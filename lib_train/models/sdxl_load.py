@@ -119,16 +119,16 @@ def sgm_config(spec: SDXLSpec, prediction: str = "eps") -> dict:
 
 
 def unfilled(target: str, params: dict):
-    """The sgm module ``target(**params)`` with its parameters allocated on the CPU but not initialised (built on the
-    meta device): for parts without buffers (UNet, VAE) whose every weight the strict load then sets, which saves
-    the random initialisation of billions of values at full size."""
+    """The sgm module ``target(**params)`` built on the meta device (no memory, no random initialisation): for parts
+    without buffers (UNet, VAE) whose every weight the strict load (:func:`load_sdxl_weights`) then creates from the
+    file's tensor, one at a time."""
     from sgm.util import get_obj_from_str
 
     with torch.device("meta"):
         module = get_obj_from_str(target)(**params)
     if next(module.buffers(), None) is not None:
         raise ValueError(f"{target} has buffers; build it with its initialisation")
-    return module.to_empty(device="cpu")
+    return module
 
 
 def build_sdxl(spec: SDXLSpec, prediction: str = "eps", webui_dir: str | os.PathLike | None = None, *,
@@ -156,11 +156,12 @@ def _listed(keys: list[str]) -> str:
 
 
 def load_sdxl_weights(model, sd: dict[str, torch.Tensor], path: str = "the checkpoint") -> None:
-    """Copy the UNet, VAE and text-encoder tensors of ``sd`` into ``model``, strictly: TrainerError naming the
-    missing keys, the unexpected ones and those of another shape (nothing is copied then). Each file tensor is
-    removed from ``sd`` once copied, so a caller that holds no other reference frees the file's copy as the model
-    fills (the peak is about the model plus one tensor, not the model plus the whole file: ~14 GB instead of ~21 GB
-    for a full-size fp16 file loaded into fp32 on the CPU)."""
+    """Set the UNet, VAE and text-encoder tensors of ``model`` from ``sd``, strictly: TrainerError naming the
+    missing keys, the unexpected ones and those of another shape (nothing is set then). A tensor still on the meta
+    device (the parts :func:`unfilled` built) is created from the file's tensor in the model's dtype; any other is
+    copied into. Each file tensor is removed from ``sd`` once used, so a caller that holds no other reference frees
+    the file's copy as the model fills: the peak is about the loaded model, not the model plus the whole file
+    (full size, an fp16 file into fp32 on the CPU: ~14 GB instead of ~21 GB)."""
     own = model.state_dict()  # the model's tensors (sharing their storage)
     keys = [k for k in sd if k.startswith(REQUIRED)]
     unexpected = [k for k in keys if k not in own and not k.endswith("position_ids")]
@@ -181,9 +182,28 @@ def load_sdxl_weights(model, sd: dict[str, torch.Tensor], path: str = "the check
     with torch.no_grad():
         for k in keys:
             t = sd.pop(k)
-            if k in own and tuple(own[k].shape) == tuple(t.shape):  # position_ids saved as [77]: the model's own
-                own[k].copy_(t)
+            target = own.get(k)
+            if target is None or tuple(target.shape) != tuple(t.shape):  # position_ids saved as [77]: the model's
+                continue
+            if target.is_meta:
+                _materialize(model, k, t.to(target.dtype))
+            else:
+                target.copy_(t)
             del t
+    left = [k for k, t in model.state_dict().items() if t.is_meta]
+    if left:  # cannot happen after the checks above; a loud error rather than a model with empty weights
+        raise TrainerError(f"{path}: weights left unset: {_listed(left)}")
+
+
+def _materialize(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    """Replace the meta parameter or buffer ``key`` of ``model`` by ``value`` (a frozen parameter stays frozen)."""
+    owner, _, name = key.rpartition(".")
+    module = model.get_submodule(owner)
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = value
 
 
 def load_sdxl_checkpoint(path: str | os.PathLike, prediction: str = "auto",

@@ -14,7 +14,8 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
-# Blocks worth checkpointing: ldm UNet transformer/residual blocks, HF CLIP encoder layers, open_clip resblocks.
+# Blocks worth checkpointing: ldm and sgm UNet transformer/residual blocks (sgm keeps ldm's class names), HF CLIP
+# encoder layers (SD1, SDXL clip_l), open_clip resblocks (SD2, SDXL clip_g).
 BLOCK_CLASSES = ("BasicTransformerBlock", "ResBlock", "CLIPEncoderLayer", "ResidualAttentionBlock")
 _MISSING = object()
 
