@@ -201,8 +201,9 @@ def _build_sdxl(bc: BenchConfig):
     weights, on ``bc.device``, wrapped in a bundle by :func:`lib_train.models.load.bundle_from_sgm` (frozen UNet and
     text encoders in the half dtype on CUDA, VAE fp32), as ``python -m lib_train lora`` loads an SDXL checkpoint.
 
-    One copy only (~13.9 GB fp32 at full size): the UNet and VAE are allocated unfilled (``init=False``), the text
-    encoders skip their default init, and :func:`randomize_` writes every parameter in place."""
+    One copy only (~13.9 GB fp32 at full size): the UNet and VAE come unfilled (``init=False``: on the meta device,
+    as the loader leaves them for the checkpoint's tensors) and get uninitialised memory, the text encoders skip
+    their default init, and :func:`randomize_` writes every parameter in place."""
     from lib_train.models.build import randomize_
     from lib_train.models.load import bundle_from_sgm
     from lib_train.models.sdxl_load import build_sdxl
@@ -210,8 +211,18 @@ def _build_sdxl(bc: BenchConfig):
 
     with _skip_default_init():
         model = build_sdxl(_tiny_sdxl_spec() if bc.tiny else SDXLSpec(), webui_dir=bc.webui_dir, init=False)
+    _materialize(model)
     randomize_(model, MODEL_SEED)
     return bundle_from_sgm(model, device=bc.device, precision=bc.precision)
+
+
+def _materialize(model) -> None:
+    """Give every module that holds meta-device tensors uninitialised CPU memory for them, module by module (its
+    other tensors are left as they are)."""
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(t.is_meta for t in own):
+            module.to_empty(device="cpu", recurse=False)
 
 
 def _sgm_problem(webui_dir: str | None) -> str | None:
