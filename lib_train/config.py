@@ -53,7 +53,8 @@ class ModelConfig:
             "WebUI this extension is installed in)", flag="--webui-dir",
         not_in_ui="inside the WebUI its own sgm is loaded already")
     prediction: str = setting(
-        "auto", "prediction type: auto (detect), eps, or v (SD2-768-v models)", flag="--prediction",
+        "auto", "prediction type: auto (detect), eps, or v (SD2-768-v, v-prediction SDXL fine-tunes)",
+        flag="--prediction",
         choices=PREDICTIONS, group="training", ui_order=1)
     clip_skip: int = setting(
         1, "SD1: text-encoder layer from the end (1 = last, 2 = penultimate)", flag="--clip-skip", label="Clip skip",
@@ -74,7 +75,7 @@ class DataConfig:
         1, "repeats for images in folders without an N_ prefix", flag="--repeats",
         label="Repeats outside N_name folders", group="dataset")
     resolution: int = setting(
-        512, "training resolution, a multiple of 64 (512 for SD1, 768 for SD2-768)", flag="--resolution",
+        512, "training resolution, a multiple of 64 (512 for SD1, 768 for SD2-768, 1024 for SDXL)", flag="--resolution",
         group="images")
     enable_buckets: bool = setting(
         True, "aspect-ratio buckets on/off (default on)", flag="--buckets", label="Aspect-ratio buckets",
@@ -427,8 +428,8 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     if d.default_repeats < 1:
         bad("data.default_repeats", "must be at least 1")
     if d.resolution < 64 or d.resolution % 64:
-        bad("data.resolution", f"{d.resolution} is not a multiple of 64 ≥ 64; use 512 (SD1), 768 (SD2-768) or "
-                               "another multiple of 64")
+        bad("data.resolution", f"{d.resolution} is not a multiple of 64 ≥ 64; use 512 (SD1), 768 (SD2-768), 1024 "
+                               "(SDXL) or another multiple of 64")
     if d.bucket_step < 8 or d.bucket_step % 8:
         bad("data.bucket_step", "must be a multiple of 8 (64 recommended)")
     if d.min_bucket_side % max(d.bucket_step, 1) or d.max_bucket_side % max(d.bucket_step, 1):

@@ -288,6 +288,23 @@ def test_a_run_changes_only_the_lora_and_restores_the_model(tmp_path):
     assert any(tensors[k].abs().max() > 0 for k in tensors if "lora_up" in k)
 
 
+def test_a_v_prediction_sdxl_run(tmp_path):
+    from sdxl_models import tiny_sgm_sdxl
+
+    from lib_train.models.bundle import ModelBundle
+
+    make_images(tmp_path / "data" / "1_thing", n=2)
+    cfg = tiny_config(tmp_path, network__rank=2, optim__te_lr=0.0, train__min_snr_gamma=5.0)
+    bundle = ModelBundle.from_sgm(tiny_sgm_sdxl(seed=4, prediction="v"))
+    assert bundle.prediction == "v"
+    rec = Recorder()
+    result = train_lora(cfg, bundle, prepare_data(cfg), events=rec)
+    assert all(torch.isfinite(torch.tensor(rec.losses)))
+    tensors, meta = read_lora_file(result.final_file)
+    assert all(k.startswith("lora_unet_") for k in tensors)  # no text-encoder LoRA at te_lr 0
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
 def _losses(tmp_path, name: str, cached: bool, monkeypatch) -> tuple[list[float], Recorder, list[int]]:
     from lib_train.models.bundle import ModelBundle
     from lib_train.train.lora_trainer import LoRASession
@@ -308,8 +325,10 @@ def _losses(tmp_path, name: str, cached: bool, monkeypatch) -> tuple[list[float]
             m.setattr(LoRASession, "__init__", init)
         cfg = tiny_config(tmp_path, output__name=name, optim__te_lr=0.0, train__batch_size=2, data__flip=True,
                           data__max_token_length=150)
-        rec = Recorder()
-        train_lora(cfg, _sdxl_bundle(), prepare_data(cfg), events=rec)
+        rec, bundle = Recorder(), _sdxl_bundle()
+        before = state_hash(bundle.model), module_flags(bundle.model)
+        train_lora(cfg, bundle, prepare_data(cfg), events=rec)
+        assert (state_hash(bundle.model), module_flags(bundle.model)) == before
     return rec.losses, rec, calls
 
 
