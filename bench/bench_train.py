@@ -1,10 +1,14 @@
-"""Training benchmark (LoRA or textual inversion) on a random-weight, full-size SD1.5 model.
+"""Training benchmark (LoRA or textual inversion) on a random-weight, full-size SD1.5 or SDXL model.
 
-For each configuration of a matrix (resolution × gradient checkpointing × latent cache, and for embeddings × vector
-count) it runs a short training on a synthetic dataset and reports:
+``--family`` picks the model (:data:`BENCH_FAMILIES`): ``sd1`` (the default) the SD1.5 layout built with ldm, ``sdxl``
+the SDXL base layout built from sgm's own classes (sgm from the WebUI's ``repositories/generative-models``, found as
+``python -m lib_train`` finds it: ``--webui-dir``, ``SD_WEBUI_DIR`` or the WebUI this extension is installed in).
+For each configuration of a matrix (resolution × gradient checkpointing × latent cache × text encoders trained or
+cached, and for embeddings × vector count) it runs a short training on a synthetic dataset and reports:
 
 - LoRA (``--method lora``, the default): ``train_lora``, rank 16, batch 1, AdamW, UNet + text-encoder LoRA with
-  te_lr 5e-5;
+  te_lr 5e-5 (``--te trained``), or UNet only with te_lr 0 (``--te cached``: the text encoders' outputs are computed
+  once before step 1 and, on CUDA, the encoders leave the GPU);
 - embedding (``--method embedding``): ``train_embedding``, batch 1, AdamW at lr 5e-3, the subject template, init
   text "person", ``--vectors`` vectors per token (default 1,8);
 
@@ -20,9 +24,12 @@ count) it runs a short training on a synthetic dataset and reports:
   before/after): on a shared machine, wall time per step only means something next to these.
 
 Each configuration runs in a fresh subprocess of this script (``--one CONFIG_JSON``): the peak-memory counters are
-per process, and a fresh process is what a user's first run gets. Every subprocess builds its model once; the model
-is the same in each (``randomize_`` with a fixed seed). On CUDA the frozen weights are cast to fp16/bf16 and the VAE
-kept in fp32, as ``python -m lib_train lora`` does; the LoRA stays fp32 under autocast.
+per process, and a fresh process is what a user's first run gets. Every subprocess builds its model once, in place
+(never two copies: the default initialisation is skipped, SDXL's UNet and VAE are allocated unfilled, and
+``randomize_`` then writes seeded values into every parameter), so the model is the same in each. On CUDA the frozen
+weights are cast to fp16/bf16 and the VAE kept in fp32, as ``python -m lib_train lora`` does; the LoRA stays fp32
+under autocast. ``--tiny`` builds the family's small test layout instead (same code path, numbers meaningless): a
+check of the script in seconds.
 
 Run from the repository root (never run by the test suite, asserts nothing)::
 
@@ -30,6 +37,8 @@ Run from the repository root (never run by the test suite, asserts nothing)::
     python bench/bench_train.py --json bench.json       # the full LoRA matrix
     python bench/bench_train.py --resolutions 512 --cache memory --steps 6
     python bench/bench_train.py --method embedding --cache memory --checkpointing off   # TI: 256²/512² x 1/8 vectors
+    SD_WEBUI_DIR=/path/to/webui python bench/bench_train.py --family sdxl   # 512², ckpt on, TE cached vs trained
+    SD_WEBUI_DIR=/path/to/webui python bench/bench_train.py --family sdxl --tiny --quick --steps 3   # script check
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -69,10 +79,18 @@ class BenchMethod:
     what: str  # the table's title; {lr} = the method's default learning rate
     row: str  # a row's label; {vectors} = the row's vectors per token
     varies_vectors: bool = False  # --vectors gives one row per vector count
+    varies_te: bool = False  # --te gives one row per text-encoder mode (TE_MODES)
 
+
+# --te: what the text encoders do in a LoRA run, as settings on top of the method's ("trained": its te_lr 5e-5, so
+# each step runs both encoders forward and backward; "cached": te_lr 0, so the trainer encodes every caption once
+# before step 1 and, on CUDA, moves the encoders off the GPU)
+TE_MODES = {"trained": {}, "cached": {"optim.te_lr": 0.0}}
 
 BENCH_METHODS = {
-    "lora": BenchMethod({"network.rank": 16, "optim.te_lr": 5e-5}, "LoRA rank 16, batch 1, AdamW, UNet + TE", "LoRA"),
+    "lora": BenchMethod({"network.rank": 16, "optim.te_lr": 5e-5},
+                        "LoRA rank 16, batch 1, AdamW; te=trained: UNet + text-encoder LoRA (te_lr 5e-5), te=cached: "
+                        "UNet LoRA only, text outputs cached", "LoRA", varies_te=True),
     "embedding": BenchMethod({"embedding.init_text": "person", "embedding.template": "subject"},
                              "embedding (textual inversion), batch 1, AdamW lr {lr}, subject template",
                              "TI {vectors} vec", varies_vectors=True),
@@ -91,11 +109,18 @@ class BenchConfig:
     precision: str  # the mixed_precision setting: "auto", "no", "fp16" or "bf16"
     method: str = "lora"  # "lora" or "embedding"
     vectors: int = 1  # embedding only: vectors per token
+    family: str = "sd1"  # a key of BENCH_FAMILIES
+    te: str = "trained"  # LoRA only: a key of TE_MODES
+    tiny: bool = False  # the family's small test layout instead of the full size (a check of the script)
+    webui_dir: str | None = None  # SDXL: the WebUI folder holding repositories/generative-models (sgm)
 
     @property
     def label(self) -> str:
-        what = BENCH_METHODS[self.method].row.format(vectors=self.vectors)
-        return f"{what} {self.resolution}² ckpt={'on' if self.checkpointing else 'off'} cache={self.cache}"
+        method = BENCH_METHODS[self.method]
+        family = BENCH_FAMILIES[self.family].row + ("tiny " if self.tiny else "")
+        what = method.row.format(vectors=self.vectors)
+        te = f" te={self.te}" if method.varies_te else ""
+        return f"{family}{what} {self.resolution}² ckpt={'on' if self.checkpointing else 'off'} cache={self.cache}{te}"
 
 
 # --------------------------------------------------------------------------------------------- child process
@@ -125,7 +150,7 @@ def _reset_peak_rss() -> bool:
 @contextlib.contextmanager
 def _skip_default_init():
     """Make ``torch.nn.init`` a no-op while the model is built: :func:`randomize_` overwrites every parameter
-    afterwards, and the default (kaiming) init of ~1.07 G parameters costs ~25 s on 2 CPU cores."""
+    afterwards, and the default (kaiming) init of ~1.07 G parameters (SD1.5) costs ~25 s on 2 CPU cores."""
     import torch
 
     names = [n for n in ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
@@ -140,18 +165,110 @@ def _skip_default_init():
             setattr(torch.nn.init, n, fn)
 
 
-def _build_bundle(bc: BenchConfig):
-    """The full-size SD1.5-layout model with seeded random weights, on ``bc.device``, wrapped in a bundle: frozen
-    weights cast and fused attention installed by :func:`lib_train.models.load.bundle_from_ldm`, as
-    ``python -m lib_train lora`` loads a checkpoint (:func:`~lib_train.models.load.load_bundle`)."""
-    from lib_train.models.build import build_latent_diffusion, randomize_
+def _build_sd1(bc: BenchConfig):
+    """The full-size SD1.5-layout model (``--tiny``: ``tiny_spec``) with seeded random weights, on ``bc.device``,
+    wrapped in a bundle: frozen weights cast and fused attention installed by
+    :func:`lib_train.models.load.bundle_from_ldm`, as ``python -m lib_train lora`` loads a checkpoint
+    (:func:`~lib_train.models.load.load_bundle`)."""
+    from lib_train.models.build import build_latent_diffusion, randomize_, tiny_spec
     from lib_train.models.load import bundle_from_ldm
     from lib_train.models.spec import sd15_spec
 
     with _skip_default_init():
-        model = build_latent_diffusion(sd15_spec())
+        model = build_latent_diffusion(tiny_spec("sd1") if bc.tiny else sd15_spec())
     randomize_(model, MODEL_SEED)
     return bundle_from_ldm(model, family="sd1", device=bc.device, precision=bc.precision)
+
+
+def _tiny_sdxl_spec():
+    """SDXL's layout at test size (the widths of tests/sdxl_models.py's tiny sgm model): UNet 32 channels, depth
+    1/2/2 and middle 2, context 32 + 32; clip_l 12 layers and clip_g 3 layers of width 32; VAE 32 channels."""
+    from lib_train.models.families import SDXL
+    from lib_train.models.spec import SDXLSpec, SDXLUNetSpec, TextSpec, VAESpec
+
+    heads, head_channels = SDXL.unet_heads(32)
+    projection = 24  # clip_g's pooled width (1280 at full size), the first part of the vector y
+    unet = SDXLUNetSpec(model_channels=32, transformer_depth=[1, 2, 2], transformer_depth_middle=2, context_dim=64,
+                        adm_in_channels=projection + 3 * 2 * 256, num_heads=heads, num_head_channels=head_channels)
+    return SDXLSpec(unet=unet, clip_l=TextSpec(width=32, layers=12, heads=4, intermediate=64, projection_dim=32),
+                    clip_g=TextSpec(width=32, layers=3, heads=4, intermediate=128, projection_dim=projection),
+                    vae=VAESpec(ch=32, num_res_blocks=1))
+
+
+def _build_sdxl(bc: BenchConfig):
+    """The full-size SDXL base-layout ``DiffusionEngine`` (``--tiny``: :func:`_tiny_sdxl_spec`) built from sgm's own
+    classes by :func:`lib_train.models.sdxl_load.build_sdxl`, as the headless loader builds it, with seeded random
+    weights, on ``bc.device``, wrapped in a bundle by :func:`lib_train.models.load.bundle_from_sgm` (frozen UNet and
+    text encoders in the half dtype on CUDA, VAE fp32), as ``python -m lib_train lora`` loads an SDXL checkpoint.
+
+    One copy only (~13.9 GB fp32 at full size): the UNet and VAE come unfilled (``init=False``: on the meta device,
+    as the loader leaves them for the checkpoint's tensors) and get uninitialised memory, the text encoders skip
+    their default init, and :func:`randomize_` writes every parameter in place."""
+    from lib_train.models.build import randomize_
+    from lib_train.models.load import bundle_from_sgm
+    from lib_train.models.sdxl_load import build_sdxl
+    from lib_train.models.spec import SDXLSpec
+
+    with _skip_default_init():
+        model = build_sdxl(_tiny_sdxl_spec() if bc.tiny else SDXLSpec(), webui_dir=bc.webui_dir, init=False)
+    _materialize(model)
+    randomize_(model, MODEL_SEED)
+    return bundle_from_sgm(model, device=bc.device, precision=bc.precision)
+
+
+def _materialize(model) -> None:
+    """Give every module that holds meta-device tensors uninitialised CPU memory for them, module by module (its
+    other tensors are left as they are)."""
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(t.is_meta for t in own):
+            module.to_empty(device="cpu", recurse=False)
+
+
+def _sgm_problem(webui_dir: str | None) -> str | None:
+    """Why sgm (SDXL's model code) cannot be found here, or None when it can. Only looked for, not imported: this
+    parent process stays small while each configuration's subprocess holds the model (~0.35 GB for sgm's imports),
+    and a subprocess that fails to import it says why."""
+    import importlib.util
+
+    from lib_train.errors import TrainerError
+    from lib_train.models.sgm_import import find_sgm_root
+
+    if importlib.util.find_spec("sgm") is not None:
+        return None
+    try:
+        find_sgm_root(webui_dir)
+    except TrainerError as e:
+        return f"{e} Or give --webui-dir /path/to/stable-diffusion-webui."
+    return None
+
+
+@dataclass(frozen=True)
+class BenchFamily:
+    """A model family the benchmark builds, and its matrix when the command line does not choose."""
+
+    label: str  # the table's title names the model so
+    row: str  # a row's label starts with it
+    build: Callable  # BenchConfig → ModelBundle with seeded random weights, on the config's device
+    resolutions: str  # default --resolutions
+    checkpointing: str  # default --checkpointing
+    cache: str  # default --cache
+    te: str  # default --te
+    methods: tuple[str, ...]  # the methods lib_train trains on this family
+    problem: Callable[[str | None], str | None] = lambda webui_dir: None  # a missing prerequisite, said up front
+
+
+BENCH_FAMILIES = {
+    "sd1": BenchFamily("SD1.5 (ldm)", "", _build_sd1, resolutions="256,512", checkpointing="off,on",
+                       cache="memory,off", te="trained", methods=("lora", "embedding")),
+    # SDXL: 512² on the CPU (1024² is for a GPU); checkpointing on, as the SDXL family default; TE cached vs trained
+    "sdxl": BenchFamily("SDXL base (sgm)", "SDXL ", _build_sdxl, resolutions="512", checkpointing="on",
+                        cache="memory", te="cached,trained", methods=("lora",), problem=_sgm_problem),
+}
+
+
+def _build_bundle(bc: BenchConfig):
+    return BENCH_FAMILIES[bc.family].build(bc)
 
 
 def _make_dataset(root: Path, resolution: int, seed: int = 0) -> Path:
@@ -180,7 +297,10 @@ def _train_config(bc: BenchConfig, data_dir: Path, out_dir: Path):
     cfg.data.max_bucket_side = max(cfg.data.max_bucket_side, bc.resolution)
     cfg.data.cache_latents = bc.cache
     cfg.optim.optimizer = "AdamW"
-    for key, value in BENCH_METHODS[bc.method].settings.items():
+    settings = dict(BENCH_METHODS[bc.method].settings)
+    if BENCH_METHODS[bc.method].varies_te:
+        settings.update(TE_MODES[bc.te])
+    for key, value in settings.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
     if BENCH_METHODS[bc.method].varies_vectors:
@@ -206,6 +326,10 @@ def _step_timer(sync):
         def __init__(self) -> None:
             self.step_ends: list[float] = []  # wall clock
             self.cpu_ends: list[float] = []  # CPU time of this process (all threads)
+            self.statuses: list[str] = []  # the trainer's status lines (what it cached before step 1)
+
+        def status(self, text: str) -> None:
+            self.statuses.append(text)
 
         def progress(self, p) -> None:
             sync()
@@ -229,6 +353,7 @@ def run_one(bc: BenchConfig) -> dict:
     t0 = time.perf_counter()
     bundle = _build_bundle(bc)
     build_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in bundle.model.parameters())
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         cfg = _train_config(bc, _make_dataset(Path(tmp) / "data", bc.resolution), Path(tmp) / "out")
         prep = prepare(cfg)
@@ -266,6 +391,8 @@ def run_one(bc: BenchConfig) -> dict:
         "cuda_peak_gib": cuda_peak / 2**30 if cuda_peak is not None else None,
         "load_average": [load_before, os.getloadavg()[0]],  # 1-minute load before and after: other processes
         "frozen_dtype": str(bundle.dtype).replace("torch.", ""),
+        "model_params": n_params,
+        "texts_cached": any(s.startswith("Caching text encodings") for s in timer.statuses),
         "last_loss": result.last_loss,
         "machine": _machine(bc.device),
     }
@@ -353,9 +480,28 @@ def _resolutions(text: str) -> list[int]:
     return values
 
 
+def _checkpointing(text: str) -> list[bool]:
+    return _csv(text, {"off": False, "on": True})
+
+
+def _cache(text: str) -> list[str]:
+    return _csv(text, {"memory": "memory", "off": "off"})
+
+
+def _te(text: str) -> list[str]:
+    return _csv(text, {mode: mode for mode in TE_MODES})
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Training benchmark (LoRA or embedding) on a random-weight full-size "
-                                            "SD1.5 model.")
+                                            "SD1.5 or SDXL model.")
+    p.add_argument("--family", default="sd1", choices=tuple(BENCH_FAMILIES),
+                   help="the model: sd1 = SD1.5 (default), sdxl = SDXL base (needs the WebUI's sgm: --webui-dir or "
+                        "SD_WEBUI_DIR); the defaults of --resolutions, --checkpointing, --cache and --te are the "
+                        "family's")
+    p.add_argument("--webui-dir", default=None, help="sdxl: the WebUI folder with repositories/generative-models")
+    p.add_argument("--tiny", action="store_true", help="the family's small test layout (checks the script in "
+                                                       "seconds; the numbers mean nothing)")
     p.add_argument("--method", default="lora", choices=tuple(BENCH_METHODS), help="what to train (default lora)")
     p.add_argument("--vectors", default="1,8", help="embedding only: comma-separated vector counts (default 1,8)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
@@ -364,12 +510,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration (default 5 on CPU, "
                                                            "30 on CUDA; the median uses steps 3..N)")
     p.add_argument("--quick", action="store_true", help="256² only")
-    p.add_argument("--resolutions", default="256,512", type=_resolutions,
-                   help="comma-separated square resolutions, multiples of 64 (default 256,512)")
-    p.add_argument("--checkpointing", default="off,on", type=lambda s: _csv(s, {"off": False, "on": True}),
-                   help="gradient checkpointing settings to run: off, on or off,on (default)")
-    p.add_argument("--cache", default="memory,off", type=lambda s: _csv(s, {"memory": "memory", "off": "off"}),
-                   help="latent cache modes to run: memory, off or memory,off (default)")
+    p.add_argument("--resolutions", default=None, type=_resolutions,
+                   help="comma-separated square resolutions, multiples of 64 (default sd1 256,512; sdxl 512)")
+    p.add_argument("--checkpointing", default=None, type=_checkpointing,
+                   help="gradient checkpointing settings to run: off, on or off,on (default sd1 off,on; sdxl on)")
+    p.add_argument("--cache", default=None, type=_cache,
+                   help="latent cache modes to run: memory, off or memory,off (default sd1 memory,off; sdxl memory)")
+    p.add_argument("--te", default=None, type=_te,
+                   help="LoRA: text encoders trained (te_lr 5e-5) or cached (te_lr 0, outputs computed once): "
+                        "trained, cached or both (default sd1 trained; sdxl cached,trained)")
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     p.add_argument("--one", metavar="CONFIG_JSON", help=argparse.SUPPRESS)  # internal: run one configuration
     return p
@@ -391,14 +540,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --steps must be at least {WARMUP_STEPS + 1} (steps 1-{WARMUP_STEPS} are warm-up)",
               file=sys.stderr)
         return 2
-    resolutions = [256] if args.quick else args.resolutions
+    family, method = BENCH_FAMILIES[args.family], BENCH_METHODS[args.method]
+    if args.method not in family.methods:
+        print(f"error: --method {args.method} does not train {family.label} models; use --method "
+              f"{' or '.join(family.methods)}", file=sys.stderr)
+        return 2
+    problem = family.problem(args.webui_dir)
+    if problem:
+        print(f"error: --family {args.family}: {problem}", file=sys.stderr)
+        return 2
+    resolutions = [256] if args.quick else args.resolutions or _resolutions(family.resolutions)
+    checkpointing = args.checkpointing or _checkpointing(family.checkpointing)
+    caches = args.cache or _cache(family.cache)
+    te_modes = (args.te or _te(family.te)) if method.varies_te else ["trained"]
     try:
-        vectors = [int(v) for v in args.vectors.split(",")] if BENCH_METHODS[args.method].varies_vectors else [1]
+        vectors = [int(v) for v in args.vectors.split(",")] if method.varies_vectors else [1]
     except ValueError:
         print(f"error: --vectors {args.vectors!r}: give comma-separated integers, e.g. 1,8", file=sys.stderr)
         return 2
-    matrix = [BenchConfig(res, ckpt, cache, steps, device, args.precision, args.method, vec)
-              for res in resolutions for vec in vectors for ckpt in args.checkpointing for cache in args.cache]
+    webui_dir = str(Path(args.webui_dir).resolve()) if args.webui_dir else None  # the subprocess runs in REPO
+    matrix = [BenchConfig(res, ckpt, cache, steps, device, args.precision, args.method, vec, args.family, te,
+                          args.tiny, webui_dir)
+              for res in resolutions for vec in vectors for ckpt in checkpointing for cache in caches
+              for te in te_modes]
     print(f"{len(matrix)} configurations, {steps} steps each, device {device}, precision {args.precision}",
           file=sys.stderr, flush=True)
     results = []
@@ -411,9 +575,14 @@ def main(argv: list[str] | None = None) -> int:
     from lib_train.config import method_default
     from lib_train.settings import format_default
 
-    what = BENCH_METHODS[args.method].what.format(lr=format_default(method_default(args.method, "optim.lr")))
-    print(f"\n{what}; {steps} steps, median of steps {WARMUP_STEPS + 1}..{steps}; "
-          f"device {device}, precision {args.precision}; total {time.perf_counter() - t0:.0f}s")
+    what = method.what.format(lr=format_default(method_default(args.method, "optim.lr")))
+    params = next((r["model_params"] for r in results if "model_params" in r), None)
+    size = "tiny" if args.tiny else "full-size"
+    if params is not None:
+        size += f", {params / 1e9:.2f} G parameters" if params >= 1e8 else f", {params / 1e6:.1f} M parameters"
+    print(f"\n{family.label}, random weights ({size}); {what}; {steps} steps, median of steps "
+          f"{WARMUP_STEPS + 1}..{steps}; device {device}, precision {args.precision}; "
+          f"total {time.perf_counter() - t0:.0f}s")
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
     print(format_table(results))
     if args.json:
