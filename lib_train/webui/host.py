@@ -141,7 +141,7 @@ def clip_l_skip_problem(model: Any, opts: Any) -> str:
             and layers + 1 - n == getattr(clip_l, "layer_idx", None))
     if same:
         return ""
-    return ("Settings → Stable Diffusion → \"Clip skip SDXL\" is on with Clip skip " f"{n}: the WebUI then conditions "
+    return (f"Settings → Stable Diffusion → \"Clip skip SDXL\" is on with Clip skip {n}: the WebUI then conditions "
             "SDXL's CLIP-L text encoder with another layer than the penultimate one SDXL was trained with, which is "
             "the layer this trainer trains with (clip skip does not apply to SDXL LoRAs). Turn \"Clip skip SDXL\" "
             "off (or set Clip skip to 2, which is the same layer), then start again.")
