@@ -90,8 +90,8 @@ def compare_sdxl_conditioning(model: Any, prompts: list[str], sizes: list[tuple[
     ``get_learned_conditioning`` (as txt2img calls it: original = target = (height, width), crop from the options
     ``sdxl_crop_top``/``sdxl_crop_left``) against the library's :class:`~lib_train.models.sdxl.SDXLConditioner`
     (what the bundle's SDXL conditioning computes with) over the conditioner's raw embedders with the same sizes;
-    per output (``crossattn``, ``vector``) the shapes, whether they are bit-identical, and the largest difference. Both sides run under the WebUI's ``devices.autocast()``
-    and the options a run pins."""
+    per output (``crossattn``, ``vector``) the shapes, whether they are bit-identical, and the largest difference.
+    Both sides run under the WebUI's ``devices.autocast()`` and the options a run pins."""
     from modules import devices, prompt_parser, sd_hijack, shared
 
     from ..models.sdxl import SDXLConditioner, text_root
