@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, methods
-from .config import SECTIONS, TrainConfig, from_dict, method_default, read_config_file, save_config, validate
+from .config import (SECTIONS, TrainConfig, apply_family_defaults, from_dict, given_keys, method_default,
+                     read_config_file, save_config, validate)
 from .errors import ConfigError, Problem, TrainerError
 from .methods import Method
 from .settings import choices_of, declared, format_default
@@ -67,7 +68,8 @@ def flags_for(method: Method) -> list[Flag]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lib_train", description=f"sd-webui-trainer {__version__}: train "
-                                "LoRA networks and textual-inversion embeddings on SD1.x/SD2.x checkpoints headless.")
+                                "LoRA networks (SD1.x/SD2.x/SDXL) and textual-inversion embeddings (SD1.x/SD2.x) "
+                                "on checkpoint files, headless.")
     sub = p.add_subparsers(dest="command", required=True)
     for method in methods.METHODS.values():
         sp = sub.add_parser(method.name, help=method.cli_help[0].lower() + method.cli_help[1:-1],
@@ -97,13 +99,18 @@ def _flag_values(args: argparse.Namespace, method: Method) -> dict[str, Any]:
 
 def build_config(args: argparse.Namespace, method: Method | None = None) -> TrainConfig:
     """Defaults of the command's method, then ``--config``, then the flags given: the config is built once."""
-    method = method or methods.get(args.command)
+    return _build(args, method or methods.get(args.command))[0]
+
+
+def _build(args: argparse.Namespace, method: Method) -> tuple[TrainConfig, set[str]]:
+    """:func:`build_config` and the settings the user gave (in the config file or as flags)."""
     data = read_config_file(args.config) if args.config else {}
     found = data.get("method", method.name)
     if isinstance(found, str) and found in methods.METHODS and found != method.name:
         raise ConfigError([Problem(f"method ({args.config})", f"the config file is for '{found}' training; "
                                                               f"run it with `python -m lib_train {found}`")])
-    return from_dict(data, default_method=method.name, overrides=_flag_values(args, method))
+    flags = _flag_values(args, method)
+    return from_dict(data, default_method=method.name, overrides=flags), given_keys(data, flags)
 
 
 class _CliEvents:
@@ -162,10 +169,12 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
         if method != cmd.name:
             raise TrainerError(f"{args.resume} holds the resume state of a '{method}' run; resume it with "
                                f"`python -m lib_train {method} --resume {args.resume}`.")
-        # flags given now override the saved settings
-        cfg = from_dict(resume.state.config, default_method=cmd.name, overrides=_flag_values(args, cmd))
+        # flags given now override the saved settings (the saved ones are all the run's own: family defaults included)
+        flags = _flag_values(args, cmd)
+        cfg = from_dict(resume.state.config, default_method=cmd.name, overrides=flags)
+        given = given_keys(resume.state.config, flags)
     else:
-        cfg = build_config(args, cmd)
+        cfg, given = _build(args, cmd)
     if args.write_config:
         save_config(cfg, args.write_config)
         print(f"wrote {args.write_config}")
@@ -186,6 +195,8 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
     from .train.outputs import save_run_config
 
     bundle = load_bundle(cfg, resolve_device(args.device), say=lambda line: print(line, file=sys.stderr, flush=True))
+    for note in apply_family_defaults(cfg, bundle.family_rules, given):
+        print(f"  {note}", file=sys.stderr)
     save_run_config(cfg)
 
     commands = Commands()

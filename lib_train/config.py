@@ -26,7 +26,7 @@ from typing import Any, Callable
 from . import methods
 from .atomic import atomic_write_text, check_output_name
 from .errors import ConfigError, Problem
-from .settings import Setting, choices_of, coerce, declared, setting
+from .settings import Setting, choices_of, coerce, declared, format_default, setting
 
 CONFIG_VERSION = 3
 
@@ -46,8 +46,12 @@ _IN_A_FILE = "rarely changed: set it in a config file (--config)"
 @dataclass
 class ModelConfig:
     checkpoint: str = setting(
-        "", "SD1.x/SD2.x checkpoint file (.safetensors or .ckpt) to train on", flag="--checkpoint",
+        "", "SD1.x/SD2.x/SDXL checkpoint file (.safetensors or .ckpt) to train on", flag="--checkpoint",
         not_in_ui="the WebUI trains the checkpoint that is loaded right now")
+    webui_dir: str = setting(
+        "", "SDXL: the WebUI folder whose repositories/generative-models holds sgm (default: $SD_WEBUI_DIR, else the "
+            "WebUI this extension is installed in)", flag="--webui-dir",
+        not_in_ui="inside the WebUI its own sgm is loaded already")
     prediction: str = setting(
         "auto", "prediction type: auto (detect), eps, or v (SD2-768-v models)", flag="--prediction",
         choices=PREDICTIONS, group="training", ui_order=1)
@@ -182,8 +186,8 @@ class TrainingConfig:
     seed: int = setting(42, "random seed (same seed and settings = same result)", flag="--seed", group="training")
     mixed_precision: str = setting("auto", "auto, no, fp16 or bf16 (GPU only)", flag="--mixed-precision",
                                    choices=MIXED_PRECISIONS, group="training")
-    gradient_checkpointing: bool = setting(False, "trade ~25% speed for much less memory",
-                                           flag="--gradient-checkpointing", group="training")
+    gradient_checkpointing: bool = setting(False, "trade ~25% speed for much less memory (default off; SDXL: on "
+                                                  "unless set)", flag="--gradient-checkpointing", group="training")
     min_snr_gamma: float = setting(0.0, "min-SNR loss weighting (5 is common; 0 = off)", flag="--min-snr-gamma",
                                    label="Min-SNR gamma", group="training")
     noise_offset: float = setting(0.0, "noise offset (0.05-0.1; 0 = off)", flag="--noise-offset", group="training")
@@ -360,6 +364,27 @@ def from_dict(data: dict[str, Any], *, default_method: str = methods.DEFAULT_MET
     return cfg
 
 
+def given_keys(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> set[str]:
+    """The settings (``"section.field"``) a config dict and flag overrides set explicitly."""
+    found = {f"{section}.{key}" for section, values in data.items() if isinstance(values, dict) for key in values}
+    return found | set(overrides or {})
+
+
+def apply_family_defaults(cfg: TrainConfig, family: Any, given: set[str]) -> list[str]:
+    """Set the model family's own defaults (``Family.config_defaults``: SDXL turns gradient checkpointing on) on
+    every such setting not in ``given`` (what the user set, :func:`given_keys`); returns a note per setting changed.
+    A setting's declared default is the one of the families without a rule (its help says where a family differs)."""
+    notes = []
+    for key, value in family.config_defaults:
+        section, name = key.split(".")
+        if key in given or getattr(getattr(cfg, section), name) == value:
+            continue
+        setattr(getattr(cfg, section), name, value)
+        shown = format_default(value)
+        notes.append(f"{label(key)}: {shown} for {family.label} models (set it to override)")
+    return notes
+
+
 # ----------------------------------------------------------------------------------------------- validation
 
 def _out_of_range(key: str, value: float) -> bool:
@@ -380,9 +405,12 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     m, d, o, t, out = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.output
     if headless:
         if not m.checkpoint:
-            bad("model.checkpoint", "give the SD1.x/SD2.x checkpoint file to train on")
+            bad("model.checkpoint", "give the SD1.x/SD2.x/SDXL checkpoint file to train on")
         elif not Path(m.checkpoint).is_file():
             bad("model.checkpoint", f"file not found: {m.checkpoint}")
+        if m.webui_dir and not Path(m.webui_dir).is_dir():
+            bad("model.webui_dir", f"folder not found: {m.webui_dir}; give the stable-diffusion-webui folder (the one "
+                                   "holding repositories/generative-models)")
     if m.prediction not in PREDICTIONS:
         bad("model.prediction", f"must be one of {', '.join(PREDICTIONS)}")
     if _out_of_range("model.clip_skip", m.clip_skip):

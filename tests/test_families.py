@@ -12,7 +12,7 @@ from helpers import make_tiny_model, tiny_state_dict
 
 from lib_train import estimate
 from lib_train.models.conditioning import TextConditioner
-from lib_train.models.families import (DEFAULT, FAMILIES, SD1, SD2, family_from_live, family_from_state_dict,
+from lib_train.models.families import (DEFAULT, FAMILIES, SD1, SD2, SDXL, family_from_live, family_from_state_dict,
                                        family_name_from_metadata, family_or_default, get_family, labels_text)
 from lib_train.network.naming import te_key_stems
 from lib_train.train.sidecar import SD_VERSIONS
@@ -29,8 +29,9 @@ EXPECTED = {
 
 
 def test_the_table_holds_the_families_in_detection_order():
-    assert list(FAMILIES) == ["sd1", "sd2"] and FAMILIES["sd1"] is SD1 and FAMILIES["sd2"] is SD2
-    assert DEFAULT is SD1 and labels_text() == "SD1.x or SD2.x" and labels_text("/") == "SD1.x/SD2.x"
+    assert list(FAMILIES) == ["sd1", "sd2", "sdxl"] and FAMILIES["sd1"] is SD1 and FAMILIES["sd2"] is SD2
+    assert FAMILIES["sdxl"] is SDXL
+    assert DEFAULT is SD1 and labels_text() == "SD1.x or SD2.x or SDXL" and labels_text("/") == "SD1.x/SD2.x/SDXL"
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
@@ -58,10 +59,10 @@ def test_sdxl_files_keep_their_sidecar_version():
 
 
 def test_lookup_names_the_known_families():
-    with pytest.raises(ValueError, match="'sd1' or 'sd2'"):
-        get_family("sdxl")
-    assert family_or_default(None) is DEFAULT and family_or_default("sdxl") is DEFAULT
-    assert family_or_default("sd2") is SD2
+    with pytest.raises(ValueError, match="'sd1' or 'sd2' or 'sdxl'"):
+        get_family("sd3")
+    assert family_or_default(None) is DEFAULT and family_or_default("sd3") is DEFAULT
+    assert family_or_default("sd2") is SD2 and family_or_default("sdxl") is SDXL
 
 
 def test_the_estimate_reads_its_counts_from_the_records():
@@ -103,7 +104,7 @@ def test_the_text_encoder_kind_reaches_the_tokenizer_and_the_token_table(name):
 
 def test_no_module_outside_the_table_names_a_family():
     """The family names and comparisons on them live in families.py only (grep -rn '"sd1"\\|"sd2"' lib_train)."""
-    literal = re.compile(r"""["']sd[12]["']|family\s*[!=]=""")
+    literal = re.compile(r"""["'](sd[12]|sdxl)["']|family\s*[!=]=""")
     found = [f"{path.relative_to(LIB.parent)}:{n}: {line.strip()}"
              for path in sorted(LIB.rglob("*.py")) if path.name != "families.py"
              for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if literal.search(line)]

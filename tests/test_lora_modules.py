@@ -368,7 +368,8 @@ def test_param_groups_skip_zero_lr():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(rank=0), "rank"), (dict(rank=-4), "rank"), (dict(rank=2.5), "rank"),
-    (dict(conv_rank=0), "conv rank"), (dict(alpha=-1.0), "alpha"), (dict(family="sdxl"), "sdxl"),
+    (dict(conv_rank=0), "conv rank"), (dict(alpha=-1.0), "alpha"), (dict(family="sd3"), "not 'sd3'"),
+    (dict(family="sdxl"), "no LoRA target modules in the text encoder; is this an SDXL model"),  # SD1's encoder
     (dict(dropout=1.0), "dropout"), (dict(train_unet=False, train_text_encoder=False), "nothing to train"),
 ])
 def test_bad_settings_raise_trainer_error(kw, match):

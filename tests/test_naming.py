@@ -91,7 +91,9 @@ def test_text_encoder_untargeted_paths(family, path):
 
 
 def test_unknown_text_encoder_family():
-    with pytest.raises(ValueError, match="sdxl"):
+    with pytest.raises(ValueError, match="unknown text-encoder family 'sd3'; expected 'sd1' or 'sd2' or 'sdxl'"):
+        te_key_stems("sd3", "transformer.text_model.encoder.layers.0.self_attn.q_proj")
+    with pytest.raises(ValueError, match="SDXL has 2 text encoders"):  # its stems come per encoder record
         te_key_stems("sdxl", "transformer.text_model.encoder.layers.0.self_attn.q_proj")
 
 

@@ -11,6 +11,7 @@ from helpers import module_flags, state_hash
 from sdxl_models import TINY_CLIP_G_EMBED, sgm_root, tiny_sgm_sdxl
 
 from lib_train.models.bundle import ModelBundle, SDXLText
+from lib_train.models.conditioning import ImageSize
 from lib_train.models.families import SDXL
 from lib_train.network.lora import LoRANetwork
 from lib_train.network.naming import unet_stem_is_locon
@@ -43,15 +44,25 @@ def test_the_bundle_exposes_the_engines_parts(model):
 
 def test_conditioning_prediction_and_latents(model):
     bundle = ModelBundle.from_sgm(model)
-    cond = bundle.encode_text(["a cat", "a dog"], original_size=[[64, 96], [64, 64]], target_size=(64, 64))
+    sizes = [ImageSize((64, 96), (0, 0), (64, 64)), ImageSize((64, 64), (0, 0), (64, 64))]
+    cond = bundle.conditioning(["a cat", "a dog"], sizes)
     assert cond["crossattn"].shape == (2, 77, 64) and cond["vector"].shape == (2, TINY_CLIP_G_EMBED + 1536)
-    webui_default = bundle.encode_text(["a cat"])  # original = target = 1024², crop (0, 0)
+    webui_default = bundle.conditioning(["a cat"])  # original = target = 1024², crop (0, 0)
     with torch.no_grad():
         theirs = model.conditioner({"txt": ["a cat"], "original_size_as_tuple": torch.tensor([[1024, 1024]]),
                                     "crop_coords_top_left": torch.tensor([[0, 0]]),
                                     "target_size_as_tuple": torch.tensor([[1024, 1024]])})
     assert torch.equal(webui_default["crossattn"], theirs["crossattn"])
     assert torch.equal(webui_default["vector"], theirs["vector"])
+    with torch.no_grad():  # sgm's own conditioner on the same per-image sizes (h, w / top, left)
+        theirs = model.conditioner({"txt": ["a cat", "a dog"],
+                                    "original_size_as_tuple": torch.tensor([[64, 96], [64, 64]]),
+                                    "crop_coords_top_left": torch.tensor([[0, 0], [0, 0]]),
+                                    "target_size_as_tuple": torch.tensor([[64, 64], [64, 64]])})
+    assert torch.equal(cond["vector"], theirs["vector"]) and torch.equal(cond["crossattn"], theirs["crossattn"])
+    text = bundle.text_outputs(["a cat", "a dog"])  # the cacheable half: context and pooled output
+    assert set(text) == {"crossattn", "pooled"} and text["pooled"].shape == (2, TINY_CLIP_G_EMBED)
+    assert torch.equal(bundle.condition(text, sizes)["vector"], cond["vector"])
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
     with torch.no_grad():
         ours = bundle.predict(x, t, cond)
@@ -94,7 +105,7 @@ def test_a_few_lora_steps_change_only_the_lora_and_restore_the_model():
             noise = torch.randn(x0.shape, generator=gen)
             a = ac[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            cond = bundle.encode_text(["a cat", "a dog"], original_size=(64, 64), target_size=(64, 64))
+            cond = bundle.conditioning(["a cat", "a dog"], ImageSize.plain(64, 64))
             loss = torch.nn.functional.mse_loss(bundle.predict(x_t, t, cond).float(), noise)
             opt.zero_grad()
             loss.backward()

@@ -1,6 +1,7 @@
 """The SDXL record of the family table (lib_train/models/families.py) and SDXL checkpoint detection
-(lib_train/models/spec.py): file strings per FORMATS §B, text-encoder records, the TRAINS_SDXL switch, and the
-variants refused with a reason (refiner, SSD-1B, inpainting, SD3)."""
+(lib_train/models/spec.py): file strings per FORMATS §B, text-encoder records, the training rules (implementation
+string, VAE precision, family defaults), the TRAINS_SDXL switch (on), and the variants refused with a reason (refiner,
+SSD-1B, inpainting, SD3)."""
 
 from __future__ import annotations
 
@@ -52,14 +53,21 @@ def test_the_two_text_encoder_records():
     assert not SDXL.matches_live(root.embedders[0])
 
 
-def test_the_switch_keeps_sdxl_out_of_the_trained_families():
-    assert TRAINS_SDXL is False, "switch SDXL on only when its bundle trains end to end (issue 10)"
-    assert list(RECORDS) == ["sd1", "sd2", "sdxl"] and list(FAMILIES) == ["sd1", "sd2"]
-    with pytest.raises(ValueError, match="'sd1' or 'sd2'"):
-        get_family(SDXL.name)
-    assert as_family(SDXL) is SDXL and as_family("sd2") is SD2
-    with pytest.raises(ValueError):
-        as_family(SDXL.name)
+def test_the_switch_puts_sdxl_among_the_trained_families():
+    assert TRAINS_SDXL is True, "SDXL trains end to end (tests/test_sdxl_train.py)"
+    assert list(RECORDS) == ["sd1", "sd2", "sdxl"] and list(FAMILIES) == ["sd1", "sd2", "sdxl"]
+    assert get_family(SDXL.name) is SDXL and as_family(SDXL) is SDXL and as_family("sdxl") is SDXL
+    with pytest.raises(ValueError, match="'sd1' or 'sd2' or 'sdxl'"):
+        get_family("sd3")
+
+
+def test_the_sdxl_rules_for_training():
+    # kohya writes the sgm repository as the implementation of SDXL LoRA (its key naming); SD1/SD2: "diffusers"
+    assert SDXL.modelspec_implementation == "https://github.com/Stability-AI/generative-models"
+    assert SD1.modelspec_implementation == SD2.modelspec_implementation == "diffusers"
+    assert not SDXL.vae_fp16_safe and SD1.vae_fp16_safe and SD2.vae_fp16_safe
+    assert dict(SDXL.config_defaults) == {"train.gradient_checkpointing": True}
+    assert SD1.config_defaults == SD2.config_defaults == ()
 
 
 def _sdxl_sd(in_channels: int = 4, **drop) -> dict:
@@ -75,10 +83,11 @@ def _sdxl_sd(in_channels: int = 4, **drop) -> dict:
 
 def test_sdxl_detection_and_the_refused_variants(monkeypatch):
     assert sdxl_problem(_sdxl_sd()) is None
+    assert detect_family(_sdxl_sd()) == "sdxl"
+    monkeypatch.setattr(spec, "TRAINS_SDXL", False)  # the switch off: refused with the reason
     with pytest.raises(TrainerError, match="SDXL model; this version trains SD1.x and SD2.x"):
         detect_family(_sdxl_sd())
     monkeypatch.setattr(spec, "TRAINS_SDXL", True)
-    assert detect_family(_sdxl_sd()) == "sdxl"
     refiner = {"model.diffusion_model.input_blocks.0.0.weight": torch.empty(384, 4, 3, 3, device="meta"),
                "conditioner.embedders.0.model.ln_final.weight": torch.empty(1280, device="meta"),
                "conditioner.embedders.0.model.token_embedding.weight": torch.empty(49408, 1280, device="meta")}

@@ -3,7 +3,7 @@
 CI tier (no sgm): finding sgm (:mod:`lib_train.models.sgm_import`) — an explicit folder, ``SD_WEBUI_DIR``, the
 WebUI the extension is installed in — and its messages when nothing is found or a found checkout cannot be imported.
 sgm tier (``SD_WEBUI_DIR``): a tiny SDXL-layout checkpoint file written from sgm's own model, loaded back through
-the headless loader with SDXL switched on for the test."""
+the headless loader."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def tiny_file(tmp_path_factory):
 def sdxl_on(monkeypatch):
     from lib_train.models import spec
 
-    monkeypatch.setattr(spec, "TRAINS_SDXL", True)  # the switch gates acceptance in detect_family only
+    monkeypatch.setattr(spec, "TRAINS_SDXL", True)  # on already (families.TRAINS_SDXL); kept explicit here
 
 
 def _load(path, prediction="auto"):
@@ -109,9 +109,11 @@ def _load(path, prediction="auto"):
     return load_sdxl_checkpoint(path, prediction=prediction, webui_dir=None)
 
 
-def test_switch_off_keeps_todays_refusal(tiny_file):
+def test_switch_off_refuses_sdxl(tiny_file, monkeypatch):
+    from lib_train.models import spec
     from lib_train.models.checkpoint import load_checkpoint
 
+    monkeypatch.setattr(spec, "TRAINS_SDXL", False)
     with pytest.raises(TrainerError, match="This checkpoint is an SDXL model; this version trains SD1.x and SD2.x"):
         load_checkpoint(tiny_file[1])
 
@@ -152,12 +154,20 @@ def test_spec_config_and_parts(tiny_file, sdxl_on):
 
 def test_state_dict_round_trips_bit_exactly(tiny_file, sdxl_on):
     import torch
+    from safetensors.torch import load_file
+
+    from lib_train.models.sdxl_load import build_sdxl, load_sdxl_weights
 
     original, path = tiny_file
-    model, _ = _load(path)
+    model, info = _load(path)
     ours, theirs = model.state_dict(), original.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    sd = dict(load_file(str(path)), model_ema_decay=torch.zeros(1))
+    fresh = build_sdxl(info.spec, init=False)
+    load_sdxl_weights(fresh, sd)  # each file tensor leaves the dict once copied (the file's copy is freed)
+    assert list(sd) == ["model_ema_decay"]
+    assert all(torch.equal(t, theirs[k]) for k, t in fresh.state_dict().items())
 
 
 def test_conditioning_and_predict_equal_the_original(tiny_file, sdxl_on):
@@ -169,9 +179,11 @@ def test_conditioning_and_predict_equal_the_original(tiny_file, sdxl_on):
     model, info = _load(path)
     ours, theirs = ModelBundle.from_sgm(model, prediction=info.prediction), ModelBundle.from_sgm(original)
     captions = ["a photo of a cat", "", "a dog, " * 40]
-    sizes = dict(original_size=[[64, 96], [96, 64], [64, 64]], crop_top_left=(0, 8), target_size=(64, 64))
+    from lib_train.models.conditioning import ImageSize
+
+    sizes = [ImageSize(original, (0, 8), (64, 64)) for original in ((64, 96), (96, 64), (64, 64))]
     with torch.no_grad():
-        c_ours, c_theirs = ours.encode_text(captions, **sizes), theirs.encode_text(captions, **sizes)
+        c_ours, c_theirs = ours.conditioning(captions, sizes), theirs.conditioning(captions, sizes)
         assert torch.equal(c_ours["crossattn"], c_theirs["crossattn"])
         assert torch.equal(c_ours["vector"], c_theirs["vector"])
         batch = {"txt": captions[:1], "original_size_as_tuple": torch.tensor([[64, 64]]),

@@ -41,6 +41,33 @@ COMMA_BACKTRACK = 20
 PLACEHOLDER_ID = 0  # the id the WebUI writes into an embedding's slots; their token-embedding rows are replaced
 
 
+class ImageSize(NamedTuple):
+    """The sizes a size-conditioned family (SDXL, :attr:`.families.Family.size_conditioning`) conditions one image
+    on, in pixels; other families ignore them. Pairs are (height, width) and (top, left), as sgm's embedders take
+    them."""
+
+    original: tuple[int, int]  # (h, w) of the source image
+    crop_top_left: tuple[int, int]  # (top, left) of the crop, in the resized image's pixels
+    target: tuple[int, int]  # (h, w) of the image the UNet sees
+
+    @classmethod
+    def plain(cls, width: int, height: int) -> "ImageSize":
+        """What the WebUI conditions a ``width`` × ``height`` generation on: original = target = (h, w), crop
+        (0, 0) (its ``sdxl_crop_top``/``sdxl_crop_left`` defaults)."""
+        return cls((height, width), (0, 0), (height, width))
+
+    @classmethod
+    def of_training_image(cls, plan, flip: bool = False) -> "ImageSize":
+        """kohya's rule for a training image planned by a :class:`~lib_train.data.buckets.BucketPlan` (sizes (w, h),
+        crop (left, top)): original = the source image's (h, w), crop = (top, left) of the crop applied to the
+        resized image — with a horizontal flip the crop is mirrored, left = resized_w − left − bucket_w — and
+        target = the bucket's (h, w)."""
+        (src_w, src_h), (res_w, _), (b_w, b_h), (left, top) = plan.source, plan.resized, plan.bucket, plan.crop
+        if flip:
+            left = res_w - left - b_w
+        return cls((src_h, src_w), (top, left), (b_h, b_w))
+
+
 class Fix(NamedTuple):
     """An embedding occurrence in a chunk: its slots start at ``offset`` (0-based, BOS not counted)."""
 

@@ -5,12 +5,11 @@ A family's name (``"sd1"``, ``"sd2"``) is what files, resume states and the API 
 back into the record. Behaviour that differs (tokenizing, encoding, LoRA naming, state-dict reading) sits in the
 text-encoder kind a record points at (:mod:`.text_encoders`), not in branches on the name.
 
-SDXL has its record (:data:`SDXL`: clip_l + clip_g, pooled output, size conditioning, ``lora_te1_``/``lora_te2_``,
-sgm UNet names, scale 0.13025, native 1024; its conditioning is :mod:`.sdxl`), but until its bundle trains end to end
-the switch :data:`TRAINS_SDXL` keeps it out of :data:`FAMILIES`, the families this version *trains*: names resolve
-(:func:`get_family`), checkpoints and live models are detected, and the tab, estimate and CLI list only those.
-Library code that builds SDXL parts ahead of that (naming, LoRA modules, conditioning, tests) is handed the record
-itself; :func:`as_family` accepts a record or a trained family's name.
+SDXL is one more record (:data:`SDXL`: clip_l + clip_g, pooled output, size conditioning, ``lora_te1_``/
+``lora_te2_``, sgm UNet names, scale 0.13025, native 1024, a VAE that must not encode in fp16, gradient checkpointing
+on by default; its conditioning is :mod:`.sdxl`). The switch :data:`TRAINS_SDXL` (on) lets it into :data:`FAMILIES`,
+the families this version *trains*; off, SDXL names still resolve through :data:`RECORDS` and the tab, estimate and
+CLI would list SD1/SD2 only. :func:`as_family` accepts a record or a trained family's name.
 
 No torch import: the naming, metadata and estimate code read this table without torch.
 """
@@ -94,6 +93,11 @@ class Family:
     v_base_model_suffix: bool = True  # ``ss_base_model_version`` gets "_v" for v-prediction (kohya: SD1/SD2 only)
     unet_lora_names: str = DIFFUSERS_NAMES  # DIFFUSERS_NAMES or SGM_NAMES
     size_conditioning: bool = False  # the UNet takes a vector y (pooled text + size embeddings, SDXL)
+    modelspec_implementation: str = "diffusers"  # ``modelspec.implementation`` of a LoRA (kohya: its key naming)
+    vae_fp16_safe: bool = True  # the VAE may encode in fp16 (SDXL's overflows: fp32 or bf16 only)
+    # config settings whose default differs for this family ("section.field", value): applied where the user did
+    # not set them (:func:`lib_train.config.apply_family_defaults`)
+    config_defaults: tuple[tuple[str, object], ...] = ()
 
     # ---- text encoders
 
@@ -200,11 +204,13 @@ SDXL = Family(
     lora_params_per_rank=LoRAParams(unet=2_659_840, text_encoder=903_168, locon_linear=58_560, conv=355_840),
     unet_head_channels=64, linear_proj=True, probe_v_prediction=False, latent_scale=0.13025,
     v_base_model_suffix=False, unet_lora_names=SGM_NAMES, size_conditioning=True,
+    modelspec_implementation="https://github.com/Stability-AI/generative-models", vae_fp16_safe=False,
+    config_defaults=(("train.gradient_checkpointing", True),),  # 2.6 G UNet parameters: memory first
 )
 
-# The switch: True once an SDXL bundle trains end to end (issue 10). While False, SDXL checkpoints and live models
-# are refused with a reason and no list of trainable families names SDXL.
-TRAINS_SDXL = False
+# The switch: on since an SDXL bundle trains end to end (issue 10). Off, SDXL checkpoints and live models would be
+# refused with a reason and no list of trainable families would name SDXL.
+TRAINS_SDXL = True
 
 RECORDS: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}  # every record, in detection order
 FAMILIES: dict[str, Family] = {n: f for n, f in RECORDS.items() if f is not SDXL or TRAINS_SDXL}  # trained here

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, label
+from ..errors import TrainerError
 from .bundle import ModelBundle
 from .families import RECORDS
 
@@ -64,8 +65,10 @@ def _ready(model, *, family: str, device: torch.device | str, precision: str, **
 def bundle_from_sgm(model, *, device: torch.device | str, precision: str, prediction: str | None = None,
                     max_chunks: int = 3, checkpoint_name: str = "", checkpoint_hashes=None) -> ModelBundle:
     """An sgm ``DiffusionEngine`` (SDXL) made ready for training on ``device``: the frozen UNet and text encoders in
-    the half dtype of ``precision`` (the VAE, which overflows in fp16, and what is trained stay fp32), wrapped in a
-    bundle. Its attention is sgm's softmax mode, which already runs PyTorch's fused kernel."""
+    the half dtype of ``precision``, wrapped in a bundle. The VAE stays fp32 (headless every family's does; SDXL's
+    must never encode in fp16, :attr:`.families.Family.vae_fp16_safe`, which the bundle's encoding enforces for a
+    VAE held in fp16 elsewhere), and so does what is trained. Its attention is sgm's softmax mode, which already runs
+    PyTorch's fused kernel."""
     half = resolve_precision(precision, device)
     if half is not None:
         model.model.to(half)
@@ -77,18 +80,26 @@ def bundle_from_sgm(model, *, device: torch.device | str, precision: str, predic
 
 def load_bundle(cfg: TrainConfig, device: torch.device | str, say: Callable[[str], None] | None = None,
                 webui_dir: str | None = None) -> ModelBundle:
-    """Load ``cfg.model.checkpoint`` and make it ready for training on ``device`` (see :func:`bundle_from_ldm`;
-    an SDXL file, once the family is switched on: :func:`bundle_from_sgm`, sgm found in ``webui_dir`` or as
+    """Load ``cfg.model.checkpoint`` and make it ready for training on ``device`` (see :func:`bundle_from_ldm`; an
+    SDXL file: :func:`bundle_from_sgm`, sgm found in ``webui_dir`` or ``model.webui_dir`` (``--webui-dir``), else as
     :mod:`.sgm_import` finds it). ``say`` gets the progress lines ("Loading …", then the family, prediction type and
     load time)."""
     from .attention import use_sdpa
     from .checkpoint import load_checkpoint
+    from .sgm_import import NOT_FOUND
     from .spec import SDXLSpec
 
     say = say or (lambda line: None)
     say(f"Loading {cfg.model.checkpoint} ...")
     t0 = time.perf_counter()
-    model, info = load_checkpoint(cfg.model.checkpoint, prediction=cfg.model.prediction, webui_dir=webui_dir)
+    webui = webui_dir or cfg.model.webui_dir or None
+    try:
+        model, info = load_checkpoint(cfg.model.checkpoint, prediction=cfg.model.prediction, webui_dir=webui)
+    except TrainerError as e:
+        if str(e).startswith(NOT_FOUND):  # name the setting too (the command line's flag)
+            raise TrainerError(f"{cfg.model.checkpoint} is an SDXL checkpoint. {e} Or set {label('model.webui_dir')} "
+                               "to the WebUI folder.") from None
+        raise
     sgm = isinstance(info.spec, SDXLSpec)
     if not sgm:
         use_sdpa(model.model.diffusion_model)  # fused attention (the WebUI installs its own; headless we do)

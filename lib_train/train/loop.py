@@ -1,9 +1,16 @@
 """The training run every method shares: set-up, the loop, saves, samples, resume, restore.
 
 :func:`run_training` takes a method's :class:`~lib_train.train.session.TrainingSession` and does the rest, in this
-order: attach (reversible) → gradient checkpointing → optimizer and schedule → cache latents → loop → atomic saves →
-detach. However the run ends (finished, interrupted, error, out of memory) the host model is restored exactly:
-attachments removed, flags and hooks as before (:class:`~lib_train.models.guard.ModelGuard`).
+order: attach (reversible) → gradient checkpointing → optimizer and schedule → cache latents → cache text outputs
+(where the session's texts are static: no text encoder trains, captions unchanging) → on a GPU, the VAE and cached
+text encoders to the CPU → loop → atomic saves → detach. However the run ends (finished, interrupted, error, out of
+memory) the host model is restored exactly: attachments removed, flags and hooks as before
+(:class:`~lib_train.models.guard.ModelGuard`), every parameter and buffer on its device
+(:class:`~lib_train.train.placement.Placement`).
+
+Each sample of a micro-batch is conditioned on its caption and, for families with size conditioning (SDXL), on its
+image's sizes (:meth:`~lib_train.train.prepare.PreparedData.image_size`, kohya's rule); the bundle decides what it
+needs (:meth:`~lib_train.models.bundle.ModelBundle.condition`).
 
 The loop (:func:`_loop`) reads top to bottom: a micro-batch's forward and backward; every ``grad_accum``
 micro-batches (and at the end of an epoch) an optimizer step; then one line per decision — log, samples, saves,
@@ -40,6 +47,7 @@ from .checkpointing import GradientCheckpointing
 from .events import Commands, Events, Progress
 from .optim import build_optimizer, effective_lr, parse_optimizer_args, resolve_optimizer
 from .outputs import check_final_free
+from .placement import Placement, on_device
 from .prepare import PreparedData
 from .sampling import SampleContext, Sampler, ddim_sampler
 from .schedule import make_scheduler
@@ -255,6 +263,7 @@ class Run:
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.last_save: tuple[str, int, str] | None = None  # (stem, step, path): a stem is written once per step
         self.last_samples: tuple[int, list[Path]] | None = None  # (step, paths) of the newest sample set
+        self.parked_text_encoders = False  # the text encoders wait on the CPU (their outputs are cached)
         self.sampling_failed = False  # a sampler failure turns samples off for this session (not in the config:
         # the resume state keeps the settings, and a resumed run tries again)
 
@@ -306,7 +315,8 @@ class Run:
         ctx = SampleContext(cfg=cfg, bundle=s.bundle, device=s.device, autocast=self.autocast, name_text=name_text,
                             embedding=s.sample_embedding(), condition=s.condition)
         try:
-            images = self.sampler(ctx, request)
+            with on_device(s.bundle.text_encoder, s.device) if self.parked_text_encoders else nullcontext():
+                images = self.sampler(ctx, request)
             paths = sampling.save_samples(s.out_dir, s.name, self.step, images)
         except Exception as e:  # noqa: BLE001 - any sampler failure (out of memory too): report, keep training
             if s.device.type == "cuda":
@@ -362,7 +372,7 @@ def cache_latents(run: Run) -> None:
     if mode == "off":
         return
     cache_dir = run.session.out_dir / ".latent-cache" if mode == "disk" else None
-    vae_id = f"{bundle.checkpoint_name}|{bundle.family}|{next(bundle.vae.parameters()).dtype}"
+    vae_id = f"{bundle.checkpoint_name}|{bundle.family}|{bundle.vae_compute_dtype}"  # the dtype latents come in
     cache = LatentCache(mode, cache_dir, vae_id)
     flips = (False, True) if cfg.data.flip else (False,)
     todo = [(i, f) for i in range(len(prep.items)) for f in flips]
@@ -376,6 +386,22 @@ def cache_latents(run: Run) -> None:
             key, lambda: bundle.encode_pixels(load_pixels(item.path, plan, flip)[None])[0])
         if (n + 1) % 10 == 0 or n + 1 == len(todo):
             run.events.status(f"Caching latents {n + 1}/{len(todo)}")
+
+
+def cache_text(run: Run) -> bool:
+    """Encode the session's static texts once (:meth:`TrainingSession.static_texts`), under the run's autocast, as the
+    steps would; True when it did (raises :class:`Stopped` when a stop is requested meanwhile)."""
+    texts = run.session.static_texts()
+    if not texts:
+        return False
+    run.events.status(f"Caching text encodings of {len(texts)} captions and prompts")
+    ctx = torch.autocast(run.session.device.type, dtype=run.autocast) if run.autocast else nullcontext()
+    for n in range(0, len(texts), 32):
+        if run.commands.stop_requested():
+            raise Stopped()
+        with ctx:
+            run.session.cache_texts(texts[n:n + 32])
+    return True
 
 
 def latents_for(run: Run, index: int, flip: bool) -> torch.Tensor:
@@ -398,11 +424,12 @@ def micro_step(run: Run, mb: MicroBatch, ac: torch.Tensor, scaler) -> torch.Tens
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.stack([latents_for(run, x.index, x.flip) for x in mb.samples]).to(device)
     prompts = s.prompts(mb.samples)
+    sizes = [run.prep.image_size(x.index, x.flip) for x in mb.samples]  # for families with size conditioning
     noise = L.make_noise(x0, gen, noise_offset=t_cfg.noise_offset)
     t = L.sample_timesteps(len(mb.samples), gen, device)
     x_t = L.add_noise(x0, noise, t, ac)
     with torch.autocast(device.type, dtype=run.autocast) if run.autocast else nullcontext():
-        cond = s.condition(prompts)
+        cond = s.condition(prompts, sizes)
         pred = bundle.predict(x_t, t, cond)
     target = L.target_for(x0, noise, t, ac, bundle.prediction)
     weights = L.min_snr_weights(t, ac, t_cfg.min_snr_gamma, bundle.prediction) if t_cfg.min_snr_gamma else None
@@ -425,7 +452,7 @@ def run_training(session: TrainingSession, *, events: Events, commands: Commands
 
     run = Run(session, events, commands, sampler or ddim_sampler)
     guard = ModelGuard(bundle.model)
-    vae_device = next(bundle.vae.parameters()).device
+    placement = Placement(bundle.model)  # the run may move the VAE and text encoders to the CPU
     ckpt: GradientCheckpointing | None = None
     try:
         for warning in session.attach():
@@ -438,10 +465,15 @@ def run_training(session: TrainingSession, *, events: Events, commands: Commands
                     else RunInfo(random.getrandbits(31), time.time(), optim.name))
         try:
             cache_latents(run)
+            texts_cached = cache_text(run)
         except Stopped:
             return run.result("interrupted")
-        if cfg.train.offload_vae and cfg.data.cache_latents != "off" and session.device.type == "cuda":
-            bundle.vae.to("cpu")  # the VAE is not needed any more: free its memory for training
+        if session.device.type == "cuda":
+            if cfg.train.offload_vae and cfg.data.cache_latents != "off":
+                bundle.vae.to("cpu")  # the VAE is not needed any more: free its memory for training
+            if texts_cached:
+                bundle.text_encoder.to("cpu")  # nor the text encoders (back for sampling, and at the end)
+                run.parked_text_encoders = True
             torch.cuda.empty_cache()
         session.start(run.info)
         return _loop(run, optim)
@@ -455,8 +487,7 @@ def run_training(session: TrainingSession, *, events: Events, commands: Commands
             ckpt.remove()
         session.detach()
         guard.restore()
-        if next(bundle.vae.parameters()).device != vae_device:
-            bundle.vae.to(vae_device)
+        placement.restore()
         if session.device.type == "cuda":
             torch.cuda.empty_cache()
 

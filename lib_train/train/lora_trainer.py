@@ -17,11 +17,14 @@ import torch
 from ..config import TrainConfig
 from ..data import Sample, process_caption
 from ..models.bundle import ModelBundle
+from ..models.conditioning import ImageSize
 from ..network.kohya_file import read_lora_file, save_lora_file
 from ..network.lora import LoRANetwork
+from . import sampling
 from .events import Commands, Events, SafeEvents
 from .loop import RunResult, run_training
 from .metadata import RunFacts, lora_metadata
+from .placement import on_device
 from .prepare import PreparedData, dataset_summary, prepare_data
 from .sampling import Sampler
 from .session import SAVE_DTYPES, RunInfo, TrainingSession
@@ -41,7 +44,9 @@ class LoRASession(TrainingSession):
         self.train_unet = cfg.network.train_unet
         self.net: LoRANetwork | None = None
         self.facts: RunFacts | None = None
-        self.text_cache: dict[str, torch.Tensor] = {}
+        # caption → its text outputs (``ModelBundle.text_outputs`` of that caption alone: context [77·k, D], and
+        # SDXL's pooled output [P]); used when no text encoder trains and the captions do not change between steps
+        self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.cache_text = not self.train_te and not (cfg.data.shuffle_caption or cfg.data.caption_dropout
                                                      or cfg.data.tag_dropout)
 
@@ -92,9 +97,22 @@ class LoRASession(TrainingSession):
                               total_epochs=prep.total_epochs, dataset_dirs=scan.subsets,
                               reg_dataset_dirs=scan.reg_subsets, tag_frequency=scan.tag_frequency(),
                               bucket_info=prep.bucket_info)
-        if self.cache_text:
-            with torch.no_grad():
-                self.text_cache[""] = self.bundle.encode_text([""])[0]
+
+    def static_texts(self) -> list[str]:
+        """With the text cache on: the empty caption (padding), every image's caption and the sample prompts."""
+        if not self.cache_text:
+            return []
+        texts = [""] + self.prompts([Sample(i, False, 0) for i in range(len(self.prep.items))])
+        if sampling.enabled(self.cfg):
+            request = sampling.request_for(self.cfg, self.sample_name_text())
+            texts += [*request.prompts, request.negative]
+        return list(dict.fromkeys(texts))
+
+    def cache_texts(self, texts: list[str]) -> None:
+        with torch.no_grad():
+            for text in texts:  # one at a time: a batch would pad each context to the batch's chunk count
+                out = self.bundle.text_outputs([text])
+                self.text_cache[text] = {k: v[0] for k, v in out.items()}
 
     # ---- per step
     def prompts(self, batch: list[Sample]) -> list[str]:
@@ -103,18 +121,26 @@ class LoRASession(TrainingSession):
                                 keep_tokens=d.keep_tokens, caption_dropout_rate=d.caption_dropout,
                                 tag_dropout_rate=d.tag_dropout, rng=random.Random(s.seed)) for s in batch]
 
-    def condition(self, prompts: list[str]) -> torch.Tensor:
+    def condition(self, prompts: list[str], sizes: list[ImageSize] | None = None):
+        bundle = self.bundle
         if self.train_te:
-            return self.bundle.encode_text(prompts)
+            return bundle.conditioning(prompts, sizes)
         with torch.no_grad():
             if not self.cache_text:
-                return self.bundle.encode_text(prompts)
-            missing = [c for c in dict.fromkeys(prompts) if c not in self.text_cache]
-            if missing:
-                for c, z in zip(missing, self.bundle.encode_text(missing)):
-                    self.text_cache[c] = z
-            length = max(self.text_cache[c].shape[0] for c in prompts)
-            return torch.stack([_pad_tokens(self.text_cache[c], length, self.text_cache[""]) for c in prompts])
+                return bundle.conditioning(prompts, sizes)
+            missing = [c for c in dict.fromkeys(["", *prompts]) if c not in self.text_cache]
+            if missing:  # not among the static texts (the loop encoded those up front)
+                with on_device(bundle.text_encoder, self.device):
+                    self.cache_texts(missing)
+            return bundle.condition(self._cached(prompts), sizes)
+
+    def _cached(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The batch's text outputs from the cache, contexts padded to the batch's chunk count."""
+        rows = [self.text_cache[c] for c in prompts]
+        length = max(r["crossattn"].shape[0] for r in rows)
+        empty = self.text_cache[""]["crossattn"]
+        return {k: torch.stack([_pad_tokens(r[k], length, empty) if k == "crossattn" else r[k] for r in rows])
+                for k in rows[0]}
 
     # ---- saving (file stems: the base class's)
     def save_model(self, stem: str, *, epoch: int, step: int, finished: bool) -> list[str]:

@@ -45,7 +45,7 @@ def lora_metadata(cfg: TrainConfig, facts: RunFacts, *, stem: str, epoch: int, s
                   finished_at: float | None = None) -> dict[str, str]:
     """Metadata for one saved file; ``stem`` is its file stem (also the WebUI alias, ``ss_output_name``)."""
     d, n, o, t = cfg.data, cfg.network, cfg.optim, cfg.train
-    fam = get_family(facts.family)
+    fam = get_family(facts.family)  # every family-dependent value below comes from its record
     clip_skip = fam.encoder_layer(cfg.model.clip_skip)
     network_args = {"conv_dim": str(n.conv_rank), "conv_alpha": str(n.conv_alpha)} if n.conv_rank else None
     res = f"({d.resolution}, {d.resolution})"
@@ -108,7 +108,7 @@ def lora_metadata(cfg: TrainConfig, facts: RunFacts, *, stem: str, epoch: int, s
         # modelspec (SAI model spec), FORMATS.md §B.2
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": fam.modelspec_architecture(facts.prediction),
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": fam.modelspec_implementation,
         "modelspec.title": stem,
         "modelspec.resolution": f"{d.resolution}x{d.resolution}",
         "modelspec.date": _dt.datetime.fromtimestamp(facts.started_at).replace(microsecond=0).isoformat(),

@@ -25,6 +25,7 @@ from ..data import (
 )
 from ..data.batches import batches_per_epoch
 from ..errors import DatasetError, Problem
+from ..models.conditioning import ImageSize
 
 
 @dataclass
@@ -40,6 +41,11 @@ class PreparedData:
     formula: str
     bucket_info: dict
     fingerprint: str
+
+    def image_size(self, index: int, flip: bool) -> ImageSize:
+        """The sizes image ``index`` is conditioned on (families with size conditioning; kohya's rule,
+        :meth:`~lib_train.models.conditioning.ImageSize.of_training_image`)."""
+        return ImageSize.of_training_image(self.plans[index], flip)
 
 
 @dataclass

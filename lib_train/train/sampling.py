@@ -21,7 +21,7 @@ import io
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from PIL import Image
@@ -29,6 +29,7 @@ from PIL import Image
 from ..atomic import atomic_write_bytes
 from ..config import TrainConfig, sample_prompt_lines
 from ..models.bundle import ModelBundle
+from ..models.conditioning import ImageSize
 
 NAME_TAG = "[name]"
 
@@ -73,7 +74,9 @@ class SampleContext:
     autocast: torch.dtype | None  # the run's autocast dtype (None: fp32)
     name_text: str  # what ``[name]`` in a prompt became (the embedding's name, or the LoRA's trigger words)
     embedding: tuple[str, torch.Tensor] | None  # the embedding being trained (name, current vectors), to register
-    condition: Callable[[list[str]], torch.Tensor]  # prompts → UNet conditioning, as the run computes it
+    # (prompts, sizes) → UNet conditioning, as the run computes it (sizes: one ImageSize per prompt, for families
+    # with size conditioning)
+    condition: Callable[[list[str], list[ImageSize] | None], Any]
 
     @property
     def out_dir(self) -> Path:
@@ -166,18 +169,21 @@ def ddim_denoise(model_out: Callable[[torch.Tensor, int], torch.Tensor], x: torc
 
 @torch.no_grad()
 def ddim_sampler(run: SampleContext, request: SampleRequest) -> list[Image.Image]:
-    """Deterministic DDIM with classifier-free guidance on the run's bundle (headless runs)."""
+    """Deterministic DDIM with classifier-free guidance on the run's bundle (headless runs). The unconditional half
+    is the negative prompt's conditioning (the empty prompt's by default); a size-conditioned family (SDXL) is
+    conditioned on the sample's own size, as the WebUI conditions a generation (:meth:`ImageSize.plain`)."""
     bundle, device = run.bundle, run.device
     ac = bundle.alphas_cumprod.to(device)
     ts = ddim_timesteps(request.steps, ac.shape[0])
     ctx = torch.autocast(device.type, dtype=run.autocast) if run.autocast else nullcontext()
+    sizes = [ImageSize.plain(request.width, request.height)]
     images = []
     for i, prompt in enumerate(request.prompts):
         gen = torch.Generator().manual_seed(request.seed + i)
         x = torch.randn((1, 4, request.height // 8, request.width // 8), generator=gen).to(device)
         with ctx:
-            cond = run.condition([prompt])
-            uncond = run.condition([request.negative]) if request.cfg_scale != 1 else None
+            cond = run.condition([prompt], sizes)
+            uncond = run.condition([request.negative], sizes) if request.cfg_scale != 1 else None
 
         def guided(x_t: torch.Tensor, t: int) -> torch.Tensor:
             tt = torch.full((1,), t, device=device, dtype=torch.long)

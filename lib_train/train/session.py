@@ -2,7 +2,8 @@
 
 A method (LoRA, textual-inversion embedding) subclasses :class:`TrainingSession` and says what it trains
 (``attach``/``detach``, ``param_groups``, ``checkpointed_modules``), how a batch's samples become prompts and the
-prompts conditioning (``prompts``, ``condition``), and how its files are written (``save_model``, ``state_tensors``,
+prompts conditioning (``prompts``, ``condition``; ``static_texts``/``cache_texts`` where text outputs can be computed
+once), and how its files are written (``save_model``, ``state_tensors``,
 the file stems). The run itself — optimizer, latents, steps, saves, samples, resume state, restoring the model — is
 the loop's; a session holds no run state beyond what its method creates.
 """
@@ -17,6 +18,7 @@ import torch
 from ..config import TrainConfig
 from ..data import Sample
 from ..models.bundle import ModelBundle
+from ..models.conditioning import ImageSize
 from .prepare import PreparedData
 from .state import LoadedState, state_dir_for
 
@@ -73,8 +75,19 @@ class TrainingSession:
         """The text of each sample of a micro-batch (augmentation drawn from the sample's seed)."""
         raise NotImplementedError
 
-    def condition(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts → UNet conditioning ``[B, 77·k, width]`` (under the caller's autocast)."""
+    def condition(self, prompts: list[str], sizes: list[ImageSize] | None = None):
+        """Prompts (and each image's sizes, for families with size conditioning) → what the bundle's ``predict``
+        takes: ``[B, 77·k, width]``, or SDXL's ``{"crossattn", "vector"}`` (under the caller's autocast)."""
+        raise NotImplementedError
+
+    def static_texts(self) -> list[str]:
+        """Every text the run will condition on, when those are known before the first step and the text encoders
+        do not train: the loop then has them encoded once (:meth:`cache_texts`) and moves the text encoders off the
+        GPU until the run ends. [] (the default): conditioning is computed every step."""
+        return []
+
+    def cache_texts(self, texts: list[str]) -> None:
+        """Encode ``texts`` into the session's text cache (called by the loop, under the run's autocast)."""
         raise NotImplementedError
 
     def save_model(self, stem: str, *, epoch: int, step: int, finished: bool) -> list[str]:

@@ -67,7 +67,8 @@ class EmbeddingSession(TrainingSession):
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, resume: LoadedState | None):
         super().__init__(cfg, bundle, prep, resume)
         if not isinstance(bundle.encode_text, TextConditioner):
-            raise TrainerError("This model's text conditioning cannot take embeddings (it is not a TextConditioner).")
+            raise TrainerError(f"Embeddings cannot be trained on {bundle.family_rules.label} models yet (SD1.x and "
+                               "SD2.x only); train a LoRA instead (python -m lib_train lora ...).")
         self.conditioner: TextConditioner = bundle.encode_text
         self.template = load_template(cfg.embedding.template)
         self.vectors: torch.nn.Parameter | None = None
@@ -134,8 +135,8 @@ class EmbeddingSession(TrainingSession):
             out.append(fill(line, self.name, caption))
         return out
 
-    def condition(self, prompts: list[str]) -> torch.Tensor:
-        return self.conditioner(prompts)
+    def condition(self, prompts: list[str], sizes=None) -> torch.Tensor:
+        return self.conditioner(prompts)  # one text encoder, no size conditioning
 
     # ---- saving
     def save_model(self, stem: str, *, epoch: int, step: int, finished: bool) -> list[str]:
