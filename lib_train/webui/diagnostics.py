@@ -88,16 +88,19 @@ def compare_sdxl_conditioning(model: Any, prompts: list[str], sizes: list[tuple[
                               ) -> list[dict[str, Any]]:
     """For each (width, height) in ``sizes``, each prompt alone and all of them as one batch: the WebUI's
     ``get_learned_conditioning`` (as txt2img calls it: original = target = (height, width), crop from the options
-    ``sdxl_crop_top``/``sdxl_crop_left``) against the library's :class:`~lib_train.models.sdxl.SDXLConditioner`
-    (what the bundle's SDXL conditioning computes with) over the conditioner's raw embedders with the same sizes;
+    ``sdxl_crop_top``/``sdxl_crop_left``) against what a run conditions with — the SDXL bundle's
+    :meth:`~lib_train.models.bundle.ModelBundle.conditioning` over the conditioner's raw embedders — at the same
+    sizes;
     per output (``crossattn``, ``vector``) the shapes, whether they are bit-identical, and the largest difference.
     Both sides run under the WebUI's ``devices.autocast()`` and the options a run pins."""
     from modules import devices, prompt_parser, sd_hijack, shared
 
-    from ..models.sdxl import SDXLConditioner, text_root
+    from ..models.bundle import ModelBundle
+    from ..models.conditioning import ImageSize
+    from ..models.sdxl import text_root
     from .model import conditioning_options, pinned_options
 
-    ours = SDXLConditioner(text_root(model.conditioner), max_chunks=64)
+    ours = ModelBundle.from_sgm(model, text_root=text_root(model.conditioner), max_chunks=64)
     batches = [[p] for p in prompts] + ([list(prompts)] if len(prompts) > 1 else [])
     results = []
     with pinned_options(conditioning_options(clip_skip)), torch.no_grad(), devices.autocast():
@@ -107,7 +110,7 @@ def compare_sdxl_conditioning(model: Any, prompts: list[str], sizes: list[tuple[
                 webui = model.get_learned_conditioning(prompt_parser.SdConditioning(batch, width=width,
                                                                                     height=height))
                 sd_hijack.model_hijack.fixes = None  # the raw encoders below must not see the wrapper's leftovers
-                library = ours(batch, (height, width), crop, (height, width))
+                library = ours.conditioning(batch, ImageSize((height, width), crop, (height, width)))
                 for key in ("crossattn", "vector"):
                     results.append({"prompts": batch, "size": [width, height], "key": key,
                                     **_difference(webui[key], library[key])})

@@ -38,6 +38,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..train.placement import Placement
+
 WRAPPED_METHODS = ("encode", "decode")  # instance-level wrappers the WebUI puts on the VAE
 
 
@@ -52,52 +54,18 @@ class LowvramState:
     module_in_gpu: Any = None
     hooks: list[tuple[torch.nn.Module, list[int], dict[int, Any]]] = field(default_factory=list)
     methods: list[tuple[torch.nn.Module, str, Any]] = field(default_factory=list)
-    devices: list[tuple[torch.nn.Module, str, str, torch.device]] = field(default_factory=list)
+    placement: Placement | None = None  # the device of every parameter and buffer, as found
 
     @property
     def hook_count(self) -> int:
         return sum(len(removed) for _m, _order, removed in self.hooks)
 
 
-def record_devices(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, str, torch.device]]:
-    """(module, "param" | "buffer", name, device) of every direct parameter and buffer of every module."""
-    out = []
-    for m in model.modules():
-        for name, p in m._parameters.items():
-            if p is not None:
-                out.append((m, "param", name, p.device))
-        for name, b in m._buffers.items():
-            if b is not None:
-                out.append((m, "buffer", name, b.device))
-    return out
-
-
-def restore_devices(records: list[tuple[torch.nn.Module, str, str, torch.device]]) -> int:
-    """Move every recorded parameter/buffer that is elsewhere back to its device; returns how many moved.
-    Parameters keep their identity (``.data`` is replaced, as ``Module.to`` does)."""
-    moved = 0
-    with torch.no_grad():
-        for m, kind, name, device in records:
-            if kind == "param":
-                p = m._parameters.get(name)
-                if p is not None and p.device != device:
-                    p.data = p.data.to(device)
-                    if p.grad is not None:
-                        p.grad = p.grad.to(device)
-                    moved += 1
-            else:
-                b = m._buffers.get(name)
-                if b is not None and b.device != device:
-                    m._buffers[name] = b.to(device)
-                    moved += 1
-    return moved
-
-
 def take_out_hooks(model: torch.nn.Module, lowvram_module: Any) -> LowvramState:
     """Remove the WebUI's lowvram hooks and wrappers from ``model`` (``lowvram_module`` is ``modules.lowvram``) and
     record what :func:`put_back` needs; everything of the model is first sent back to the CPU by the WebUI's own
     ``send_everything_to_cpu`` (the part it had on the GPU) — its device is recorded before that."""
-    state = LowvramState(module_in_gpu=lowvram_module.module_in_gpu, devices=record_devices(model))
+    state = LowvramState(module_in_gpu=lowvram_module.module_in_gpu, placement=Placement(model))
     name = lowvram_module.__name__
     for m in model.modules():
         hooks = m._forward_pre_hooks
@@ -117,7 +85,8 @@ def take_out_hooks(model: torch.nn.Module, lowvram_module: Any) -> LowvramState:
 
 def put_back(state: LowvramState, lowvram_module: Any) -> None:
     """Undo :func:`take_out_hooks`: devices, hooks (same keys, same order), wrappers, ``module_in_gpu``."""
-    restore_devices(state.devices)
+    if state.placement is not None:
+        state.placement.restore()
     for m, order, removed in state.hooks:
         hooks = m._forward_pre_hooks
         current = dict(hooks)
