@@ -60,6 +60,7 @@ def test_sdxl_checkpoint_is_accepted(webui, sdxl, sdxl_initial, medvram):
     assert sdxl["supported"] is True and sdxl["family"] == "sdxl" and sdxl["reason"] == "", sdxl
     assert sdxl_initial["tensors"] > 2000 and sdxl_initial["flags"]["instance_forwards"] == 0
     low = sdxl_initial["lowvram"]
+    print(f"medvram={medvram} lowvram state before any run: {low}")
     if medvram:  # the WebUI's hooks on the three parts, and the VAE's encode/decode wrappers
         assert low["lowvram"] is True
         assert sorted(low["hooks"]) == ["conditioner#0", "first_stage_model#0", "model#0"], low
@@ -108,6 +109,7 @@ def sdxl_run(webui, lora_config, sdxl_initial) -> dict:
 
 def test_sdxl_lora_run_finishes_with_an_sdxl_file(webui, sdxl_run, medvram):
     s = sdxl_run["status"]
+    print(f"run: {s['state']} in {s['elapsed_s']} s, losses {s['loss_history']}, notes {s['notes']}")
     assert s["state"] == "finished" and s["step"] == STEPS and s["error"] == "", s
     assert all(p[1] == p[1] for p in s["loss_history"]) and s["loss"] is not None  # finite (NaN != NaN)
     final = Path(s["final_file"])
