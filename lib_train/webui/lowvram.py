@@ -63,8 +63,8 @@ class LowvramState:
 
 def take_out_hooks(model: torch.nn.Module, lowvram_module: Any) -> LowvramState:
     """Remove the WebUI's lowvram hooks and wrappers from ``model`` (``lowvram_module`` is ``modules.lowvram``) and
-    record what :func:`put_back` needs; everything of the model is first sent back to the CPU by the WebUI's own
-    ``send_everything_to_cpu`` (the part it had on the GPU) — its device is recorded before that."""
+    record what :func:`put_back` needs (every tensor's device first); the part the WebUI had on the GPU then goes
+    back to the CPU through the WebUI's own ``send_everything_to_cpu``."""
     state = LowvramState(module_in_gpu=lowvram_module.module_in_gpu, placement=Placement(model))
     name = lowvram_module.__name__
     for m in model.modules():
