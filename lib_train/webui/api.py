@@ -16,9 +16,11 @@ Jobs (one at a time; see :mod:`.jobs`):
 Diagnostics (read-only; they wait for the queue lock, so never during a run or a generation):
 
 - ``GET /trainer/v1/model-hash`` — sha256 of the loaded model's state dict and counts of its flags
-  (``requires_grad``, training mode, instance forwards, hooks): proves a run left it unchanged;
+  (``requires_grad``, training mode, instance forwards, hooks), and its ``--medvram`` state (the WebUI's memory
+  hooks by module, the part on the GPU, the devices in use): proves a run left it unchanged;
 - ``POST /trainer/v1/diagnostics/conditioning`` — body ``{"prompts": [...], "clip_skip": 1}``: the WebUI's prompt
-  encoding against the headless one, per prompt.
+  encoding against the headless one, per prompt; SDXL also takes ``"sizes": [[width, height], ...]`` and compares
+  the context and the vector ``y`` per size, per prompt and for all prompts as one batch.
 
 When the WebUI runs with ``--api-auth user:password[,user2:password2]`` every route requires HTTP Basic
 authentication with one of those pairs, as the WebUI's own API does.
@@ -46,6 +48,7 @@ PREFIX = "/trainer/v1"
 class ConditioningRequest(BaseModel):
     prompts: List[str]
     clip_skip: int = 1
+    sizes: List[List[int]] = [[1024, 1024]]  # SDXL: (width, height) of the images the prompts are for
 
 
 def _api_credentials() -> dict[str, str]:
@@ -161,11 +164,13 @@ def model_hash() -> dict[str, Any]:
     from modules import call_queue
 
     from .diagnostics import module_flags, state_dict_hash
+    from .lowvram import hook_summary
 
     with call_queue.queue_lock:
         model = _loaded_model()
         info = getattr(model, "sd_checkpoint_info", None)
-        return {"checkpoint": getattr(info, "title", ""), **state_dict_hash(model), "flags": module_flags(model)}
+        return {"checkpoint": getattr(info, "title", ""), **state_dict_hash(model), "flags": module_flags(model),
+                "lowvram": hook_summary(model)}
 
 
 def conditioning_check(req: ConditioningRequest) -> dict[str, Any]:
@@ -179,8 +184,16 @@ def conditioning_check(req: ConditioningRequest) -> dict[str, Any]:
         family, reason = classify_model(model)
         if family is None:
             raise HTTPException(status_code=409, detail=reason)
-        return {"family": family, "clip_skip": req.clip_skip,
-                "results": compare_conditioning(model, family, req.prompts, req.clip_skip)}
+        if hasattr(model, "conditioner"):  # sgm (SDXL): context and vector per image size
+            from .diagnostics import compare_sdxl_conditioning
+
+            if not req.sizes or any(len(s) != 2 or min(s) < 64 for s in req.sizes):
+                raise HTTPException(status_code=422, detail="sizes: give [width, height] pairs of at least 64 px")
+            sizes = [(int(w), int(h)) for w, h in req.sizes]
+            results = compare_sdxl_conditioning(model, req.prompts, sizes, req.clip_skip)
+        else:
+            results = compare_conditioning(model, family, req.prompts, req.clip_skip)
+        return {"family": family, "clip_skip": req.clip_skip, "results": results}
 
 
 def register_routes(_demo: Any, app: FastAPI) -> None:

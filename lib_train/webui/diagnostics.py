@@ -5,7 +5,9 @@
   place");
 - :func:`compare_conditioning`: the WebUI's prompt wrapper and the headless
   :class:`~lib_train.models.conditioning.TextConditioner` on the same plain prompts with the options a run pins,
-  the evidence that headless training conditions like the WebUI does (DESIGN.md §3 "Text conditioning").
+  the evidence that headless training conditions like the WebUI does (DESIGN.md §3 "Text conditioning");
+  :func:`compare_sdxl_conditioning` the same for SDXL: the WebUI's ``get_learned_conditioning`` against the
+  library's SDXL conditioning (context and vector ``y``) at given image sizes.
 
 Callers hold the WebUI's queue lock, so no generation or run changes the model meanwhile.
 """
@@ -71,4 +73,45 @@ def compare_conditioning(model: Any, family: str, prompts: list[str], clip_skip:
                 "max_abs_diff": float((webui - library).abs().max()) if same_shape else None,
                 "max_abs_value": float(webui.abs().max()),
             })
+    return results
+
+
+def _difference(webui: torch.Tensor, library: torch.Tensor) -> dict[str, Any]:
+    same_shape = webui.shape == library.shape
+    return {"webui_shape": list(webui.shape), "library_shape": list(library.shape),
+            "equal": bool(same_shape and torch.equal(webui, library)),
+            "max_abs_diff": float((webui.float() - library.float()).abs().max()) if same_shape else None,
+            "max_abs_value": float(webui.float().abs().max())}
+
+
+def compare_sdxl_conditioning(model: Any, prompts: list[str], sizes: list[tuple[int, int]], clip_skip: int = 1
+                              ) -> list[dict[str, Any]]:
+    """For each (width, height) in ``sizes``, each prompt alone and all of them as one batch: the WebUI's
+    ``get_learned_conditioning`` (as txt2img calls it: original = target = (height, width), crop from the options
+    ``sdxl_crop_top``/``sdxl_crop_left``) against what a run conditions with — the SDXL bundle's
+    :meth:`~lib_train.models.bundle.ModelBundle.conditioning` over the conditioner's raw embedders — at the same
+    sizes;
+    per output (``crossattn``, ``vector``) the shapes, whether they are bit-identical, and the largest difference.
+    Both sides run under the WebUI's ``devices.autocast()`` and the options a run pins."""
+    from modules import devices, prompt_parser, sd_hijack, shared
+
+    from ..models.bundle import ModelBundle
+    from ..models.conditioning import ImageSize
+    from ..models.sdxl import text_root
+    from .model import conditioning_options, pinned_options
+
+    ours = ModelBundle.from_sgm(model, text_root=text_root(model.conditioner), max_chunks=64)
+    batches = [[p] for p in prompts] + ([list(prompts)] if len(prompts) > 1 else [])
+    results = []
+    with pinned_options(conditioning_options(clip_skip)), torch.no_grad(), devices.autocast():
+        crop = (int(shared.opts.sdxl_crop_top), int(shared.opts.sdxl_crop_left))
+        for width, height in sizes:
+            for batch in batches:
+                webui = model.get_learned_conditioning(prompt_parser.SdConditioning(batch, width=width,
+                                                                                    height=height))
+                sd_hijack.model_hijack.fixes = None  # the raw encoders below must not see the wrapper's leftovers
+                library = ours.conditioning(batch, ImageSize((height, width), crop, (height, width)))
+                for key in ("crossattn", "vector"):
+                    results.append({"prompts": batch, "size": [width, height], "key": key,
+                                    **_difference(webui[key], library[key])})
     return results

@@ -360,6 +360,12 @@ class JobManager:
         if not report.supported:
             raise TrainerError(report.reason)
         method = methods.get(cfg.method)
+        if method.injects_vectors:
+            from .model import embedding_refusal
+
+            refusal = embedding_refusal(report.family)
+            if refusal:
+                raise ConfigError([Problem("method", refusal)])
         prep = method.entry("prepare")(cfg)
         job = Job(cfg, prep, method, resume, str(Path(resume_dir).resolve()) if resume_dir else None, notes)
         if resume is not None:  # the loss curve goes on from the interrupted job's (when it ran in this session)

@@ -8,12 +8,24 @@ puts back what it changed, however the run ends:
   the next generation loads whatever ``<lora:…>`` its prompt names. Hypernetworks are set aside and put back;
 - the options that shape text conditioning are pinned and restored: clip skip from ``model.clip_skip``
   (``CLIP_stop_at_last_layers``), emphasis "None" (brackets in captions are literal text, as in kohya), the new
-  emphasis implementation, and comma padding backtrack 20 (the rule the headless conditioner uses);
-- LoRA runs: text goes through the WebUI's own prompt wrapper ``sd_model.cond_stage_model(captions)`` (chunking,
-  clip skip, the embeddings database: a caption naming a loaded embedding gets it, as at inference). Embedding runs:
-  through the library's :class:`~lib_train.models.conditioning.TextConditioner` over the raw text encoder
-  (``cond_stage_model.wrapped``), which injects the vectors being trained by the WebUI's rules. The UNet goes through
-  ``sd_model.apply_model`` (the WebUI casts to the model's dtype under ``devices.autocast()``);
+  emphasis implementation, comma padding backtrack 20 (the rule the headless conditioner uses), and "Clip skip
+  SDXL" off (SDXL's sample images then condition with the layers the run trains with; a value that changes the
+  conditioning is refused before the run, :func:`~lib_train.webui.host.clip_l_skip_problem`);
+- under ``--medvram``/``--medvram-sdxl`` the model is taken out of the WebUI's memory hooks for the run and put back
+  afterwards (:mod:`.lowvram`);
+- SD1/SD2 LoRA runs: text goes through the WebUI's own prompt wrapper ``sd_model.cond_stage_model(captions)``
+  (chunking, clip skip, the embeddings database: a caption naming a loaded embedding gets it, as at inference).
+  Embedding runs: through the library's :class:`~lib_train.models.conditioning.TextConditioner` over the raw text
+  encoder (``cond_stage_model.wrapped``), which injects the vectors being trained by the WebUI's rules;
+- SDXL (an sgm ``DiffusionEngine``): :meth:`ModelBundle.from_sgm` over the conditioner's raw embedders (the WebUI's
+  prompt wrappers looked through, :func:`lib_train.models.sdxl.text_root`): the library's SDXL conditioning, equal
+  bit for bit to the WebUI's ``get_learned_conditioning`` for plain captions (``/trainer/v1/diagnostics/
+  conditioning``, tests/webui/test_sdxl_webui.py), with each image's own sizes as the trainer passes them. It runs
+  under the caller's grad mode — the sgm conditioner's ``no_grad`` for embedders that are not ``is_trainable`` is
+  not on that path, so those flags are left as they are. The prediction type is the one the WebUI gave the model
+  (``parameterization``: v for v-prediction SDXL fine-tunes). Captions naming a WebUI embedding get the plain
+  words (as in kohya);
+- the UNet goes through ``sd_model.apply_model`` (the WebUI casts to the model's dtype under ``devices.autocast()``);
 - the noise schedule is ``alphas_cumprod_original`` (fp32; see ``ModelBundle.alphas_cumprod``);
 - every weight of the model is frozen for the run (the WebUI leaves the UNet's ``requires_grad`` on; a backward
   pass would otherwise compute and hold a gradient for each of its ~860M weights) and its flag put back afterwards;
@@ -32,9 +44,13 @@ import torch
 
 from .. import methods
 from ..config import TrainConfig
-from ..models.bundle import ModelBundle
+from ..errors import TrainerError
+from ..models.bundle import ModelBundle, sgm_prediction
 from ..models.conditioning import COMMA_BACKTRACK, TextConditioner
+from ..models.families import RECORDS
+from ..models.sdxl import text_root
 from .host import require_trainable_model
+from .lowvram import out_of_lowvram_hooks
 
 # WebUI model dtype → ``train.mixed_precision`` that computes in it (the session's autocast and grad scaler).
 _PRECISION_FOR_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "no"}
@@ -43,8 +59,18 @@ _PRECISION_FOR_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.flo
 class WebUIModelBundle(ModelBundle):
     """A bundle whose UNet call is the WebUI's ``apply_model`` (dtype casts and ``devices.autocast()``)."""
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        if isinstance(cond, dict):  # SDXL: the WebUI's cast replaces the dict's entries in place; keep the caller's
+            cond = dict(cond)
         return self.model.apply_model(x_t, t, cond)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """As :meth:`ModelBundle.encode_pixels`, with the VAE moved to the training device first when it is elsewhere
+        (``--medvram`` keeps it on the CPU; the trainer moves it out again once latents are cached)."""
+        vae = self.vae
+        if next(vae.parameters()).device != self.device:
+            vae.to(self.device)
+        return super().encode_pixels(pixels)
 
 
 class WebUIText:
@@ -63,7 +89,7 @@ class WebUIText:
 def conditioning_options(clip_skip: int) -> dict[str, Any]:
     """The WebUI options that decide how a caption is encoded, as a run pins them."""
     return {"CLIP_stop_at_last_layers": clip_skip, "emphasis": "None", "use_old_emphasis_implementation": False,
-            "comma_padding_backtrack": COMMA_BACKTRACK}
+            "comma_padding_backtrack": COMMA_BACKTRACK, "sdxl_clip_l_skip": False}
 
 
 @contextmanager
@@ -133,26 +159,49 @@ def _checkpoint_hashes(info: Any) -> Callable[[], dict[str, str]]:
     return hashes
 
 
-def build_bundle(model: Any, family: str, cfg: TrainConfig) -> tuple[WebUIModelBundle, str]:
-    """The bundle over the loaded ``model``, and a note when ``model.prediction`` overrides the model's own type."""
-    own = getattr(model, "parameterization", "eps")
+def _prediction(own: str, cfg: TrainConfig) -> tuple[str, str]:
+    """The run's prediction type and a note when ``model.prediction`` overrides the model's own ``own``."""
     prediction = own if cfg.model.prediction == "auto" else cfg.model.prediction
     note = "" if prediction == own else (f"model.prediction '{prediction}' overrides the loaded model's own "
                                          f"'{own}'; generation in the WebUI will still use '{own}'.")
+    return prediction, note
+
+
+def build_bundle(model: Any, family: str, cfg: TrainConfig) -> tuple[WebUIModelBundle, str]:
+    """The bundle over the loaded ``model``, and a note when ``model.prediction`` overrides the model's own type."""
     info = getattr(model, "sd_checkpoint_info", None)
+    where = dict(checkpoint_name=os.path.basename(getattr(info, "filename", "") or ""),
+                 checkpoint_hashes=_checkpoint_hashes(info))
+    injects = methods.get(cfg.method).injects_vectors
+    if hasattr(model, "conditioner"):  # an sgm DiffusionEngine (SDXL base layout, checked by the host rules)
+        if injects:
+            raise TrainerError(embedding_refusal(family))
+        prediction, note = _prediction(sgm_prediction(model), cfg)
+        return WebUIModelBundle.from_sgm(model, prediction=prediction, text_root=text_root(model.conditioner),
+                                         **where), note
+    prediction, note = _prediction(getattr(model, "parameterization", "eps"), cfg)
     embedder = model.cond_stage_model.wrapped
-    if methods.get(cfg.method).injects_vectors:
+    if injects:
         # The vectors being trained are not in the WebUI's embeddings database (which is never touched): the library's
         # conditioner over the raw encoder injects them, under the same rules as the WebUI's prompt wrapper
         # (bit-identical: tests/test_embedding_webui.py, /trainer/v1/diagnostics/conditioning).
         encode_text = TextConditioner(embedder, family, clip_skip=cfg.model.clip_skip)
     else:
         encode_text = WebUIText(model.cond_stage_model)
-    bundle = WebUIModelBundle(
-        model=model, family=family, prediction=prediction, text_encoder=embedder, encode_text=encode_text,
-        checkpoint_name=os.path.basename(getattr(info, "filename", "") or ""),
-        checkpoint_hashes=_checkpoint_hashes(info))
+    bundle = WebUIModelBundle(model=model, family=family, prediction=prediction, text_encoder=embedder,
+                              encode_text=encode_text, **where)
     return bundle, note
+
+
+def embedding_refusal(family: str) -> str:
+    """Why an embedding run cannot train on ``family`` ("" when it can): the embedding trainer knows one text
+    encoder per family."""
+    rules = RECORDS[family]
+    if len(rules.text_encoders) == 1:
+        return ""
+    return (f"Embedding (textual inversion) training is not available for {rules.label} checkpoints yet (they have "
+            f"{len(rules.text_encoders)} text encoders); train a LoRA, or load an SD1.x or SD2.x checkpoint to train "
+            "an embedding.")
 
 
 @contextmanager
@@ -192,7 +241,8 @@ def loaded_model_bundle(cfg: TrainConfig, note: Callable[[str], None] = lambda t
         bundle, prediction_note = build_bundle(model, family, cfg)
         if prediction_note:
             note(prediction_note)
-        with pinned_options(conditioning_options(cfg.model.clip_skip)), frozen(model):
+        with pinned_options(conditioning_options(cfg.model.clip_skip)), frozen(model), \
+                out_of_lowvram_hooks(model, note):
             yield bundle
     finally:
         shared.loaded_hypernetworks = hypernetworks

@@ -76,12 +76,15 @@ def _model_family() -> str | None:
 
 
 def _host_status() -> tuple[bool, str]:
+    from ...models.families import RECORDS
     from ..host import FAMILY_LABELS, inspect_host
 
     report = inspect_host()
     if not report.supported:
         return False, report.reason
-    return True, f"Ready: {report.checkpoint} ({FAMILY_LABELS[report.family]}) can be trained here."
+    rules = RECORDS[report.family]
+    note = "" if rules.clip_skip_applies else f" Clip skip does not apply to {rules.label} (its layers are fixed)."
+    return True, f"Ready: {report.checkpoint} ({FAMILY_LABELS[report.family]}) can be trained here.{note}"
 
 
 def backend():
