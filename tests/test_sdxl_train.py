@@ -257,8 +257,9 @@ def test_embedding_training_on_sdxl_is_refused_with_the_reason(tiny_sdxl_file, t
     code, text = run_cli("embedding", ["--checkpoint", tiny_sdxl_file, "--webui-dir", os.environ["SD_WEBUI_DIR"],
                                        "--data", tmp_path / "data", "--output", tmp_path / "out", "--name", "emb",
                                        "--resolution", "64", "--min-bucket", "64", "--max-bucket", "128"], capsys)
-    assert_clear_error(code, text[text.index("error: "):], ["Embeddings cannot be trained on SDXL models yet",
-                                                            "train a LoRA instead"])
+    assert_clear_error(code, text[text.index("error: "):],
+                       ["Embedding (textual inversion) training is not available for SDXL checkpoints yet",
+                        "train a LoRA instead"])
 
 
 def _sdxl_bundle(seed: int = 9):

@@ -344,3 +344,21 @@ def test_a_shared_webui_keeps_config_files_in_its_folders(tmp_path):
     *_, msg = h.load_config(str(tmp_path / "Lora" / "c.json"))
     assert "Loaded" in msg
 
+
+
+@pytest.mark.parametrize("family, ok", [("sdxl", True), ("sd1", True), ("sdxl", False)])
+def test_check_loaded_model_offers_the_family_presets_and_defaults(family, ok):
+    """"Check loaded model" on an SDXL model: the SDXL presets and gradient checkpointing on (the SDXL record's
+    config default); on SD1 the SD presets and no field changed; a model that cannot be trained changes no field."""
+    fake = FakeBackend()
+    backend = dataclasses.replace(fake.backend(), host_status=lambda: (ok, "Loaded: x."), model_family=lambda: family)
+    html, presets, *updates = ui._Handlers(ui.WebuiInfo(lora_dir="/loras"), backend).check_host()
+    assert presets["choices"] == list(ui_presets.presets_for(family))
+    changed = {k: u["value"] for k, u in zip(ui_fields.KEYS, updates) if "value" in u}
+    if family == "sdxl" and ok:
+        assert all(n.startswith("SDXL") for n in presets["choices"])
+        assert changed == {"train.gradient_checkpointing": True} and "Gradient checkpointing" in html
+    else:
+        assert changed == {}
+    if family == "sd1":
+        assert not any(n.startswith("SDXL") for n in presets["choices"])

@@ -31,6 +31,7 @@ from ..embedding.vectors import init_vectors, name_collision
 from ..errors import DatasetError, Problem, TrainerError
 from ..models.bundle import ModelBundle
 from ..models.conditioning import TextConditioner
+from ..models.families import RECORDS
 from .events import Commands, Events, SafeEvents
 from .loop import RunResult, run_training
 from .prepare import PreparedData, prepare_data
@@ -60,15 +61,26 @@ def prepare_embedding_data(cfg: TrainConfig) -> PreparedData:
     return prep
 
 
+def embedding_refusal(family: str) -> str:
+    """Why an embedding cannot be trained on ``family`` ("" when it can): the embedding trainer knows one text
+    encoder per family (SDXL's two: issue #11)."""
+    rules = RECORDS[family]
+    if len(rules.text_encoders) == 1:
+        return ""
+    return (f"Embedding (textual inversion) training is not available for {rules.label} checkpoints yet (they have "
+            f"{len(rules.text_encoders)} text encoders); train a LoRA instead, or load an SD1.x or SD2.x checkpoint "
+            "to train an embedding.")
+
+
 class EmbeddingSession(TrainingSession):
     noun = "embedding"
     step_stem = epoch_stem = "{name}-{step:06d}"  # every intermediate file is named by its step count
 
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, resume: LoadedState | None):
         super().__init__(cfg, bundle, prep, resume)
-        if not isinstance(bundle.encode_text, TextConditioner):
-            raise TrainerError(f"Embeddings cannot be trained on {bundle.family_rules.label} models yet (SD1.x and "
-                               "SD2.x only); train a LoRA instead (python -m lib_train lora ...).")
+        refusal = embedding_refusal(bundle.family)
+        if refusal:
+            raise TrainerError(refusal)
         self.conditioner: TextConditioner = bundle.encode_text
         self.template = load_template(cfg.embedding.template)
         self.vectors: torch.nn.Parameter | None = None

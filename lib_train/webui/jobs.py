@@ -33,9 +33,10 @@ from typing import Any, Callable
 from .. import config as config_mod
 from .. import methods
 from ..atomic import check_output_name, is_within
-from ..config import TrainConfig, from_dict, validate
+from ..config import TrainConfig, apply_family_defaults, from_dict, given_keys, validate
 from ..errors import ConfigError, Problem, TrainerError
 from ..methods import Method
+from ..models.families import get_family
 from ..train import sampling
 from ..train.events import Commands, Events, Progress
 from ..train.outputs import existing_final, save_run_config
@@ -215,8 +216,9 @@ class WebUICommands(Commands):
 
 class Job:
     def __init__(self, cfg: TrainConfig, prep: PreparedData, method: Method, resume: LoadedState | None,
-                 resumed_from: str | None, notes: list[str]):
+                 resumed_from: str | None, notes: list[str], family: str | None = None):
         self.cfg, self.prep, self.method, self.resume = cfg, prep, method, resume
+        self.family = family  # the loaded model's family name when the job was created
         self.webui = METHODS[method.name]
         self.commands = WebUICommands()
         job_id = uuid.uuid4().hex[:12]
@@ -310,7 +312,7 @@ class JobManager:
             if s.state not in ACTIVE_STATES and steps >= 3 and s.elapsed_s:
                 c = job.cfg
                 return rate_from_run(c.data.resolution, c.train.batch_size, c.optim.grad_accum, steps, s.elapsed_s,
-                                     s.name)
+                                     s.name, family=job.family)
         return None
 
     # ---- creation
@@ -361,13 +363,17 @@ class JobManager:
             raise TrainerError(report.reason)
         method = methods.get(cfg.method)
         if method.injects_vectors:
-            from .model import embedding_refusal
+            from ..train.ti_trainer import embedding_refusal
 
             refusal = embedding_refusal(report.family)
             if refusal:
                 raise ConfigError([Problem("method", refusal)])
+        # the family's own defaults where the request did not set them (SDXL: gradient checkpointing on)
+        notes += apply_family_defaults(cfg, get_family(report.family),
+                                       given_keys(resume.state.config if resume else (data or {})))
         prep = method.entry("prepare")(cfg)
-        job = Job(cfg, prep, method, resume, str(Path(resume_dir).resolve()) if resume_dir else None, notes)
+        job = Job(cfg, prep, method, resume, str(Path(resume_dir).resolve()) if resume_dir else None, notes,
+                  report.family)
         if resume is not None:  # the loss curve goes on from the interrupted job's (when it ran in this session)
             state_dir = state_dir_for(cfg.output.output_dir, cfg.output.name).resolve()
             before = next((j for j in self.jobs() if j.status.state_dir

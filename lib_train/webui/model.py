@@ -47,7 +47,6 @@ from ..config import TrainConfig
 from ..errors import TrainerError
 from ..models.bundle import ModelBundle, sgm_prediction
 from ..models.conditioning import COMMA_BACKTRACK, TextConditioner
-from ..models.families import RECORDS
 from ..models.sdxl import text_root
 from .host import require_trainable_model
 from .lowvram import out_of_lowvram_hooks
@@ -175,6 +174,8 @@ def build_bundle(model: Any, family: str, cfg: TrainConfig) -> tuple[WebUIModelB
     injects = methods.get(cfg.method).injects_vectors
     if hasattr(model, "conditioner"):  # an sgm DiffusionEngine (SDXL base layout, checked by the host rules)
         if injects:
+            from ..train.ti_trainer import embedding_refusal
+
             raise TrainerError(embedding_refusal(family))
         prediction, note = _prediction(sgm_prediction(model), cfg)
         return WebUIModelBundle.from_sgm(model, prediction=prediction, text_root=text_root(model.conditioner),
@@ -191,17 +192,6 @@ def build_bundle(model: Any, family: str, cfg: TrainConfig) -> tuple[WebUIModelB
     bundle = WebUIModelBundle(model=model, family=family, prediction=prediction, text_encoder=embedder,
                               encode_text=encode_text, **where)
     return bundle, note
-
-
-def embedding_refusal(family: str) -> str:
-    """Why an embedding run cannot train on ``family`` ("" when it can): the embedding trainer knows one text
-    encoder per family."""
-    rules = RECORDS[family]
-    if len(rules.text_encoders) == 1:
-        return ""
-    return (f"Embedding (textual inversion) training is not available for {rules.label} checkpoints yet (they have "
-            f"{len(rules.text_encoders)} text encoders); train a LoRA, or load an SD1.x or SD2.x checkpoint to train "
-            "an embedding.")
 
 
 @contextmanager

@@ -24,13 +24,14 @@ import gradio as gr
 from ... import methods
 from ...atomic import is_within
 from ...config import SETTINGS, TrainConfig, from_dict, load_config, save_config
+from ...settings import format_default
 from ...data import scan_dataset
 from ...errors import ConfigError, DatasetError, Problem, TrainerError
 from ..gradio_compat import js_kwarg
 from . import render
 from .fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, config_to_values, \
     method_default_changes, values_to_dict
-from .presets import PRESET_METHOD, PRESETS
+from .presets import ALL_PRESETS, PRESET_METHOD, presets_for
 from .preprocess_panel import build_preprocess_panel
 
 GALLERY_IMAGES = 24  # images shown after a scan
@@ -116,7 +117,7 @@ class _Handlers:
         """The preset's fields; for another method than the presets' (an embedding run) only the settings that apply
         to it and have no default of its own: its memory and data settings (a LoRA's learning rates and network
         would be wrong for the vectors)."""
-        preset = PRESETS.get(name or "", {})
+        preset = ALL_PRESETS.get(name or "", {})
         if method != PRESET_METHOD and method in methods.METHODS:
             m = methods.METHODS[method]
             preset = {k: v for k, v in preset.items() if SETTINGS[k].applies_to(method) and k not in m.defaults
@@ -262,9 +263,21 @@ class _Handlers:
             return render.message("No training job in this session yet."), []
         return render.job_status(status), [p for p in status.get("samples") or [] if Path(p).is_file()]
 
-    def check_host(self) -> str:
+    def check_host(self) -> list[Any]:
+        """The host's status line, the preset list of the loaded model's family, and the fields whose default
+        differs for that family (``Family.config_defaults``: SDXL turns gradient checkpointing on) set to it."""
+        from ...models.families import family_or_default
+
         ok, text = self.backend.host_status()
-        return render.message(text, "ok" if ok else "error")
+        family_name = self.backend.model_family()
+        family = family_or_default(family_name)
+        defaults = dict(family.config_defaults) if ok else {}
+        if defaults:
+            text += " " + "; ".join(f"{SPECS[k].label}: {format_default(v)}" for k, v in defaults.items()) + \
+                f" (the {family.label} default)."
+        return [render.message(text, "ok" if ok else "error"),
+                gr.update(choices=list(presets_for(family_name)), value=None),
+                *[gr.update(value=defaults[k]) if k in defaults else gr.update() for k in KEYS]]
 
 
 def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
@@ -291,7 +304,7 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
                     method = gr.Radio(list(methods.METHODS), value=methods.DEFAULT_METHOD, label="Method",
                                       elem_id="sd_trainer_method",
                                       info="lora: a LoRA network; embedding: a textual-inversion embedding")
-                    preset = gr.Dropdown(list(PRESETS), label="Preset (subject · GPU memory)",
+                    preset = gr.Dropdown(list(presets_for(None)), label="Preset (subject · GPU memory)",
                                          elem_id="sd_trainer_preset")
                     apply_preset = gr.Button("Apply preset", elem_id="sd_trainer_apply_preset", scale=0)
                 with gr.Accordion("Dataset", open=True, elem_id="sd_trainer_group_dataset"):
@@ -346,7 +359,7 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
 
         fields = [comps[k] for k in KEYS]
         method_groups = [accordions[g] for g in METHOD_GROUPS]
-        check.click(fn=h.check_host, inputs=[], outputs=[host])
+        check.click(fn=h.check_host, inputs=[], outputs=[host, preset, *fields])
         apply_preset.click(fn=h.apply_preset, inputs=[preset, method], outputs=fields)
         method.change(fn=h.method_changed, inputs=[method, *fields], outputs=method_groups + fields)
         scan.click(fn=h.scan, inputs=[method, *fields], outputs=[report, gallery, scan_state, estimate_box])
