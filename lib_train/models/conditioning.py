@@ -214,24 +214,38 @@ class TextConditioner:
     def encode_ids_pooled(self, ids: torch.Tensor, fixes: list[list[Fix]] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As :meth:`encode_ids`, plus the pooled output of every chunk ``[B, k, dim]`` where the encoder's layer
-        gives one (SDXL clip_g), else None."""
+        gives one (SDXL clip_g), else None.
+
+        Chunk ``c`` of every caption is encoded in one call (``B`` rows), chunk after chunk, as the WebUI's prompt
+        wrapper does: the same rows in the same call give the WebUI's numbers bit for bit in a batch too (one call over
+        all ``B·k`` rows differs in the last bits)."""
         b, k, n = ids.shape
-        flat = ids.reshape(b * k, n).to(self._device())
+        ids = ids.to(self._device())
+        if fixes and any(fixes) and self.placeholders is None:
+            raise ValueError("fixes given but no placeholders are registered")
+        zs, pools = [], []
+        for c in range(k):
+            chunk_fixes = fixes[c::k] if fixes else None  # row b·k + c of the fixes is caption b's chunk c
+            z, pooled = self._encode_rows(ids[:, c], chunk_fixes)
+            zs.append(z)
+            pools.append(pooled)
+        return torch.cat(zs, dim=1), (None if pools[0] is None else torch.stack(pools, dim=1))
+
+    def _encode_rows(self, rows: torch.Tensor, fixes: list[list[Fix]] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[R, 77]`` token ids → (hidden states ``[R, 77, width]``, pooled ``[R, dim]`` or None), with ``fixes``
+        (one list per row) spliced into the token-embedding output."""
         hook = None
         if fixes and any(fixes):
-            if self.placeholders is None:
-                raise ValueError("fixes given but no placeholders are registered")
             splice = self.placeholders.splice
             hook = self.token_embedding.register_forward_hook(lambda _m, _args, out: splice(out, fixes))
         try:
             if self.encoder.layer is None:
-                z, pooled = self.kind.encode(self.embedder, flat, self.clip_skip), None
-            else:
-                z, pooled = self.kind.hidden(self.embedder, flat, self.encoder.layer)
+                return self.kind.encode(self.embedder, rows, self.clip_skip), None
+            return self.kind.hidden(self.embedder, rows, self.encoder.layer)
         finally:
             if hook is not None:
                 hook.remove()
-        return z.reshape(b, k * n, z.shape[-1]), (None if pooled is None else pooled.reshape(b, k, -1))
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         return self.encode_ids(*self.tokenize_prompts(captions))
