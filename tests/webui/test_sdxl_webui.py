@@ -162,5 +162,25 @@ def test_sdxl_lora_is_listed_and_changes_the_image(webui, sdxl_run):
     assert plain == again and with_lora != plain
 
 
+def test_the_epoch_grid_works_on_the_sdxl_run(webui, sdxl_run):
+    """The Epoch × weight grid script on the SDXL run: one row per weight, cells that differ, the LoRA in each
+    cell's infotext (the same script as for SD1; tests/webui/test_grid_webui.py covers the rest of it)."""
+    from .test_grid_webui import SCRIPT
+
+    args = [f"LoRA: {NAME}/{NAME}", [NAME], "0.5-1 (+0.5)", "Nothing", "", False, True, "", 1.0, False, "grid"]
+    before = webui.get("/sdapi/v1/options")["lora_functional"]
+    webui.post("/sdapi/v1/options", {"lora_functional": True})  # see the test above
+    try:
+        r = webui.post("/sdapi/v1/txt2img", {"prompt": "thing", "steps": 2, "width": 64, "height": 64,
+                                             "sampler_name": "Euler", "seed": 3, "script_name": SCRIPT,
+                                             "script_args": args})
+    finally:
+        webui.post("/sdapi/v1/options", {"lora_functional": before})
+    texts = json.loads(r["info"])["infotexts"]
+    assert len(r["images"]) == 3 and len(texts) == 3  # the grid, then its two cells
+    assert "<lora:sdxl_test:0.5>" in texts[1] and "<lora:sdxl_test:1>" in texts[2]
+    assert r["images"][1] != r["images"][2]
+
+
 def test_log_has_no_errors_from_our_code(webui, sdxl_run):
     assert our_errors_in_log(webui.log_text()) == []
