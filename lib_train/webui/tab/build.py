@@ -27,6 +27,7 @@ from ...config import SETTINGS, TrainConfig, from_dict, load_config, save_config
 from ...settings import format_default
 from ...data import scan_dataset
 from ...errors import ConfigError, DatasetError, Problem, TrainerError
+from ...models.families import family_or_default, labels_text
 from ..gradio_compat import js_kwarg
 from . import render
 from .fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, config_to_values, \
@@ -219,8 +220,6 @@ class _Handlers:
                 steps, formula = plan.total_steps, plan.formula
             except (TrainerError, ValueError, ZeroDivisionError):
                 pass  # settings mid-edit (e.g. batch size 0): the validation at Train names them
-        from ...models.families import family_or_default
-
         family = family_or_default(self.backend.model_family()).name
         est = estimate(cfg, steps, family, self.backend.measured_rate())
         return render.estimate_html(est, steps, formula)
@@ -266,8 +265,6 @@ class _Handlers:
     def check_host(self) -> list[Any]:
         """The host's status line, the preset list of the loaded model's family, and the fields whose default
         differs for that family (``Family.config_defaults``: SDXL turns gradient checkpointing on) set to it."""
-        from ...models.families import family_or_default
-
         ok, text = self.backend.host_status()
         family_name = self.backend.model_family()
         family = family_or_default(family_name)
@@ -294,8 +291,9 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
 
     with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Row():
-            host = gr.HTML(render.message("Training uses the checkpoint loaded in the WebUI (SD1.x/SD2.x). Press "
-                                          "Check to see whether it can be trained here."),
+            host = gr.HTML(render.message(f"Training uses the checkpoint loaded in the WebUI ({labels_text('/')}). "
+                                          "Press Check to see whether it can be trained here and to get its "
+                                          "presets."),
                            elem_id="sd_trainer_host")
             check = gr.Button("Check loaded model", elem_id="sd_trainer_check", scale=0)
         with gr.Row(equal_height=False):
