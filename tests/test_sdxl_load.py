@@ -170,6 +170,28 @@ def test_state_dict_round_trips_bit_exactly(tiny_file, sdxl_on):
     assert all(torch.equal(t, theirs[k]) for k, t in fresh.state_dict().items())
 
 
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_loading_straight_into_the_training_dtype_equals_load_then_cast(tiny_file, sdxl_on, dtype_name):
+    """frozen_dtype (a GPU run's half precision): UNet and text encoders are made in it and the file's tensors copied
+    straight in; bit for bit what loading in fp32 and casting gives; the VAE stays fp32."""
+    import torch
+
+    from lib_train.models.checkpoint import load_checkpoint
+
+    dtype = getattr(torch, dtype_name)
+    _original, path = tiny_file
+    direct, _ = load_checkpoint(path, frozen_dtype=dtype)
+    cast, _ = load_checkpoint(path)
+    cast.model.to(dtype)
+    cast.conditioner.to(dtype)
+    a, b = direct.state_dict(), cast.state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert next(direct.model.parameters()).dtype == dtype
+    assert next(direct.conditioner.parameters()).dtype == dtype
+    assert {p.dtype for p in direct.first_stage_model.parameters()} == {torch.float32}
+
+
 def test_conditioning_and_predict_equal_the_original(tiny_file, sdxl_on):
     import torch
 

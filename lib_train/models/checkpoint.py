@@ -111,13 +111,17 @@ def _probe_v_prediction(unet: torch.nn.Module, context_dim: int) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto",
-                    webui_dir: str | os.PathLike | None = None):
+                    webui_dir: str | os.PathLike | None = None, frozen_dtype: torch.dtype | None = None):
     """Build the model for ``path`` and load its weights. Returns ``(LatentDiffusion, CheckpointInfo)``; for an SDXL
     file ``(DiffusionEngine, CheckpointInfo)`` (sgm from the WebUI, ``webui_dir`` or as :mod:`.sgm_import` finds it).
 
     Prediction type: ``prediction`` when not "auto"; else a ``<checkpoint>.yaml`` next to the file; else a ``v_pred``
     marker tensor in the file; else, for full-size weights of a family that has one (SD2), the WebUI's probe; else
     the family's default (epsilon).
+
+    ``frozen_dtype`` (SDXL): the dtype the UNet and the text encoders are to train in (frozen, half precision on a
+    GPU); they are created in it and the file's tensors copied straight in, so an fp32 copy of the 2.6 G-parameter
+    UNet is never held (the result equals loading in fp32 and casting afterwards, bit for bit; the VAE stays fp32).
     """
     path = str(path)
     sd = read_state_dict(path)
@@ -136,6 +140,9 @@ def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto",
         from .sdxl_load import build_sdxl, load_sdxl_weights
 
         model = build_sdxl(spec, prediction, webui_dir, init=False)  # every UNet/VAE weight comes next
+        if frozen_dtype is not None:
+            model.model.to(frozen_dtype)  # still on the meta device: only the dtype its weights will be made in
+            model.conditioner.to(frozen_dtype)
         load_sdxl_weights(model, sd, path)
         del sd
         return model, CheckpointInfo(path=path, name=os.path.basename(path), spec=spec, prediction=prediction,

@@ -94,7 +94,8 @@ def load_bundle(cfg: TrainConfig, device: torch.device | str, say: Callable[[str
     t0 = time.perf_counter()
     webui = webui_dir or cfg.model.webui_dir or None
     try:
-        model, info = load_checkpoint(cfg.model.checkpoint, prediction=cfg.model.prediction, webui_dir=webui)
+        model, info = load_checkpoint(cfg.model.checkpoint, prediction=cfg.model.prediction, webui_dir=webui,
+                                      frozen_dtype=resolve_precision(cfg.train.mixed_precision, device))
     except TrainerError as e:
         if str(e).startswith(NOT_FOUND):  # name the setting too (the command line's flag)
             raise TrainerError(f"{cfg.model.checkpoint} is an SDXL checkpoint. {e} Or set {label('model.webui_dir')} "
