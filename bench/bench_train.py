@@ -180,37 +180,23 @@ def _build_sd1(bc: BenchConfig):
     return bundle_from_ldm(model, family="sd1", device=bc.device, precision=bc.precision)
 
 
-def _tiny_sdxl_spec():
-    """SDXL's layout at test size (the widths of tests/sdxl_models.py's tiny sgm model): UNet 32 channels, depth
-    1/2/2 and middle 2, context 32 + 32; clip_l 12 layers and clip_g 3 layers of width 32; VAE 32 channels."""
-    from lib_train.models.families import SDXL
-    from lib_train.models.spec import SDXLSpec, SDXLUNetSpec, TextSpec, VAESpec
-
-    heads, head_channels = SDXL.unet_heads(32)
-    projection = 24  # clip_g's pooled width (1280 at full size), the first part of the vector y
-    unet = SDXLUNetSpec(model_channels=32, transformer_depth=[1, 2, 2], transformer_depth_middle=2, context_dim=64,
-                        adm_in_channels=projection + 3 * 2 * 256, num_heads=heads, num_head_channels=head_channels)
-    return SDXLSpec(unet=unet, clip_l=TextSpec(width=32, layers=12, heads=4, intermediate=64, projection_dim=32),
-                    clip_g=TextSpec(width=32, layers=3, heads=4, intermediate=128, projection_dim=projection),
-                    vae=VAESpec(ch=32, num_res_blocks=1))
-
-
 def _build_sdxl(bc: BenchConfig):
-    """The full-size SDXL base-layout ``DiffusionEngine`` (``--tiny``: :func:`_tiny_sdxl_spec`) built from sgm's own
-    classes by :func:`lib_train.models.sdxl_load.build_sdxl`, as the headless loader builds it, with seeded random
-    weights, on ``bc.device``, wrapped in a bundle by :func:`lib_train.models.load.bundle_from_sgm` (frozen UNet and
-    text encoders in the half dtype on CUDA, VAE fp32), as ``python -m lib_train lora`` loads an SDXL checkpoint.
+    """The full-size SDXL base-layout ``DiffusionEngine`` (``--tiny``: ``lib_train.models.build.tiny_sdxl_spec``)
+    built from sgm's own classes by :func:`lib_train.models.sdxl_load.build_sdxl`, as the headless loader builds it,
+    with seeded random weights, on ``bc.device``, wrapped in a bundle by :func:`lib_train.models.load.bundle_from_sgm`
+    (frozen UNet and text encoders in the half dtype on CUDA, VAE fp32), as ``python -m lib_train lora`` loads an
+    SDXL checkpoint.
 
     One copy only (~13.9 GB fp32 at full size): the UNet and VAE come unfilled (``init=False``: on the meta device,
     as the loader leaves them for the checkpoint's tensors) and get uninitialised memory, the text encoders skip
     their default init, and :func:`randomize_` writes every parameter in place."""
-    from lib_train.models.build import randomize_
+    from lib_train.models.build import randomize_, tiny_sdxl_spec
     from lib_train.models.load import bundle_from_sgm
     from lib_train.models.sdxl_load import build_sdxl
     from lib_train.models.spec import SDXLSpec
 
     with _skip_default_init():
-        model = build_sdxl(_tiny_sdxl_spec() if bc.tiny else SDXLSpec(), webui_dir=bc.webui_dir, init=False)
+        model = build_sdxl(tiny_sdxl_spec() if bc.tiny else SDXLSpec(), webui_dir=bc.webui_dir, init=False)
     _materialize(model)
     randomize_(model, MODEL_SEED)
     return bundle_from_sgm(model, device=bc.device, precision=bc.precision)

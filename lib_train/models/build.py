@@ -214,6 +214,22 @@ def tiny_spec(family: str = SD1.name) -> ModelSpec:
     )
 
 
+def tiny_sdxl_spec():
+    """SDXL's layout at test size (the widths of tests/sdxl_models.py's tiny sgm model), for quick checks: UNet 32
+    channels, depth 1/2/2 and middle 2, context 32 + 32; clip_l 12 layers and clip_g 3 layers of width 32; VAE 32
+    channels."""
+    from .families import SDXL
+    from .spec import SDXLSpec, SDXLUNetSpec, TextSpec, VAESpec
+
+    heads, head_channels = SDXL.unet_heads(32)
+    projection = 24  # clip_g's pooled width (1280 at full size), the first part of the vector y
+    unet = SDXLUNetSpec(model_channels=32, transformer_depth=[1, 2, 2], transformer_depth_middle=2, context_dim=64,
+                        adm_in_channels=projection + 3 * 2 * 256, num_heads=heads, num_head_channels=head_channels)
+    return SDXLSpec(unet=unet, clip_l=TextSpec(width=32, layers=12, heads=4, intermediate=64, projection_dim=32),
+                    clip_g=TextSpec(width=32, layers=3, heads=4, intermediate=128, projection_dim=projection),
+                    vae=VAESpec(ch=32, num_res_blocks=1))
+
+
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Give every parameter a seeded random value so that a random-weight model is numerically well-behaved.
 

@@ -49,6 +49,15 @@ def module_flags(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
+def _difference(webui: torch.Tensor, library: torch.Tensor) -> dict[str, Any]:
+    """Both tensors' shapes, whether they are bit-identical, and their largest absolute difference (fp32)."""
+    same_shape = webui.shape == library.shape
+    return {"webui_shape": list(webui.shape), "library_shape": list(library.shape),
+            "equal": bool(same_shape and torch.equal(webui, library)),
+            "max_abs_diff": float((webui.float() - library.float()).abs().max()) if same_shape else None,
+            "max_abs_value": float(webui.float().abs().max())}
+
+
 def compare_conditioning(model: Any, family: str, prompts: list[str], clip_skip: int = 1) -> list[dict[str, Any]]:
     """For each prompt: both tensors' shapes and their largest absolute difference (fp32).
 
@@ -65,23 +74,8 @@ def compare_conditioning(model: Any, family: str, prompts: list[str], clip_skip:
             webui = model.cond_stage_model([prompt]).float()
             sd_hijack.model_hijack.fixes = None  # the raw encoder below must not see the wrapper's leftovers
             library = ours([prompt]).float()
-            same_shape = webui.shape == library.shape
-            results.append({
-                "prompt": prompt,
-                "webui_shape": list(webui.shape),
-                "library_shape": list(library.shape),
-                "max_abs_diff": float((webui - library).abs().max()) if same_shape else None,
-                "max_abs_value": float(webui.abs().max()),
-            })
+            results.append({"prompt": prompt, **_difference(webui, library)})
     return results
-
-
-def _difference(webui: torch.Tensor, library: torch.Tensor) -> dict[str, Any]:
-    same_shape = webui.shape == library.shape
-    return {"webui_shape": list(webui.shape), "library_shape": list(library.shape),
-            "equal": bool(same_shape and torch.equal(webui, library)),
-            "max_abs_diff": float((webui.float() - library.float()).abs().max()) if same_shape else None,
-            "max_abs_value": float(webui.float().abs().max())}
 
 
 def compare_sdxl_conditioning(model: Any, prompts: list[str], sizes: list[tuple[int, int]], clip_skip: int = 1
