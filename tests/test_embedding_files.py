@@ -148,11 +148,11 @@ def test_load_embedding_reads_every_sd_format(tmp_path):
 
 
 def test_load_embedding_refuses_what_it_cannot_train(tmp_path):
-    save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(tmp_path / "xl.safetensors"))
+    save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1, 1280)}, str(tmp_path / "xl.safetensors"))
     save_file({"a": torch.zeros(1, 8), "b": torch.zeros(1, 8)}, str(tmp_path / "two.safetensors"))
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     (tmp_path / "x.ckpt").write_bytes(b"")
-    cases = {"xl.safetensors": "SDXL", "two.safetensors": "holds 2 tensors", "junk.pt": "cannot be read",
+    cases = {"xl.safetensors": "clip_g must be a float tensor", "two.safetensors": "holds 2 tensors", "junk.pt": "cannot be read",
              "x.ckpt": "not an embedding file"}
     for name, needle in cases.items():
         with pytest.raises(TrainerError, match=needle) as err:

@@ -7,6 +7,11 @@ says how many slots it takes (its vector count); the conditioner lays out the ch
 token-embedding output, which writes each occurrence's vectors at ``offset + 1`` (after BOS), cut at the end of the
 77-token row, cast to the output's dtype (FORMATS.md §C.5, §E.4; the WebUI's ``EmbeddingsWithFixes``). The vectors
 enter the graph, so training them works through the frozen text encoder and UNet.
+
+A family with several text encoders (SDXL) has one registry per encoder, each holding that encoder's vectors under
+the same name and the same token ids: as in the WebUI, the name is registered once by the FIRST encoder's tokenizer
+(``cond_stage_model.tokenize``, clip_l's on SDXL), and each encoder lays out its own chunks and finds the name in its
+own tokens (:class:`Injection`).
 """
 
 from __future__ import annotations
@@ -52,17 +57,29 @@ class EmbeddingSlots:
 
 
 class Injection:
-    """Registers ``vectors`` under ``name`` on ``conditioner`` until :meth:`remove` (the conditioner's previous
-    registry, usually none, is put back)."""
+    """Registers ``vectors`` under ``name`` on ``conditioners`` until :meth:`remove` (each conditioner's previous
+    registry, usually none, is put back).
 
-    def __init__(self, conditioner: TextConditioner, name: str, vectors: torch.Tensor):
-        self.slots = EmbeddingSlots()
-        self.slots.add(name, conditioner.text_ids(name), vectors)
-        self._conditioner = conditioner
-        self._previous = conditioner.placeholders
-        conditioner.placeholders = self.slots
+    One conditioner and a tensor ``[n, width]``, or one conditioner per text encoder of the family (record order)
+    and a tensor for each (SDXL: clip_l ``[n, 768]``, clip_g ``[n, 1280]``; the same ``n``)."""
+
+    def __init__(self, conditioners: TextConditioner | Sequence[TextConditioner], name: str,
+                 vectors: torch.Tensor | Sequence[torch.Tensor]):
+        conds = [conditioners] if isinstance(conditioners, TextConditioner) else list(conditioners)
+        vecs = [vectors] if isinstance(vectors, torch.Tensor) else list(vectors)
+        if len(conds) != len(vecs) or len({int(v.shape[0]) for v in vecs}) != 1:
+            raise ValueError(f"{len(vecs)} vector sets for {len(conds)} text encoders, or different vector counts")
+        ids = conds[0].text_ids(name)  # the WebUI registers a name by the first encoder's tokens
+        self.slots = []
+        self._installed: list[tuple[TextConditioner, object]] = []
+        for cond, vec in zip(conds, vecs):
+            slots = EmbeddingSlots()
+            slots.add(name, ids, vec)
+            self.slots.append(slots)
+            self._installed.append((cond, cond.placeholders))
+            cond.placeholders = slots
 
     def remove(self) -> None:
-        if self._conditioner is not None:
-            self._conditioner.placeholders = self._previous
-            self._conditioner = None
+        for cond, previous in self._installed:
+            cond.placeholders = previous
+        self._installed = []

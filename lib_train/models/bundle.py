@@ -58,6 +58,11 @@ class SDXLText:
     def truncated_captions(self) -> int:
         return self.conditioner.truncated_captions
 
+    @property
+    def encoders(self) -> list[TextConditioner]:
+        """The conditioner of each text encoder (clip_l, clip_g)."""
+        return list(self.conditioner.encoders)
+
     def text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """``{"crossattn": [B, 77·k, 2048], "pooled": [B, 1280]}`` (under the caller's grad mode)."""
         context, pooled = self.conditioner.text(captions)
@@ -153,6 +158,16 @@ class ModelBundle:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    @property
+    def text_conditioners(self) -> list[TextConditioner]:
+        """The library's conditioner of each text encoder of the family, in the record's order (what an embedding
+        run registers its vectors on): SDXL's two, or the one of SD1/SD2. A bundle whose text goes through something
+        else (the WebUI's prompt wrapper in a LoRA run) has none to give."""
+        encoders = self.encode_text.encoders if isinstance(self.encode_text, SDXLText) else [self.encode_text]
+        if not all(isinstance(c, TextConditioner) for c in encoders):
+            raise TypeError("this bundle's text conditioning is not the library's TextConditioner")
+        return encoders
 
     # ---- text conditioning, in two halves: what depends on the captions alone (cacheable per caption), and the
     # conditioning the UNet takes, from those outputs and each image's sizes (families with size conditioning)

@@ -73,7 +73,8 @@ class SampleContext:
     device: torch.device
     autocast: torch.dtype | None  # the run's autocast dtype (None: fp32)
     name_text: str  # what ``[name]`` in a prompt became (the embedding's name, or the LoRA's trigger words)
-    embedding: tuple[str, torch.Tensor] | None  # the embedding being trained (name, current vectors), to register
+    # the embedding being trained (name, current vectors: a tensor, or SDXL's {"clip_l", "clip_g"}), to register
+    embedding: tuple[str, torch.Tensor | dict[str, torch.Tensor]] | None
     # (prompts, sizes) → UNet conditioning, as the run computes it (sizes: one ImageSize per prompt, for families
     # with size conditioning)
     condition: Callable[[list[str], list[ImageSize] | None], Any]

@@ -103,6 +103,7 @@ class TrainingSession:
         """What ``[name]`` in a sample prompt becomes."""
         return self.name
 
-    def sample_embedding(self) -> tuple[str, torch.Tensor] | None:
-        """The embedding being trained (its name and current vectors), for samplers that must register it."""
+    def sample_embedding(self) -> tuple[str, torch.Tensor | dict[str, torch.Tensor]] | None:
+        """The embedding being trained (its name and current vectors: a tensor, or one per text encoder by file key),
+        for samplers that must register it."""
         return None

@@ -1,10 +1,13 @@
 """Textual-inversion training on a model bundle: the embedding-specific parts of a
 :class:`~lib_train.train.session.TrainingSession` (the run itself is :func:`~lib_train.train.loop.run_training`).
 
-Only the new vectors are trained (FORMATS.md §C, §E.8): they are an fp32 parameter ``[n, width]`` outside the
-model, registered on the bundle's :class:`~lib_train.models.conditioning.TextConditioner` so that every occurrence
-of the embedding's name in a prompt takes ``n`` token slots and the vectors are spliced into the token-embedding
-output there — the conditioning the WebUI computes at inference with the embedding loaded. Every model weight, every
+Only the new vectors are trained (FORMATS.md §C, §E.8): one fp32 parameter ``[n, width]`` per text encoder of the
+family (SD1/SD2: one; SDXL: clip_l ``[n, 768]`` and clip_g ``[n, 1280]``, trained jointly by one optimizer at one
+learning rate), outside the model, registered on the bundle's
+:class:`~lib_train.models.conditioning.TextConditioner` of each encoder so that every occurrence of the embedding's
+name in a prompt takes ``n`` token slots and the vectors are spliced into the token-embedding output there — the
+conditioning the WebUI computes at inference with the embedding loaded (SDXL: the context of both encoders and the
+pooled output of clip_g, which the clip_g vectors reach through its last layers, so they also move ``y``). Every model weight, every
 other token-embedding row and every module flag is unchanged afterwards (the optimizer holds the vectors alone; the
 registration and hooks are removed and :class:`~lib_train.models.guard.ModelGuard` restores flags).
 
@@ -12,7 +15,9 @@ Prompts: a template line per sample per step (``embedding.template``) with ``[na
 (``output.name``, also the file stem the WebUI uses) and ``[filewords]`` = the caption after shuffle/dropout.
 
 Files: ``name-000500.safetensors`` … (every intermediate save, by step or by epoch, is named by the step count),
-final ``name.safetensors``; with ``embedding.write_pt`` also the WebUI ``.pt`` of each. Resume state as for LoRA.
+final ``name.safetensors``, one tensor per text encoder (:func:`~lib_train.embedding.files.embedding_keys`); with
+``embedding.write_pt`` also the WebUI ``.pt`` of each for a one-encoder family (the WebUI's ``.pt`` has no SDXL form:
+an SDXL run says so and writes the ``.safetensors`` every SDXL loader reads). Resume state as for LoRA.
 """
 
 from __future__ import annotations
@@ -24,14 +29,12 @@ import torch
 
 from ..config import TrainConfig
 from ..data import Sample, process_caption
-from ..embedding.files import EMB_KEY, embedding_metadata, load_embedding, save_safetensors, save_webui_pt
+from ..embedding.files import describe_shapes, embedding_keys, embedding_metadata, load_embedding, save_safetensors, save_webui_pt
 from ..embedding.inject import Injection
 from ..embedding.prompts import FILEWORDS, caption_names, fill, load_template
 from ..embedding.vectors import init_vectors, name_collision
 from ..errors import DatasetError, Problem, TrainerError
 from ..models.bundle import ModelBundle
-from ..models.conditioning import TextConditioner
-from ..models.families import RECORDS
 from .events import Commands, Events, SafeEvents
 from .loop import RunResult, run_training
 from .prepare import PreparedData, prepare_data
@@ -61,75 +64,82 @@ def prepare_embedding_data(cfg: TrainConfig) -> PreparedData:
     return prep
 
 
-def embedding_refusal(family: str) -> str:
-    """Why an embedding cannot be trained on ``family`` ("" when it can): the embedding trainer knows one text
-    encoder per family (SDXL's two: issue #11)."""
-    rules = RECORDS[family]
-    if len(rules.text_encoders) == 1:
-        return ""
-    return (f"Embedding (textual inversion) training is not available for {rules.label} checkpoints yet (they have "
-            f"{len(rules.text_encoders)} text encoders); train a LoRA instead, or load an SD1.x or SD2.x checkpoint "
-            "to train an embedding.")
-
-
 class EmbeddingSession(TrainingSession):
     noun = "embedding"
     step_stem = epoch_stem = "{name}-{step:06d}"  # every intermediate file is named by its step count
 
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, resume: LoadedState | None):
         super().__init__(cfg, bundle, prep, resume)
-        refusal = embedding_refusal(bundle.family)
-        if refusal:
-            raise TrainerError(refusal)
-        self.conditioner: TextConditioner = bundle.encode_text
+        self.conditioners = bundle.text_conditioners  # one per text encoder, in the family record's order
+        self.keys = embedding_keys(bundle.family_rules)  # the tensor name of each in files and the resume state
         self.template = load_template(cfg.embedding.template)
-        self.vectors: torch.nn.Parameter | None = None
+        self.vectors: dict[str, torch.nn.Parameter] = {}
         self.injection: Injection | None = None
         self.checkpoint_hash: str | None = None
+        self.write_pt = cfg.embedding.write_pt and len(self.keys) == 1
 
     # ---- setup
-    def initial_vectors(self) -> torch.Tensor:
-        """From the resume state, from ``embedding.init_from``, or created from the init text."""
+    def initial_vectors(self) -> dict[str, torch.Tensor]:
+        """Per text encoder: from the resume state, from ``embedding.init_from``, or created from the init text
+        with that encoder's tokenizer and token-embedding table."""
         e = self.cfg.embedding
-        width = self.conditioner.token_embedding.weight.shape[1]
+        widths = {k: c.token_embedding.weight.shape[1] for k, c in zip(self.keys, self.conditioners)}
+        if self.resume is None and not e.init_from:
+            return {k: init_vectors(c, e.init_text, e.vectors) for k, c in zip(self.keys, self.conditioners)}
         if self.resume is not None:
-            if EMB_KEY not in self.resume.network:
-                raise TrainerError(f"The resume state in {self.state_dir} holds no embedding; it is not from an "
-                                   "embedding run.")
-            vec, source = self.resume.network[EMB_KEY], f"the resume state in {self.state_dir}"
-        elif e.init_from:
-            vec, source = load_embedding(e.init_from).vectors, e.init_from
+            if not set(self.keys) <= set(self.resume.network):
+                raise TrainerError(f"The resume state in {self.state_dir} holds no {self.bundle.family_rules.label} "
+                                   "embedding; it is not from an embedding run on this model family.")
+            parts, source = {k: self.resume.network[k] for k in self.keys}, f"the resume state in {self.state_dir}"
         else:
-            return init_vectors(self.conditioner, e.init_text, e.vectors)
-        if tuple(vec.shape) != (e.vectors, width):
-            raise TrainerError(f"{source} holds {vec.shape[0]} vectors of width {vec.shape[1]}; this "
-                               f"{self.bundle.family} model needs width {width}, and embedding.vectors (--vectors) is "
-                               f"{e.vectors}. Use an embedding made for this model family, with --vectors "
-                               f"{vec.shape[0]}.")
-        return vec
+            file = load_embedding(e.init_from)
+            parts, source = file.parts, e.init_from
+        wanted = {k: (e.vectors, w) for k, w in widths.items()}
+        found = {k: tuple(v.shape) for k, v in parts.items()}
+        if found != wanted:
+            counts = {shape[0] for shape in found.values()}
+            same_layout = {k: shape[1:] for k, shape in found.items()} == {k: (w,) for k, w in widths.items()}
+            fix = (f"set embedding.vectors (--vectors) to {counts.pop()}" if same_layout
+                   else f"use an embedding made for {self.bundle.family_rules.label} models")
+            raise TrainerError(f"{source} holds {describe_shapes(found)}; this {self.bundle.family_rules.label} model "
+                               f"with embedding.vectors (--vectors) {e.vectors} needs {describe_shapes(wanted)}: "
+                               f"{fix}.")
+        return parts
 
     def attach(self) -> list[str]:
-        self.vectors = torch.nn.Parameter(self.initial_vectors().to(self.device, torch.float32))
-        warning = name_collision(self.conditioner, self.name)
-        self.injection = Injection(self.conditioner, self.name, self.vectors)
-        return [warning] if warning else []
+        warnings = []
+        if self.cfg.embedding.write_pt and not self.write_pt:
+            warnings.append(f"embedding.write_pt (--pt): the WebUI's .pt holds one tensor, so it has no form for "
+                            f"{self.bundle.family_rules.label} embeddings; only the .safetensors "
+                            f"({' + '.join(self.keys)}) is written, which the WebUI, Forge, ComfyUI, kohya and "
+                            "diffusers read.")
+        self.vectors = {k: torch.nn.Parameter(v.to(self.device, torch.float32))
+                        for k, v in self.initial_vectors().items()}
+        collision = name_collision(self.conditioners[0], self.name)
+        if collision:
+            warnings.append(collision)
+        self.injection = Injection(self.conditioners, self.name, [self.vectors[k] for k in self.keys])
+        return warnings
 
-    def sample_embedding(self) -> tuple[str, torch.Tensor] | None:
-        return (self.name, self.vectors.detach()) if self.vectors is not None else None
+    def sample_embedding(self) -> tuple[str, torch.Tensor | dict[str, torch.Tensor]] | None:
+        if not self.vectors:
+            return None
+        current = {k: v.detach() for k, v in self.vectors.items()}
+        return self.name, (current[self.keys[0]] if len(self.keys) == 1 else current)
 
     def detach(self) -> None:
         if self.injection is not None:
             self.injection.remove()
 
     def param_groups(self) -> list[dict]:
-        return [{"params": [self.vectors]}]
+        return [{"params": [self.vectors[k] for k in self.keys]}]
 
     def checkpointed_modules(self):
         return self.bundle.unet, self.bundle.text_encoder  # the gradient reaches the vectors through both
 
     def start(self, info: RunInfo) -> None:
         super().start(info)
-        if self.cfg.embedding.write_pt:
+        if self.write_pt:
             try:
                 self.checkpoint_hash = self.bundle.checkpoint_hashes().get("sha256", "")[:10] or None
             except OSError:
@@ -147,24 +157,25 @@ class EmbeddingSession(TrainingSession):
             out.append(fill(line, self.name, caption))
         return out
 
-    def condition(self, prompts: list[str], sizes=None) -> torch.Tensor:
-        return self.conditioner(prompts)  # one text encoder, no size conditioning
+    def condition(self, prompts: list[str], sizes=None):
+        return self.bundle.conditioning(prompts, sizes)  # the vectors are injected by the registered slots
 
     # ---- saving
     def save_model(self, stem: str, *, epoch: int, step: int, finished: bool) -> list[str]:
-        vec = self.vectors.detach().to(SAVE_DTYPES[self.cfg.output.save_precision])
+        dtype = SAVE_DTYPES[self.cfg.output.save_precision]
+        tensors = {k: self.vectors[k].detach().to(dtype) for k in self.keys}
         meta = embedding_metadata(title=stem, family=self.bundle.family, prediction=self.bundle.prediction,
                                   resolution=self.cfg.data.resolution, started_at=self.info.started_at,
                                   clip_skip=self.cfg.model.clip_skip, description=self.cfg.output.comment)
-        paths = [str(save_safetensors(self.out_dir / f"{stem}.safetensors", vec, meta))]
-        if self.cfg.embedding.write_pt:
+        paths = [str(save_safetensors(self.out_dir / f"{stem}.safetensors", tensors, meta))]
+        if self.write_pt:
             checkpoint = os.path.splitext(self.bundle.checkpoint_name)[0] or None
-            paths.append(str(save_webui_pt(self.out_dir / f"{stem}.pt", vec, name=stem, step=step,
+            paths.append(str(save_webui_pt(self.out_dir / f"{stem}.pt", tensors[self.keys[0]], name=stem, step=step,
                                            checkpoint_hash=self.checkpoint_hash, checkpoint_name=checkpoint)))
         return paths
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {EMB_KEY: self.vectors.detach().to("cpu", torch.float32).clone()}
+        return {k: self.vectors[k].detach().to("cpu", torch.float32).clone() for k in self.keys}
 
 
 def train_embedding(cfg: TrainConfig, bundle: ModelBundle, prep: PreparedData, *, events: Events | None = None,

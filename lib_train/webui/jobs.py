@@ -362,12 +362,6 @@ class JobManager:
         if not report.supported:
             raise TrainerError(report.reason)
         method = methods.get(cfg.method)
-        if method.injects_vectors:
-            from ..train.ti_trainer import embedding_refusal
-
-            refusal = embedding_refusal(report.family)
-            if refusal:
-                raise ConfigError([Problem("method", refusal)])
         # the family's own defaults where the request did not set them (SDXL: gradient checkpointing on)
         notes += apply_family_defaults(cfg, get_family(report.family),
                                        given_keys(resume.state.config if resume else (data or {})))

@@ -173,10 +173,6 @@ def build_bundle(model: Any, family: str, cfg: TrainConfig) -> tuple[WebUIModelB
                  checkpoint_hashes=_checkpoint_hashes(info))
     injects = methods.get(cfg.method).injects_vectors
     if hasattr(model, "conditioner"):  # an sgm DiffusionEngine (SDXL base layout, checked by the host rules)
-        if injects:
-            from ..train.ti_trainer import embedding_refusal
-
-            raise TrainerError(embedding_refusal(family))
         prediction, note = _prediction(sgm_prediction(model), cfg)
         return WebUIModelBundle.from_sgm(model, prediction=prediction, text_root=text_root(model.conditioner),
                                          **where), note

@@ -36,7 +36,9 @@ def check_sampler_name(name: str) -> str | None:
 
 
 class _RegisteredEmbedding:
-    """The vectors being trained as a WebUI ``Embedding`` under ``name`` until :meth:`remove`."""
+    """The vectors being trained as a WebUI ``Embedding`` under ``name`` until :meth:`remove`: a tensor, or SDXL's
+    ``{"clip_l", "clip_g"}`` (the WebUI's own form for a loaded SDXL file: ``vectors`` = the rows, ``shape`` = the
+    summed widths)."""
 
     def __init__(self, name: str, vectors: Any):
         from modules import sd_hijack, shared
@@ -44,8 +46,11 @@ class _RegisteredEmbedding:
 
         self.db, self.model, self.name = sd_hijack.model_hijack.embedding_db, shared.sd_model, name
         self.previous = self.db.word_embeddings.get(name)
-        emb = Embedding(vectors.detach().clone(), name)
-        emb.vectors, emb.shape = int(vectors.shape[0]), int(vectors.shape[1])
+        parts = vectors if isinstance(vectors, dict) else {"": vectors}
+        copies = {k: v.detach().clone() for k, v in parts.items()}
+        emb = Embedding(copies if isinstance(vectors, dict) else copies[""], name)
+        emb.vectors = int(next(iter(copies.values())).shape[0])
+        emb.shape = sum(int(v.shape[1]) for v in copies.values())
         self.db.register_embedding_by_name(emb, self.model, name)
 
     def remove(self) -> None:
