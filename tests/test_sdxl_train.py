@@ -19,10 +19,12 @@ import pytest
 import torch
 from helpers import Recorder, make_bundle, make_images, module_flags, run_cli, state_hash, tiny_config
 from PIL import Image
+from safetensors import safe_open
 
 from lib_train.config import apply_family_defaults, given_keys
 from lib_train.data import assign_bucket, make_buckets
 from lib_train.data.latent_cache import load_pixels
+from lib_train.errors import TrainerError
 from lib_train.models.conditioning import ImageSize
 from lib_train.models.families import SD1, SDXL
 from lib_train.network.kohya_file import read_lora_file
@@ -250,16 +252,25 @@ def test_sdxl_without_sgm_says_what_to_do(tiny_sdxl_file, tmp_path, capsys, monk
     assert not (tmp_path / "out" / "n.safetensors").exists()
 
 
-def test_embedding_training_on_sdxl_is_refused_with_the_reason(tiny_sdxl_file, tmp_path, capsys):
-    from helpers import assert_clear_error
-
-    make_images(tmp_path / "data" / "1_a", n=1)
+def test_headless_embedding_run_on_a_tiny_sdxl_file(tiny_sdxl_file, tmp_path, capsys):
+    make_images(tmp_path / "data" / "2_thing", n=2, size=(64, 64))
+    out = tmp_path / "out"
     code, text = run_cli("embedding", ["--checkpoint", tiny_sdxl_file, "--webui-dir", os.environ["SD_WEBUI_DIR"],
-                                       "--data", tmp_path / "data", "--output", tmp_path / "out", "--name", "emb",
-                                       "--resolution", "64", "--min-bucket", "64", "--max-bucket", "128"], capsys)
-    assert_clear_error(code, text[text.index("error: "):],
-                       ["Embedding (textual inversion) training is not available for SDXL checkpoints yet",
-                        "train a LoRA instead"])
+                                       "--data", tmp_path / "data", "--output", out, "--name", "zqemb",
+                                       "--resolution", "64", "--min-bucket", "64", "--max-bucket", "128",
+                                       "--init-text", "a man in a leather jacket", "--vectors", "2", "--epochs", "2",
+                                       "--save-every-epochs", "1", "--pt", "--device", "cpu"], capsys)
+    assert code == 0, text
+    assert "only the .safetensors (clip_l + clip_g) is written" in text  # --pt has no SDXL form: said, not failed
+    assert sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix != ".json") == [
+        "zqemb-000004.safetensors", "zqemb.safetensors"]
+    with safe_open(str(out / "zqemb.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l"]
+        meta = f.metadata()
+        shapes = {k: tuple(f.get_tensor(k).shape) for k in f.keys()}
+    assert shapes["clip_l"][0] == shapes["clip_g"][0] == 2
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/textual-inversion"
+    assert meta["modelspec.title"] == "zqemb"
 
 
 def _sdxl_bundle(seed: int = 9):
@@ -268,6 +279,77 @@ def _sdxl_bundle(seed: int = 9):
     from lib_train.models.bundle import ModelBundle
 
     return ModelBundle.from_sgm(tiny_sgm_sdxl(seed=seed), checkpoint_name="tiny-sdxl")
+
+
+def _ti_config(tmp_path, **overrides):
+    from helpers import apply_overrides
+
+    from lib_train.config import default_config
+
+    cfg = default_config("embedding")
+    cfg.data.train_dir, cfg.output.output_dir, cfg.output.name = str(tmp_path / "data"), str(tmp_path / "out"), "zqemb"
+    cfg.data.resolution, cfg.data.min_bucket_side, cfg.data.max_bucket_side = 64, 64, 128
+    cfg.embedding.init_text, cfg.embedding.vectors, cfg.train.epochs = "a man in a leather jacket", 2, 1
+    return apply_overrides(cfg, overrides)
+
+
+def _ti_run(cfg, bundle, **kw):
+    from lib_train.train.ti_trainer import prepare_embedding_data, train_embedding
+
+    return train_embedding(cfg, bundle, prepare_embedding_data(cfg), **kw)
+
+
+def test_an_sdxl_embedding_run_changes_only_its_vectors(tmp_path):
+    from sdxl_models import sgm_root
+
+    from lib_train.embedding.files import load_embedding
+    from lib_train.embedding.vectors import init_vectors
+
+    sgm_root()
+    _sdxl_data(tmp_path)
+    cfg = _ti_config(tmp_path, data__flip=True, train__gradient_checkpointing=True, train__batch_size=2)
+    bundle = _sdxl_bundle()
+    before, flags = state_hash(bundle.model), module_flags(bundle.model)
+    start = {k: init_vectors(c, cfg.embedding.init_text, 2)
+             for k, c in zip(("clip_l", "clip_g"), bundle.text_conditioners)}
+    rec = Recorder()
+    result = _ti_run(cfg, bundle, events=rec)
+    assert result.status == "finished" and all(torch.isfinite(torch.tensor(rec.losses)))
+    assert state_hash(bundle.model) == before and module_flags(bundle.model) == flags  # every weight and table row
+    assert all(c.placeholders is None for c in bundle.text_conditioners)
+    trained = load_embedding(result.final_file).parts
+    assert list(trained) == ["clip_l", "clip_g"]
+    for key in trained:  # both sets trained, from their own encoder's rows
+        assert trained[key].shape == start[key].shape and not torch.equal(trained[key], start[key]), key
+
+
+def test_an_sdxl_embedding_resumes_to_the_uninterrupted_vectors(tmp_path):
+    from sdxl_models import sgm_root
+
+    from lib_train.embedding.files import load_embedding
+    from lib_train.train.events import Commands
+    from lib_train.train.state import load_state
+
+    sgm_root()
+    _sdxl_data(tmp_path)
+    common = dict(train__epochs=2, data__flip=True, output__save_every_epochs=0, embedding__template="style")
+    ref = _ti_run(_ti_config(tmp_path, output__name="ref", **common), _sdxl_bundle())
+    cfg = _ti_config(tmp_path, output__name="res", **common)
+    commands = Commands()
+    first = _ti_run(cfg, _sdxl_bundle(), events=Recorder(stop_at=2, commands=commands), commands=commands)
+    assert first.status == "interrupted"
+    resumed = _ti_run(cfg, _sdxl_bundle(), resume=load_state(first.state_dir))
+    assert resumed.status == "finished" and resumed.step == ref.step
+    a, b = load_embedding(resumed.final_file).parts, load_embedding(ref.final_file).parts
+    assert all(torch.equal(a[k], b[k]) for k in ("clip_l", "clip_g"))
+    # a file of another family is refused with what it holds and what this model needs
+    sd1_file = tmp_path / "sd1.safetensors"
+    from lib_train.embedding.files import save_safetensors
+
+    save_safetensors(sd1_file, torch.zeros(2, 768), {})
+    with pytest.raises(TrainerError, match=r"holds 2 vectors of width 768; this SDXL model .* needs 2 vectors: "
+                                           r"clip_l width \d+, clip_g width \d+: use an embedding made for SDXL"):
+        _ti_run(_ti_config(tmp_path, output__name="other", embedding__init_from=str(sd1_file)), _sdxl_bundle())
 
 
 def test_a_run_changes_only_the_lora_and_restores_the_model(tmp_path):
