@@ -285,8 +285,8 @@ def test_presets_are_chosen_by_family():
     assert {ui_presets.tier_gib(n) for n in SDXL_PRESETS} == {8.0, 12.0, 16.0, 24.0}
     assert all(p["optim.te_lr"] == 0 and p["train.gradient_checkpointing"] for p in SDXL_PRESETS.values())
     assert all(text_outputs_cached(_preset_config(p)) for n, p in SDXL_PRESETS.items() if ui_presets.tier_gib(n) <= 12)
-    assert ui_presets.presets_for("sd1") is ui_presets.presets_for("sd2") is ui_presets.presets_for(None) \
-        is ui_presets.PRESETS
+    assert ui_presets.presets_for("sd1") == ui_presets.presets_for("sd2") == ui_presets.presets_for(None) \
+        == ui_presets.PRESETS
     assert not set(ui_presets.PRESETS) & set(SDXL_PRESETS)
     assert ui_presets.ALL_PRESETS == {**ui_presets.PRESETS, **SDXL_PRESETS}
     assert all(f in RECORDS for entry in ui_presets.TABLE.values() for f in entry["families"])
@@ -319,6 +319,20 @@ def test_each_sdxl_preset_fits_its_tier_by_the_estimate(name):
         assert estimate(_preset_config(SDXL_PRESETS[cheaper]), 1000, "sdxl").vram_gib <= est
     if cfg.optim.te_lr == 0 and not cfg.data.shuffle_caption:
         assert text_outputs_cached(cfg)  # the small tiers rely on the encoders leaving the GPU
+
+
+def test_embedding_presets_are_those_an_embedding_run_fits():
+    """An SDXL embedding keeps both text encoders on the GPU (its vectors train through them): the 8 GB tier is not
+    offered for it; every preset offered fits its tier with the fields it sets for an embedding run."""
+    offered = ui_presets.presets_for("sdxl", "embedding")
+    assert {ui_presets.tier_gib(n) for n in offered} == {12.0, 16.0, 24.0} and set(offered) < set(SDXL_PRESETS)
+    for name in SDXL_PRESETS:
+        cfg = ui_presets.preset_config(name, "embedding")
+        assert cfg.method == "embedding" and cfg.optim.lr == default_config("embedding").optim.lr  # not the LoRA's
+        fits = estimate(cfg, None, "sdxl").vram_gib < ui_presets.FIT_SHARE * ui_presets.tier_gib(name)
+        assert fits == (name in offered), name
+        assert "text-encoder weights" in estimate(cfg, None, "sdxl").parts
+    assert len(ui_presets.presets_for("sd1", "embedding")) == len(ui_presets.PRESETS)  # SD1 embeddings fit every tier
 
 
 # ---- sgm tier: the UNet from sgm's own classes

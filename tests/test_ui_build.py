@@ -219,14 +219,14 @@ def test_resume_passes_the_state_folder():
 
 def test_method_switch_swaps_method_defaults_and_sections():
     lora = ui_fields.config_to_values(default_config("lora"))
-    updates = ui._Handlers.method_changed("embedding", *lora)
+    updates = _handlers(FakeBackend()).method_changed("embedding", *lora)
     shown = {g: u["visible"] for g, u in zip(ui_fields.METHOD_GROUPS, updates)}
     assert shown == {"network": False, "embedding": True}
     changed = {k: u["value"] for k, u in zip(ui_fields.KEYS, updates[len(shown):]) if "value" in u}
     assert changed == {"optim.lr": 5e-3, "output.save_precision": "fp32"}
     custom = list(lora)
     custom[ui_fields.KEYS.index("optim.lr")] = 2e-4  # a value the user chose stays
-    changed = {k: u["value"] for k, u in zip(ui_fields.KEYS, ui._Handlers.method_changed("embedding", *custom)[2:])
+    changed = {k: u["value"] for k, u in zip(ui_fields.KEYS, _handlers(FakeBackend()).method_changed("embedding", *custom)[2:])
                if "value" in u}
     assert "optim.lr" not in changed
 
@@ -362,3 +362,18 @@ def test_check_loaded_model_offers_the_family_presets_and_defaults(family, ok):
         assert changed == {}
     if family == "sd1":
         assert not any(n.startswith("SDXL") for n in presets["choices"])
+
+
+def test_the_preset_list_follows_the_method_on_sdxl():
+    """Switching to Embedding with an SDXL model loaded offers only the presets an embedding run fits (no 8 GB);
+    Check with Embedding chosen does the same; back to LoRA, all of them."""
+    fake = FakeBackend()
+    backend = dataclasses.replace(fake.backend(), host_status=lambda: (True, "Loaded: x."), model_family=lambda: "sdxl")
+    h = ui._Handlers(ui.WebuiInfo(lora_dir="/loras"), backend)
+    lora = ui_fields.config_to_values(default_config("lora"))
+    emb_presets = h.method_changed("embedding", *lora)[-1]
+    assert emb_presets["choices"] == list(ui_presets.presets_for("sdxl", "embedding")) and emb_presets["value"] is None
+    assert emb_presets["choices"] and not any(n.endswith("8 GB") for n in emb_presets["choices"])
+    assert h.check_host("embedding")[1]["choices"] == emb_presets["choices"]
+    emb = ui_fields.config_to_values(default_config("embedding"))
+    assert h.method_changed("lora", *emb)[-1]["choices"] == list(ui_presets.presets_for("sdxl"))

@@ -23,7 +23,7 @@ import gradio as gr
 
 from ... import methods
 from ...atomic import is_within
-from ...config import SETTINGS, TrainConfig, from_dict, load_config, save_config
+from ...config import TrainConfig, from_dict, load_config, save_config
 from ...settings import format_default
 from ...data import scan_dataset
 from ...errors import ConfigError, DatasetError, Problem, TrainerError
@@ -32,7 +32,7 @@ from ..gradio_compat import js_kwarg
 from . import render
 from .fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, config_to_values, \
     method_default_changes, values_to_dict
-from .presets import ALL_PRESETS, PRESET_METHOD, presets_for
+from .presets import preset_fields, presets_for
 from .preprocess_panel import build_preprocess_panel
 
 GALLERY_IMAGES = 24  # images shown after a scan
@@ -115,21 +115,17 @@ class _Handlers:
     # ---- settings
     @staticmethod
     def apply_preset(name: str, method: str = methods.DEFAULT_METHOD) -> list[Any]:
-        """The preset's fields; for another method than the presets' (an embedding run) only the settings that apply
-        to it and have no default of its own: its memory and data settings (a LoRA's learning rates and network
-        would be wrong for the vectors)."""
-        preset = ALL_PRESETS.get(name or "", {})
-        if method != PRESET_METHOD and method in methods.METHODS:
-            m = methods.METHODS[method]
-            preset = {k: v for k, v in preset.items() if SETTINGS[k].applies_to(method) and k not in m.defaults
-                      and methods.method_of(k.split(".")[0]) in (None, m)}
+        """The fields the preset sets for ``method`` (:func:`.presets.preset_fields`)."""
+        preset = preset_fields(name, method)
         return [gr.update(value=preset[k]) if k in preset else gr.update() for k in KEYS]
 
-    @staticmethod
-    def method_changed(method: str, *values: Any) -> list[Any]:
+    def method_changed(self, method: str, *values: Any) -> list[Any]:
+        """The method's sections shown, its defaults where the user kept the other method's, and the presets that
+        fit a run of it on the loaded model's family."""
         shown = [gr.update(visible=METHOD_GROUPS[g] == method) for g in METHOD_GROUPS]
         changes = method_default_changes(method, list(values))
-        return shown + [gr.update(value=changes[k]) if k in changes else gr.update() for k in KEYS]
+        return shown + [gr.update(value=changes[k]) if k in changes else gr.update() for k in KEYS] + \
+            [gr.update(choices=list(presets_for(self.backend.model_family(), method)), value=None)]
 
     @staticmethod
     def _filled(cfg: TrainConfig, note: str) -> list[Any]:
@@ -262,9 +258,10 @@ class _Handlers:
             return render.message("No training job in this session yet."), []
         return render.job_status(status), [p for p in status.get("samples") or [] if Path(p).is_file()]
 
-    def check_host(self) -> list[Any]:
-        """The host's status line, the preset list of the loaded model's family, and the fields whose default
-        differs for that family (``Family.config_defaults``: SDXL turns gradient checkpointing on) set to it."""
+    def check_host(self, method: str = methods.DEFAULT_METHOD) -> list[Any]:
+        """The host's status line, the preset list of the loaded model's family for ``method``, and the fields whose
+        default differs for that family (``Family.config_defaults``: SDXL turns gradient checkpointing on) set to
+        it."""
         ok, text = self.backend.host_status()
         family_name = self.backend.model_family()
         family = family_or_default(family_name)
@@ -273,7 +270,7 @@ class _Handlers:
             text += " " + "; ".join(f"{SPECS[k].label}: {format_default(v)}" for k, v in defaults.items()) + \
                 f" (the {family.label} default)."
         return [render.message(text, "ok" if ok else "error"),
-                gr.update(choices=list(presets_for(family_name)), value=None),
+                gr.update(choices=list(presets_for(family_name, method)), value=None),
                 *[gr.update(value=defaults[k]) if k in defaults else gr.update() for k in KEYS]]
 
 
@@ -357,9 +354,9 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
 
         fields = [comps[k] for k in KEYS]
         method_groups = [accordions[g] for g in METHOD_GROUPS]
-        check.click(fn=h.check_host, inputs=[], outputs=[host, preset, *fields])
+        check.click(fn=h.check_host, inputs=[method], outputs=[host, preset, *fields])
         apply_preset.click(fn=h.apply_preset, inputs=[preset, method], outputs=fields)
-        method.change(fn=h.method_changed, inputs=[method, *fields], outputs=method_groups + fields)
+        method.change(fn=h.method_changed, inputs=[method, *fields], outputs=method_groups + fields + [preset])
         scan.click(fn=h.scan, inputs=[method, *fields], outputs=[report, gallery, scan_state, estimate_box])
         for key in ESTIMATE_KEYS:
             comps[key].change(fn=h.estimate, inputs=[scan_state, method, *fields], outputs=[estimate_box],

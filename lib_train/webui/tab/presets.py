@@ -18,18 +18,24 @@ common fields, then the subject's, then the tier's):
   batch 4). At 8 and 12 GB captions are not shuffled, so the text encoders' outputs are cached and the encoders
   leave the GPU; at 16 and 24 GB captions shuffle as for SD1 (the encoders stay, without gradients).
 
-:func:`presets_for` gives the presets of the loaded model's family (SD1/SD2 presets for no model);
-:mod:`lib_train.estimate` gives each preset a planning figure under its tier (tests/test_ui_build.py for SD1,
-tests/test_sdxl_estimate.py for SDXL). All presets use min-SNR weighting (γ = 5) and a cosine schedule; the learning
+:func:`presets_for` gives the presets of the loaded model's family (SD1/SD2 presets for no model) for a method: an
+embedding run takes only the fields that apply to it (:func:`preset_fields`: memory and data settings, not a LoRA's
+network or learning rates), and a preset is offered for a method only where :mod:`lib_train.estimate` puts that run
+under :data:`FIT_SHARE` of its tier. Every LoRA preset fits (tests/test_ui_build.py for SD1,
+tests/test_sdxl_estimate.py for SDXL); an SDXL embedding keeps both text encoders on the GPU (its vectors train
+through them), so the SDXL 8 GB tier is not offered for embeddings. All presets use min-SNR weighting (γ = 5) and a cosine schedule; the learning
 rates are the usual ones for LoRA at batch 1-4 (1e-4 UNet). They are starting points, not guarantees.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
-from ...config import method_default
-from ...models.families import SD1, SD2, SDXL
+from ... import methods
+from ...config import SETTINGS, TrainConfig, default_config, method_default
+from ...estimate import estimate
+from ...models.families import SD1, SD2, SDXL, family_or_default
 
 PRESET_METHOD = "lora"  # the method the presets are for; another method takes only what applies to it (build.py)
 
@@ -114,9 +120,37 @@ def set_for(family: str | None) -> str:
     return next((name for name, entry in TABLE.items() if family in entry["families"]), _DEFAULT_SET)
 
 
-def presets_for(family: str | None) -> dict[str, dict[str, Any]]:
-    """The presets of the loaded model's family (``family``: its name, as ``Backend.model_family`` gives it)."""
-    return PRESETS_BY_SET[set_for(family)]
+FIT_SHARE = 0.9  # a preset's estimate stays under this share of its tier (the desktop and the estimate's error)
+
+
+def preset_fields(name: str, method: str = PRESET_METHOD) -> dict[str, Any]:
+    """The fields preset ``name`` sets for a run of ``method``: all of them for the presets' own method; for another
+    (an embedding run) only the settings that apply to it and have no default of its own — its memory and data
+    settings (a LoRA's learning rates and network would be wrong for the vectors)."""
+    preset = ALL_PRESETS.get(name or "", {})
+    if method == PRESET_METHOD or method not in methods.METHODS:
+        return dict(preset)
+    m = methods.METHODS[method]
+    return {k: v for k, v in preset.items() if SETTINGS[k].applies_to(method) and k not in m.defaults
+            and methods.method_of(k.split(".")[0]) in (None, m)}
+
+
+def preset_config(name: str, method: str = PRESET_METHOD) -> TrainConfig:
+    """``method``'s default config with preset ``name`` applied."""
+    cfg = default_config(method)
+    for key, value in preset_fields(name, method).items():
+        section, field = key.split(".")
+        setattr(getattr(cfg, section), field, value)
+    return cfg
+
+
+@lru_cache(maxsize=None)
+def presets_for(family: str | None, method: str = PRESET_METHOD) -> dict[str, dict[str, Any]]:
+    """The presets of the loaded model's family (``family``: its name, as ``Backend.model_family`` gives it) that a
+    run of ``method`` fits within :data:`FIT_SHARE` of their tier by the estimate."""
+    family_name = family_or_default(family).name
+    return {name: fields for name, fields in PRESETS_BY_SET[set_for(family)].items()
+            if estimate(preset_config(name, method), None, family_name).vram_gib < FIT_SHARE * tier_gib(name)}
 
 
 def tier_gib(name: str) -> float:
