@@ -127,12 +127,12 @@ def preset_fields(name: str, method: str = PRESET_METHOD) -> dict[str, Any]:
     """The fields preset ``name`` sets for a run of ``method``: all of them for the presets' own method; for another
     (an embedding run) only the settings that apply to it and have no default of its own — its memory and data
     settings (a LoRA's learning rates and network would be wrong for the vectors)."""
-    preset = ALL_PRESETS.get(name or "", {})
-    if method == PRESET_METHOD or method not in methods.METHODS:
-        return dict(preset)
-    m = methods.METHODS[method]
-    return {k: v for k, v in preset.items() if SETTINGS[k].applies_to(method) and k not in m.defaults
-            and methods.method_of(k.split(".")[0]) in (None, m)}
+    preset = dict(ALL_PRESETS.get(name or "", {}))
+    if method != PRESET_METHOD and method in methods.METHODS:
+        m = methods.METHODS[method]
+        preset = {k: v for k, v in preset.items() if SETTINGS[k].applies_to(method) and k not in m.defaults
+                  and methods.method_of(k.split(".")[0]) in (None, m)}
+    return preset
 
 
 def preset_config(name: str, method: str = PRESET_METHOD) -> TrainConfig:
