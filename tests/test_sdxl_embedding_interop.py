@@ -22,12 +22,13 @@ WITHOUT the embedding).
 
 End-of-text id (``eos_token_id``): transformers' CLIP pools at the first ``eos_token_id`` position, except for a
 config saying the legacy ``2`` (configs written before transformers PR #24773), where it pools at the largest token
-id. The configs here say 49407, as SDXL's text encoders should. Copies of ``stabilityai/stable-diffusion-xl-base-1.0``'s
-``text_encoder_2/config.json`` seen in other projects say ``bos_token_id 0, eos_token_id 2`` (diffusers issue #10754
-reports the same for SD1.5): with such a config the ids ``load_textual_inversion`` adds (≥ 49408) are the largest in
-any prompt naming the embedding, and diffusers' pooled output is taken at its first occurrence's last vector instead of the
-end of the text. :func:`test_with_the_legacy_eos_token_id_diffusers_pools_at_the_embedding` shows this; it is
-diffusers'/transformers' behaviour with that config, not a property of the file (the context is unaffected).
+id. The configs here say 49407, as SDXL's text encoders should. Copies of
+``stabilityai/stable-diffusion-xl-base-1.0``'s ``text_encoder_2/config.json`` seen in other projects say
+``bos_token_id 0, eos_token_id 2`` (diffusers issue #10754 reports the same for SD1.5): with such a config the ids
+``load_textual_inversion`` adds (≥ 49408) are the largest in any prompt naming the embedding, and diffusers' pooled
+output is taken at its first occurrence's last vector instead of the end of the text.
+:func:`test_with_the_legacy_eos_token_id_diffusers_pools_at_the_embedding` shows this; it is diffusers'/transformers'
+behaviour with that config, not a property of the file (the context is unaffected).
 """
 
 from __future__ import annotations
