@@ -216,6 +216,27 @@ def tiny_sdxl_text_encoders(seed: int = 7, clip_l_layers: int = 3, clip_g_layers
     return root.eval().requires_grad_(False)
 
 
+def diffusers_text_configs(root) -> tuple[dict, dict]:
+    """``CLIPTextConfig`` arguments of SDXL's two text towers under ``root`` (``embedders.0.transformer``: HF CLIP,
+    ``embedders.1.model``: open_clip), read from the modules themselves: what the diffusers interop workers build
+    ``text_encoder`` / ``text_encoder_2`` from. Both end-of-text ids are clip_l's (49407), not the hub configs'
+    legacy 2 (tests/test_sdxl_embedding_interop.py shows what that changes)."""
+    l_cfg = root.embedders[0].transformer.config
+    clip_l = {k: getattr(l_cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                             "intermediate_size", "vocab_size", "max_position_embeddings",
+                                             "hidden_act", "layer_norm_eps", "bos_token_id", "eos_token_id",
+                                             "pad_token_id")}
+    g = root.embedders[1].model
+    block = g.transformer.resblocks[0]
+    clip_g = dict(hidden_size=g.transformer.width, num_hidden_layers=len(g.transformer.resblocks),
+                  num_attention_heads=block.attn.num_heads, intermediate_size=block.mlp.c_fc.out_features,
+                  vocab_size=g.token_embedding.num_embeddings, max_position_embeddings=g.positional_embedding.shape[0],
+                  hidden_act="gelu" if isinstance(block.mlp.gelu, torch.nn.GELU) else "quick_gelu",
+                  layer_norm_eps=block.ln_1.eps, projection_dim=g.text_projection.shape[1],
+                  bos_token_id=clip_l["bos_token_id"], eos_token_id=clip_l["eos_token_id"], pad_token_id=0)
+    return clip_l, clip_g
+
+
 # ---- tiny sgm SDXL model (sgm tier)
 
 TINY_CLIP_G_EMBED = 24  # clip_g text_projection width at tiny size (1280 at full size)

@@ -36,24 +36,6 @@ UP_STD = 0.05  # random lora_up weights (kohya starts them at 0, which would cha
 OUTPUTS = ("te1_hidden", "te1_last", "te2_hidden", "te2_pooled", "unet", "chain")
 
 
-def _text_configs(root) -> tuple[dict, dict]:
-    """``CLIPTextConfig`` arguments of the two text towers, read from the modules themselves."""
-    l_cfg = root.embedders[0].transformer.config
-    clip_l = {k: getattr(l_cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                             "intermediate_size", "vocab_size", "max_position_embeddings",
-                                             "hidden_act", "layer_norm_eps", "bos_token_id", "eos_token_id",
-                                             "pad_token_id")}
-    g = root.embedders[1].model
-    block = g.transformer.resblocks[0]
-    clip_g = dict(hidden_size=g.transformer.width, num_hidden_layers=len(g.transformer.resblocks),
-                  num_attention_heads=block.attn.num_heads, intermediate_size=block.mlp.c_fc.out_features,
-                  vocab_size=g.token_embedding.num_embeddings, max_position_embeddings=g.positional_embedding.shape[0],
-                  hidden_act="gelu" if isinstance(block.mlp.gelu, torch.nn.GELU) else "quick_gelu",
-                  layer_norm_eps=block.ln_1.eps, projection_dim=g.text_projection.shape[1],
-                  bos_token_id=clip_l["bos_token_id"], eos_token_id=clip_l["eos_token_id"], pad_token_id=0)
-    return clip_l, clip_g
-
-
 def _worker(work: Path) -> subprocess.CompletedProcess:
     return subprocess.run([INTEROP_PYTHON, str(WORKER), str(work)], capture_output=True, text=True, timeout=600)
 
@@ -74,7 +56,7 @@ def _ours(bundle, inputs: dict, fixed: dict) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(our outputs, the worker's outputs, its report, the LoRA file's stems, the workdir)."""
-    from sdxl_models import sgm_root, tiny_sgm_sdxl
+    from sdxl_models import diffusers_text_configs, sgm_root, tiny_sgm_sdxl
 
     sgm_root()
     from lib_train.models.bundle import ModelBundle
@@ -104,7 +86,7 @@ def run(tmp_path_factory):
     stems = sorted({k.split(".", 1)[0] for k in tensors})
 
     arch = sgm_config(infer_sdxl_spec(sd))
-    clip_l, clip_g = _text_configs(bundle.text_encoder)
+    clip_l, clip_g = diffusers_text_configs(bundle.text_encoder)
     spec = {"unet": arch["network_config"]["params"], "vae": arch["first_stage_config"]["params"]["ddconfig"],
             "text_encoder": clip_l, "text_encoder_2": clip_g, "multiplier": 1.0}
     (work / "spec.json").write_text(json.dumps(spec, indent=2))
@@ -184,7 +166,8 @@ def test_full_size_layout_loads_into_diffusers(tmp_path):
     checks, and nothing is logged. The tiny model above has depth-2 transformers and 3 clip_g layers; this covers
     every index of the real layout."""
     from omegaconf import OmegaConf
-    from sdxl_models import meta_sdxl_text_encoders, meta_sgm_unet, sgm_root, sgm_unet_config
+    from sdxl_models import (diffusers_text_configs, meta_sdxl_text_encoders, meta_sgm_unet, sgm_root,
+                             sgm_unet_config)
 
     root = sgm_root()
     from lib_train.models.families import SDXL
@@ -205,7 +188,7 @@ def test_full_size_layout_loads_into_diffusers(tmp_path):
     work.mkdir()
     save_lora_file(work / "lora.safetensors", tensors, {"ss_base_model_version": "sdxl_base_v1-0"})
     yaml = OmegaConf.load(root / "configs" / "inference" / "sd_xl_base.yaml")
-    clip_l, clip_g = _text_configs(text_root)
+    clip_l, clip_g = diffusers_text_configs(text_root)
     spec = {"unet": sgm_unet_config(),
             "vae": OmegaConf.to_container(yaml.model.params.first_stage_config.params.ddconfig),
             "text_encoder": clip_l, "text_encoder_2": clip_g, "multiplier": 1.0}

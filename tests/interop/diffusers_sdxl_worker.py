@@ -97,21 +97,12 @@ def unet_config(original: dict, checkpoint: dict) -> dict:
     return config
 
 
-def build_pipeline(spec: dict, checkpoint: dict):
-    """A StableDiffusionXLPipeline whose UNet, VAE and text encoders hold the checkpoint's weights (no tokenizers:
-    neither the LoRA nor the outputs need them; the inputs are token ids)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+def build_text_encoders(spec: dict, checkpoint: dict):
+    """diffusers' two SDXL text encoders (``CLIPTextModel``, ``CLIPTextModelWithProjection``) of spec.json's
+    ``text_encoder`` / ``text_encoder_2`` configs, holding the checkpoint's ``conditioner.embedders.0.transformer.*``
+    and ``conditioner.embedders.1.model.*`` weights as diffusers' single-file converters map them (strictly)."""
     from diffusers.loaders import single_file_utils as sfu
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    original = sgm_original_config(spec)
-    u_config = unet_config(original, checkpoint)
-    unet = UNet2DConditionModel(**u_config)
-    load_strict(unet, sfu.convert_ldm_unet_checkpoint(checkpoint, u_config), "UNet")
-
-    vae_config = sfu.create_vae_diffusers_config_from_ldm(original, checkpoint)
-    vae = AutoencoderKL(**vae_config)
-    load_strict(vae, sfu.convert_ldm_vae_checkpoint(checkpoint, vae_config), "VAE")
 
     def strip(model, weights: dict) -> dict:
         if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
@@ -126,7 +117,25 @@ def build_pipeline(spec: dict, checkpoint: dict):
     g_checkpoint = {k: v for k, v in checkpoint.items() if k.removeprefix(CLIP_G_PREFIX) not in CLIP_G_NOT_TEXT}
     g_weights = sfu.convert_open_clip_checkpoint(text_encoder_2, g_checkpoint, prefix=CLIP_G_PREFIX)
     load_strict(text_encoder_2, strip(text_encoder_2, g_weights), "text encoder 2 (clip_g)")
+    return text_encoder, text_encoder_2
 
+
+def build_pipeline(spec: dict, checkpoint: dict):
+    """A StableDiffusionXLPipeline whose UNet, VAE and text encoders hold the checkpoint's weights (no tokenizers:
+    neither the LoRA nor the outputs need them; the inputs are token ids)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    original = sgm_original_config(spec)
+    u_config = unet_config(original, checkpoint)
+    unet = UNet2DConditionModel(**u_config)
+    load_strict(unet, sfu.convert_ldm_unet_checkpoint(checkpoint, u_config), "UNet")
+
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(original, checkpoint)
+    vae = AutoencoderKL(**vae_config)
+    load_strict(vae, sfu.convert_ldm_vae_checkpoint(checkpoint, vae_config), "VAE")
+
+    text_encoder, text_encoder_2 = build_text_encoders(spec, checkpoint)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
