@@ -133,7 +133,7 @@ def test_a_signal_while_the_model_loads_aborts_without_output(tmp_path, tiny_che
     real = load.load_bundle
 
     def load_then_signal(*a, **k):
-        bundle = real(*a, **k)
+        real(*a, **k)
         _deliver(signal.SIGTERM)
         raise AssertionError("the signal did not abort the load")
 

@@ -44,8 +44,8 @@ from . import loss as L
 from . import sampling, storage
 from .checkpointing import GradientCheckpointing
 from .events import Commands, Events, Progress
-from .optim import build_optimizer, effective_lr, parse_optimizer_args, resolve_optimizer
 from .lock import output_lock
+from .optim import build_optimizer, effective_lr, parse_optimizer_args, resolve_optimizer
 from .outputs import check_final_free, final_paths
 from .placement import Placement, on_device
 from .prepare import PreparedData
@@ -300,9 +300,10 @@ class Run:
         stem = stem_pattern.format(name=self.session.name, step=self.step, epoch=epoch)
         if self.last_save is not None and self.last_save[:2] == (stem, self.step):
             return self.last_save[2]
-        self.check_finite()
+        tensors = self.session.state_tensors()
+        self.check_finite(tensors)
         try:
-            paths = self.write_model(stem, epoch, finished)
+            paths = self.write_model(stem, epoch, finished, tensors)
         except OSError as e:
             raise SaveFault(self.session.out_dir, e, (stem, epoch, finished)) from None
         self.record(paths, kind)
@@ -310,9 +311,9 @@ class Run:
         self.last_save = (stem, self.step, paths[0])
         return paths[0]
 
-    def write_model(self, stem: str, epoch: int, finished: bool) -> list[str]:
-        """:meth:`TrainingSession.save_model` after checking the room it needs."""
-        storage.ensure_space(self.session.out_dir, self.model_bytes(), f"the {self.session.noun} file")
+    def write_model(self, stem: str, epoch: int, finished: bool, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """:meth:`TrainingSession.save_model` after checking the room it needs (``tensors``: the trained ones)."""
+        storage.ensure_space(self.session.out_dir, self.model_bytes(tensors), f"the {self.session.noun} file")
         return self.session.save_model(stem, epoch=epoch, step=self.step, finished=finished)
 
     def record(self, paths: list[str], kind: str) -> None:
@@ -321,15 +322,15 @@ class Run:
                 self.saved.append(path)
             self.events.saved(path, kind)
 
-    def model_bytes(self) -> int:
-        """About the room one save of the method's file(s) takes."""
-        one = storage.tensor_bytes(self.session.state_tensors(), SAVE_DTYPES[self.cfg.output.save_precision])
+    def model_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
+        """About the room one save of the method's file(s) takes (``tensors``: the trained ones)."""
+        one = storage.tensor_bytes(tensors, SAVE_DTYPES[self.cfg.output.save_precision])
         return one * len(final_paths(self.cfg)) + storage.SAVE_MARGIN
 
-    def state_bytes(self, optim: Optim) -> int:
+    def state_bytes(self, optim: Optim, tensors: dict[str, torch.Tensor]) -> int:
         """About the room the resume state takes (the trained tensors in fp32 and the optimizer's state; before the
         first step, two moments per tensor are assumed)."""
-        weights = storage.tensor_bytes(self.session.state_tensors())
+        weights = storage.tensor_bytes(tensors)
         moments = storage.tensor_bytes(t for st in optim.optimizer.state.values() for t in st.values()
                                        if isinstance(t, torch.Tensor))
         return weights + (moments or 2 * weights) + storage.SAVE_MARGIN
@@ -339,14 +340,15 @@ class Run:
         that would resume into NaN is never written); :class:`SaveFault` when the folder cannot take it."""
         info, s = self.info, self.session
         directory = directory or s.state_dir
-        self.check_finite(optim)
+        tensors = s.state_tensors()
+        self.check_finite(tensors, optim)
         state = RunState(step=self.step, epoch=epoch, batch=batch, config=self.cfg.to_dict(),
                          session_id=info.session_id, started_at=info.started_at, optimizer=info.optimizer,
                          dataset_fingerprint=self.prep.fingerprint, saved=list(self.saved))
         scaler = optim.scaler
         try:
-            storage.ensure_space(directory.parent, self.state_bytes(optim), "the resume state")
-            save_state(directory, state, s.state_tensors(), optim.optimizer.state_dict(),
+            storage.ensure_space(directory.parent, self.state_bytes(optim, tensors), "the resume state")
+            save_state(directory, state, tensors, optim.optimizer.state_dict(),
                        optim.scheduler.state_dict(), scaler.state_dict() if scaler.is_enabled() else None)
         except OSError as e:
             raise SaveFault(directory.parent, e, None) from None
@@ -355,11 +357,10 @@ class Run:
         return directory
 
     # ---- divergence
-    def check_finite(self, optim: Optim | None = None) -> None:
-        """Raise the divergence error when a trained tensor (or, with ``optim``, an optimizer state tensor) is not
-        finite, or would not be in the save precision."""
+    def check_finite(self, tensors: dict[str, torch.Tensor], optim: Optim | None = None) -> None:
+        """Raise the divergence error when a trained tensor (``tensors``: :meth:`TrainingSession.state_tensors`) or,
+        with ``optim``, an optimizer state tensor is not finite, or would not be in the save precision."""
         dtype = SAVE_DTYPES[self.cfg.output.save_precision]
-        tensors = self.session.state_tensors()
         bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
         if bad:
             raise self.diverged(f"{len(bad)} of the {len(tensors)} trained tensors hold inf/nan ({bad[0]}, ...)")
@@ -371,8 +372,8 @@ class Run:
         if dtype != torch.float32:
             big = [k for k, t in tensors.items() if not bool(torch.isfinite(t.to(dtype)).all())]
             if big:
-                raise self.diverged(f"{len(big)} of the {len(tensors)} trained tensors ({big[0]}, ...) hold values too "
-                                    f"large for {label('output.save_precision')} {self.cfg.output.save_precision}",
+                raise self.diverged(f"{len(big)} of the {len(tensors)} trained tensors ({big[0]}, ...) hold values "
+                                    f"too large for {label('output.save_precision')} {self.cfg.output.save_precision}",
                                     also="or save in bf16 or fp32")
 
     def diverged(self, what: str, also: str = "") -> TrainerError:
@@ -414,7 +415,7 @@ class Run:
                     out_dir = s.out_dir
                     s.out_dir = folder
                     try:
-                        paths = self.write_model(stem, epoch, finished)
+                        paths = self.write_model(stem, epoch, finished, s.state_tensors())
                     finally:
                         s.out_dir = out_dir
                     self.record(paths, "interrupted")
@@ -592,7 +593,7 @@ def run_training(session: TrainingSession, *, events: Events, commands: Commands
 
 
 def _run_session(run: Run) -> RunResult:
-    session, events, cfg = run.session, run.events, run.cfg
+    session, cfg = run.session, run.cfg
     bundle = session.bundle
     guard = ModelGuard(bundle.model)
     placement = Placement(bundle.model)  # the run may move the VAE and text encoders to the CPU
@@ -653,7 +654,8 @@ def check_room(run: Run, optim: Optim) -> None:
     free = storage.free_bytes(folder)
     if free is None:
         return
-    one, state, n = run.model_bytes(), run.state_bytes(optim), planned_saves(run)
+    tensors = run.session.state_tensors()
+    one, state, n = run.model_bytes(tensors), run.state_bytes(optim, tensors), planned_saves(run)
     if free < one:
         raise TrainerError(f"The output folder {folder} has only {storage.mb(free)} free; the {run.session.noun} "
                            f"file alone needs about {storage.mb(one)}. Free some space on that disk or choose another "

@@ -126,7 +126,7 @@ def save_state(directory: str | os.PathLike, state: RunState, network_tensors: d
             if scaler is not None:
                 save_tree(tmp, "scaler", scaler)
             (tmp / "state.json").write_text(json.dumps(state.to_json(), indent=2), encoding="utf-8")
-        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error
+        except Exception as e:  # safetensors reports a full disk as its own error type
             found = os_error_of(e)
             if found is None or found is e:
                 raise

@@ -6,8 +6,9 @@ and what a killed run left in it.
   nothing for root, and nothing about a read-only mount).
 - :func:`ensure_space` / :func:`tensor_bytes`: a save is refused before writing when the disk lacks the room its
   tensors need (:data:`SAVE_MARGIN` extra for metadata and the file system).
-- :func:`rescue_folders`: where a run's weights go when its output folder fails during a save (``$LIB_TRAIN_RESCUE_DIR``,
-  then ``~/sd-webui-trainer-rescue``, then the system's temporary folder; one new subfolder per rescue).
+- :func:`rescue_folders`: where a run's weights go when its output folder fails during a save
+  (``$LIB_TRAIN_RESCUE_DIR``, then ``~/sd-webui-trainer-rescue``, then the system's temporary folder; one new subfolder
+  per rescue).
 - :func:`clean_stale`: hidden temporary files (``.tmp-*``) and state folders (``.NAME-state.tmp-*``) a killed run
   left, removed by the next run of the same name (it holds the name's lock, so nobody else writes them); a resume
   state left only as ``.NAME-state.old`` (a kill between the two renames of a state save) put back.
