@@ -29,7 +29,7 @@ import torch
 from ..atomic import TMP_PREFIX
 from ..errors import TrainerError
 
-SAVE_MARGIN = 1 << 20  # bytes a save needs beyond its tensors (header, metadata, sidecar, preview)
+SAVE_MARGIN = 256 << 10  # bytes a save needs beyond its tensors (header, metadata, sidecar, preview)
 RESCUE_ENV = "LIB_TRAIN_RESCUE_DIR"
 
 
