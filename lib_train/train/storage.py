@@ -41,7 +41,7 @@ def reason(e: OSError) -> str:
     """What went wrong, in words."""
     code = e.errno
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        text = "the disk is full"
+        text = "the disk is full" if code == errno.ENOSPC else "the disk quota is used up"
         return f"{text} ({e.strerror})" if e.strerror and "free" in e.strerror else text
     if code == errno.EROFS:
         return "it is on a read-only file system"
