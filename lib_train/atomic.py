@@ -6,6 +6,7 @@ crash or an interrupt never leaves a half-written model file behind under the fi
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -14,7 +15,7 @@ from typing import Callable
 
 from .errors import TrainerError
 
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"  # a file being written: ``.tmp-<final file name>.<random>`` (see :func:`atomic_write`)
 
 
 def _read_umask() -> int:
@@ -36,10 +37,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=str(path.parent))
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:  # a writer's I/O failure (safetensors reports one as its own error type)
+            found = os_error_of(e)
+            if found is None or found is e:
+                raise
+            raise found from e
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)
@@ -47,10 +54,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except BaseException:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
         raise
     return path
+
+
+# how an operating-system error shows in the message of a library written in Rust (safetensors):
+# ``IoError(Os { code: 28, kind: StorageFull, ... })`` (Debug) or ``... (os error 28)`` (Display)
+_RUST_OS_ERROR = re.compile(r"Os \{ code: (\d+)|\(os error (\d+)\)")
+
+
+def os_error_of(e: BaseException) -> OSError | None:
+    """``e`` itself when it is an :class:`OSError`; an equivalent ``OSError(errno, strerror)`` when ``e`` is another
+    library's wrapper of one (safetensors raises ``SafetensorError("... Os { code: 28 ...")`` for a full disk); else
+    None."""
+    if isinstance(e, OSError):
+        return e
+    m = _RUST_OS_ERROR.search(str(e))
+    if m is None:
+        return None
+    code = int(m.group(1) or m.group(2))
+    return OSError(code, os.strerror(code) if code in errno.errorcode else str(e))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -3,7 +3,9 @@ textual-inversion embedding, headless on a checkpoint file.
 
 Settings come from the method's defaults, then ``--config FILE`` (JSON/TOML, same schema as the WebUI and the API),
 then the flags given. Before any model work the dataset is scanned and the step count printed; during training a
-progress bar shows ETA and loss; Ctrl-C saves the LoRA/embedding and the resume state and prints how to resume.
+progress bar shows ETA and loss. Ctrl-C, SIGTERM or SIGHUP (:mod:`lib_train.signals`) saves the LoRA/embedding and the
+resume state and prints how to resume; a second one aborts without saving. The output folder is checked writable and
+the output name locked (:mod:`lib_train.train.lock`) before the model loads.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,8 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
     resume = None
     if args.resume:
         resume = load_state(args.resume)
+        for note in resume.notes:
+            print(note, file=sys.stderr)
         method = resume.state.config.get("method", "lora")
         if method != cmd.name:
             raise TrainerError(f"{args.resume} holds the resume state of a '{method}' run; resume it with "
@@ -191,41 +194,49 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
         return 0
 
     from .models.load import load_bundle, resolve_device
+    from .signals import StopSignals, exit_code, signal_name
     from .train.events import Commands
-    from .train.outputs import save_run_config
+    from .train.lock import output_lock
+    from .train.outputs import check_final_free, save_run_config
+    from .train.storage import check_writable
 
-    bundle = load_bundle(cfg, resolve_device(args.device), say=lambda line: print(line, file=sys.stderr, flush=True))
-    for note in apply_family_defaults(cfg, bundle.family_rules, given):
-        print(f"  {note}", file=sys.stderr)
-    save_run_config(cfg)
-
+    out_dir = cfg.output.output_dir
+    check_writable(out_dir)  # before the model loads: a read-only or full folder is known at once
+    if resume is None:
+        check_final_free(cfg)
     commands = Commands()
     events = _CliEvents()
 
-    def on_sigint(signum, frame):
-        if commands.stop_requested():
-            raise KeyboardInterrupt
+    def on_first(name: str) -> None:
         commands.request_stop()
-        events.warning(f"Stopping after this step: saving the {cmd.noun} and the resume state (Ctrl-C again to "
-                       "abort without saving)...")
+        events.warning(f"{name}: stopping after this step, saving the {cmd.noun} and the resume state (Ctrl-C or "
+                       f"another {name} aborts without saving)...")
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        result = train(cfg, bundle, prep, events=events, commands=commands, resume=resume)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        events.close()
+    with StopSignals(on_first) as signals:
+        os.makedirs(out_dir, exist_ok=True)
+        with output_lock(out_dir, cfg.output.name, what=f"python -m lib_train {cmd.name}", say=events.warning):
+            bundle = load_bundle(cfg, resolve_device(args.device),
+                                 say=lambda line: print(line, file=sys.stderr, flush=True))
+            for note in apply_family_defaults(cfg, bundle.family_rules, given):
+                print(f"  {note}", file=sys.stderr)
+            save_run_config(cfg)
+            signals.arm()
+            try:
+                result = train(cfg, bundle, prep, events=events, commands=commands, resume=resume)
+            finally:
+                events.close()
     truncated = getattr(bundle.encode_text, "truncated_captions", 0)
     if truncated:
         print(f"note: {truncated} caption encodings were longer than {cfg.data.max_token_length} tokens and were cut",
               file=sys.stderr)
     if result.status == "interrupted":
-        print(f"Interrupted at step {result.step}/{result.total_steps}.", file=sys.stderr)
+        by = f" by {signal_name(signals.received)}" if signals.received else ""
+        print(f"Interrupted{by} at step {result.step}/{result.total_steps}.", file=sys.stderr)
         if result.final_file:
             print(f"  current {cmd.noun}: {result.final_file}", file=sys.stderr)
         if result.state_dir:
             print(f"  resume with: python -m lib_train {cmd.name} --resume {result.state_dir}", file=sys.stderr)
-        return 130
+        return exit_code(signals.received) if signals.received else 130
     print(f"Finished {result.step} steps" + (f", final loss {result.last_loss:.4f}" if result.last_loss else "")
           + f". Final {cmd.noun}: {result.final_file}", file=sys.stderr)
     return 0
@@ -240,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from .signals import SignalAbort
+
+        if isinstance(e, SignalAbort):
+            print(f"Aborted by {e}: nothing more was saved.", file=sys.stderr)
+            return e.exit_code
         print("Aborted.", file=sys.stderr)
         return 130
     return 1

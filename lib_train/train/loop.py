@@ -24,7 +24,6 @@ epoch plan (seeded by (seed, epoch)), so a run resumed at (epoch, batch) draws w
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import time
 import warnings
@@ -36,23 +35,24 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, label
 from ..data import Sample, plan_epoch
 from ..errors import TrainerError
 from ..models.guard import ModelGuard
 from ..models.load import resolve_precision
 from . import loss as L
-from . import sampling
+from . import sampling, storage
 from .checkpointing import GradientCheckpointing
 from .events import Commands, Events, Progress
+from .lock import output_lock
 from .optim import build_optimizer, effective_lr, parse_optimizer_args, resolve_optimizer
-from .outputs import check_final_free
+from .outputs import check_final_free, final_paths
 from .placement import Placement, on_device
 from .prepare import PreparedData
 from .sampling import SampleContext, Sampler, ddim_sampler
 from .schedule import make_scheduler
-from .session import RunInfo, TrainingSession
-from .state import RunState, save_state
+from .session import SAVE_DTYPES, RunInfo, TrainingSession
+from .state import RunState, save_state, state_dir_for
 
 
 @dataclass
@@ -245,6 +245,22 @@ class _MeanLoss:
         self.sum, self.n = None, 0
         return value
 
+    def bad(self) -> float | None:
+        """The mean so far when it is not finite (one small read from the device every step), else None."""
+        if self.sum is None or bool(torch.isfinite(self.sum)):
+            return None
+        return float(self.sum) / self.n
+
+
+class SaveFault(Exception):
+    """Writing into the output folder failed (or would: too little room); the run stops and rescues its weights
+    (:meth:`Run.rescue`)."""
+
+    def __init__(self, folder: Path, error: OSError, model: tuple[str, int, bool] | None):
+        super().__init__(str(error))
+        self.folder, self.error = folder, error
+        self.model = model  # (stem, epoch, finished) of a model file not written; None: the state failed
+
 
 # ---- the run
 
@@ -266,6 +282,7 @@ class Run:
         self.parked_text_encoders = False  # the text encoders wait on the CPU (their outputs are cached)
         self.sampling_failed = False  # a sampler failure turns samples off for this session (not in the config:
         # the resume state keeps the settings, and a resumed run tries again)
+        self.state_step = self.resume.state.step if self.resume else None  # step of the newest resume state
 
     def warn(self, text: str) -> None:
         """A warning that is also kept in the result's notes."""
@@ -278,29 +295,145 @@ class Run:
 
     def save(self, stem_pattern: str, kind: str, epoch: int, finished: bool = False) -> str:
         """The method's file(s) under ``stem_pattern`` (formatted with name, step, epoch) and the preview image;
-        returns the model file."""
+        returns the model file. Raises :class:`TrainerError` when the trained tensors are not finite (nothing is
+        written), :class:`SaveFault` when the output folder cannot take the file."""
         stem = stem_pattern.format(name=self.session.name, step=self.step, epoch=epoch)
         if self.last_save is not None and self.last_save[:2] == (stem, self.step):
             return self.last_save[2]
-        paths = self.session.save_model(stem, epoch=epoch, step=self.step, finished=finished)
-        for path in paths:
-            if path not in self.saved:
-                self.saved.append(path)
-            self.events.saved(path, kind)
+        tensors = self.session.state_tensors()
+        self.check_finite(tensors)
+        try:
+            paths = self.write_model(stem, epoch, finished, tensors)
+        except OSError as e:
+            raise SaveFault(self.session.out_dir, e, (stem, epoch, finished)) from None
+        self.record(paths, kind)
         self.write_preview(paths[0])
         self.last_save = (stem, self.step, paths[0])
         return paths[0]
 
-    def save_state(self, optim: Optim, epoch: int, batch: int) -> None:
-        """The resume state; the next run starts at micro-batch ``batch`` of ``epoch``."""
+    def write_model(self, stem: str, epoch: int, finished: bool, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """:meth:`TrainingSession.save_model` after checking the room it needs (``tensors``: the trained ones)."""
+        storage.ensure_space(self.session.out_dir, self.model_bytes(tensors), f"the {self.session.noun} file")
+        return self.session.save_model(stem, epoch=epoch, step=self.step, finished=finished)
+
+    def record(self, paths: list[str], kind: str) -> None:
+        for path in paths:
+            if path not in self.saved:
+                self.saved.append(path)
+            self.events.saved(path, kind)
+
+    def model_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
+        """About the room one save of the method's file(s) takes (``tensors``: the trained ones)."""
+        one = storage.tensor_bytes(tensors, SAVE_DTYPES[self.cfg.output.save_precision])
+        return one * len(final_paths(self.cfg)) + storage.SAVE_MARGIN
+
+    def state_bytes(self, optim: Optim, tensors: dict[str, torch.Tensor]) -> int:
+        """About the room the resume state takes (the trained tensors in fp32 and the optimizer's state; before the
+        first step, two moments per tensor are assumed)."""
+        weights = storage.tensor_bytes(tensors)
+        moments = storage.tensor_bytes(t for st in optim.optimizer.state.values() for t in st.values()
+                                       if isinstance(t, torch.Tensor))
+        return weights + (moments or 2 * weights) + storage.SAVE_MARGIN
+
+    def save_state(self, optim: Optim, epoch: int, batch: int, directory: Path | None = None) -> Path:
+        """The resume state; the next run starts at micro-batch ``batch`` of ``epoch``. Checked finite first (a state
+        that would resume into NaN is never written); :class:`SaveFault` when the folder cannot take it."""
         info, s = self.info, self.session
+        directory = directory or s.state_dir
+        tensors = s.state_tensors()
+        self.check_finite(tensors, optim)
         state = RunState(step=self.step, epoch=epoch, batch=batch, config=self.cfg.to_dict(),
                          session_id=info.session_id, started_at=info.started_at, optimizer=info.optimizer,
                          dataset_fingerprint=self.prep.fingerprint, saved=list(self.saved))
         scaler = optim.scaler
-        save_state(s.state_dir, state, s.state_tensors(), optim.optimizer.state_dict(), optim.scheduler.state_dict(),
-                   scaler.state_dict() if scaler.is_enabled() else None)
-        self.events.saved(str(s.state_dir), "state")
+        try:
+            storage.ensure_space(directory.parent, self.state_bytes(optim, tensors), "the resume state")
+            save_state(directory, state, tensors, optim.optimizer.state_dict(),
+                       optim.scheduler.state_dict(), scaler.state_dict() if scaler.is_enabled() else None)
+        except OSError as e:
+            raise SaveFault(directory.parent, e, None) from None
+        self.state_step = self.step
+        self.events.saved(str(directory), "state")
+        return directory
+
+    # ---- divergence
+    def check_finite(self, tensors: dict[str, torch.Tensor], optim: Optim | None = None) -> None:
+        """Raise the divergence error when a trained tensor (``tensors``: :meth:`TrainingSession.state_tensors`) or,
+        with ``optim``, an optimizer state tensor is not finite, or would not be in the save precision."""
+        dtype = SAVE_DTYPES[self.cfg.output.save_precision]
+        bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise self.diverged(f"{len(bad)} of the {len(tensors)} trained tensors hold inf/nan ({bad[0]}, ...)")
+        if optim is not None:
+            for st in optim.optimizer.state.values():
+                for t in st.values():
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise self.diverged("the optimizer's state holds inf/nan")
+        if dtype != torch.float32:
+            big = [k for k, t in tensors.items() if not bool(torch.isfinite(t.to(dtype)).all())]
+            if big:
+                raise self.diverged(f"{len(big)} of the {len(tensors)} trained tensors ({big[0]}, ...) hold values "
+                                    f"too large for {label('output.save_precision')} {self.cfg.output.save_precision}",
+                                    also="or save in bf16 or fp32")
+
+    def diverged(self, what: str, also: str = "") -> TrainerError:
+        """The message of a run that diverged at ``self.step``: what went non-finite, which settings to lower, the
+        last good file (nothing non-finite is ever written)."""
+        o, t = self.cfg.optim, self.cfg.train
+        settings = [f"{label('optim.lr')} is {o.lr:g}"]
+        if getattr(self.session, "train_te", False):
+            settings.append(f"{label('optim.te_lr')} is {o.te_lr:g}")
+        if not o.max_grad_norm:
+            settings.append(f"{label('optim.max_grad_norm')} is 0 (gradient clipping off; 1 keeps single steps "
+                            "small)")
+        if t.mixed_precision == "fp16":
+            settings.append(f"{label('train.mixed_precision')} is fp16")
+        return TrainerError(f"Training diverged at step {self.step}: {what}. {self.session.divergence_hint} Now "
+                            f"{', '.join(settings)}{f'; {also}' if also else ''}. Nothing with inf/nan was written. "
+                            f"{self.kept()}")
+
+    def kept(self) -> str:
+        last = self.saved[-1] if self.saved else None
+        text = f"The last good file is kept: {last}." if last else "No file was saved before it."
+        if self.state_step is not None and (self.session.state_dir / "state.json").is_file():
+            text += f" The resume state in {self.session.state_dir} (step {self.state_step}) is from before it."
+        return text
+
+    # ---- a failed save
+    def rescue(self, fault: SaveFault, optim: Optim, position: tuple[int, int]) -> TrainerError:
+        """The output folder failed (``fault``): write what was not written — the model file, and the resume state
+        at ``position`` — into the first rescue folder that takes them; the message says where, and what to do."""
+        s, e = self.session, fault.error
+        head = f"Could not save the {s.noun} into {fault.folder}: {storage.reason(e)}."
+        tried = []
+        for folder in storage.rescue_folders(s.name, fault.folder):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                model_file = None
+                if fault.model is not None:
+                    stem, epoch, finished = fault.model
+                    out_dir = s.out_dir
+                    s.out_dir = folder
+                    try:
+                        paths = self.write_model(stem, epoch, finished, s.state_tensors())
+                    finally:
+                        s.out_dir = out_dir
+                    self.record(paths, "interrupted")
+                    model_file = paths[0]
+                state_dir = self.save_state(optim, *position, directory=state_dir_for(folder, s.name))
+            except (OSError, SaveFault) as err:
+                err = err.error if isinstance(err, SaveFault) else err
+                tried.append(f"{folder}: {storage.reason(err)}")
+                continue
+            where = (f"its {s.noun} at step {self.step} is saved as {model_file} instead" if model_file else
+                     f"its {s.noun} at step {self.step} is {self.saved[-1] if self.saved else 'not saved'}")
+            return TrainerError(f"{head} The run stopped at step {self.step}/{self.prep.total_steps}; {where}, with "
+                                f"the resume state in {state_dir}. {storage.advice(e)}, then resume from "
+                                f"{state_dir} (the resumed run writes into {fault.folder} again).")
+        return TrainerError(f"{head} The run stopped at step {self.step}/{self.prep.total_steps}, and no other folder "
+                            f"could take its {s.noun} either ({'; '.join(tried) or 'none found'}): the weights of "
+                            f"this session are lost. {storage.advice(e)}, and set {storage.RESCUE_ENV} to a folder "
+                            "on another disk for a fallback.")
 
     def make_samples(self) -> None:
         """One sample set (``[sample]``), written and reported; a failure is reported and turns sampling off for the
@@ -441,16 +574,27 @@ def micro_step(run: Run, mb: MicroBatch, ac: torch.Tensor, scaler) -> torch.Tens
 
 def run_training(session: TrainingSession, *, events: Events, commands: Commands,
                  sampler: Sampler | None = None) -> RunResult:
-    """Run ``session`` on its bundle in place. See the module docstring for what is guaranteed about the model."""
-    cfg, prep, bundle, resume = session.cfg, session.prep, session.bundle, session.resume
-    if resume is None:
-        check_final_free(cfg)
-    if resume is not None and resume.state.dataset_fingerprint != prep.fingerprint:
-        events.warning("The dataset or its bucket settings changed since the run started; the resumed run will "
-                       "not match an uninterrupted one.")
-    session.out_dir.mkdir(parents=True, exist_ok=True)
+    """Run ``session`` on its bundle in place. See the module docstring for what is guaranteed about the model.
 
-    run = Run(session, events, commands, sampler or ddim_sampler)
+    The output folder is checked writable and the output name locked for the run (:mod:`~lib_train.train.lock`; the
+    caller may hold it already), and what a killed run of the same name left there is cleaned up first."""
+    cfg, prep, resume = session.cfg, session.prep, session.resume
+    storage.check_writable(session.out_dir)
+    session.out_dir.mkdir(parents=True, exist_ok=True)
+    with output_lock(session.out_dir, session.name, what="a training run", say=events.warning):
+        if resume is None:
+            check_final_free(cfg)
+        for note in storage.clean_stale(session.out_dir, session.name):
+            events.warning(note)
+        if resume is not None and resume.state.dataset_fingerprint != prep.fingerprint:
+            events.warning("The dataset or its bucket settings changed since the run started; the resumed run will "
+                           "not match an uninterrupted one.")
+        return _run_session(Run(session, events, commands, sampler or ddim_sampler))
+
+
+def _run_session(run: Run) -> RunResult:
+    session, cfg = run.session, run.cfg
+    bundle = session.bundle
     guard = ModelGuard(bundle.model)
     placement = Placement(bundle.model)  # the run may move the VAE and text encoders to the CPU
     ckpt: GradientCheckpointing | None = None
@@ -460,7 +604,8 @@ def run_training(session: TrainingSession, *, events: Events, commands: Commands
         if cfg.train.gradient_checkpointing:
             ckpt = GradientCheckpointing(*session.checkpointed_modules())
         optim = make_optim(run)
-        state = resume.state if resume else None
+        check_room(run, optim)
+        state = run.resume.state if run.resume else None
         run.info = (RunInfo(state.session_id, state.started_at, optim.name) if state
                     else RunInfo(random.getrandbits(31), time.time(), optim.name))
         try:
@@ -492,23 +637,66 @@ def run_training(session: TrainingSession, *, events: Events, commands: Commands
             torch.cuda.empty_cache()
 
 
+def planned_saves(run: Run) -> int:
+    """How many model saves the rest of the run makes (step and epoch files, the final one)."""
+    o, prep = run.cfg.output, run.prep
+    done_epochs = run.resume.state.epoch if run.resume else 0
+    steps = sum(1 for n in range(run.step + 1, prep.total_steps) if o.save_every_steps and n % o.save_every_steps == 0)
+    epochs = sum(1 for e in range(done_epochs + 1, prep.total_epochs)
+                 if o.save_every_epochs and e % o.save_every_epochs == 0)
+    return steps + epochs + 1
+
+
+def check_room(run: Run, optim: Optim) -> None:
+    """Before the first step: refuse when the output folder cannot even take the final file, warn when it cannot
+    take every planned save and a resume state."""
+    folder = run.session.out_dir
+    free = storage.free_bytes(folder)
+    if free is None:
+        return
+    tensors = run.session.state_tensors()
+    one, state, n = run.model_bytes(tensors), run.state_bytes(optim, tensors), planned_saves(run)
+    if free < one:
+        raise TrainerError(f"The output folder {folder} has only {storage.mb(free)} free; the {run.session.noun} "
+                           f"file alone needs about {storage.mb(one)}. Free some space on that disk or choose another "
+                           "output folder.")
+    if free < n * one + 2 * state:
+        run.warn(f"The output folder {folder} has {storage.mb(free)} free; this run's {n} planned save(s) and its "
+                 f"resume state need about {storage.mb(n * one + 2 * state)}. Free some space, or save less often "
+                 f"({label('output.save_every_steps')}, {label('output.save_every_epochs')}); a save that does not "
+                 "fit stops the run and goes to a fallback folder.")
+
+
 def _loop(run: Run, optim: Optim) -> RunResult:
+    start = (run.resume.state.epoch, run.resume.state.batch) if run.resume else (0, 0)
+    position = [start]
+    try:
+        return _steps(run, optim, position)
+    except SaveFault as fault:
+        raise run.rescue(fault, optim, position[0]) from None
+
+
+def _steps(run: Run, optim: Optim, position: list[tuple[int, int]]) -> RunResult:
+    """The steps; ``position[0]`` follows where a resumed run would start."""
     cfg, prep, s, commands = run.cfg, run.prep, run.session, run.commands
     ac = s.bundle.alphas_cumprod.to(s.device)
     log_every = 1 if s.device.type == "cpu" else cfg.train.log_every
-    start = (run.resume.state.epoch, run.resume.state.batch) if run.resume else (0, 0)
     clock, losses = _Clock(), _MeanLoss()
     run.events.status(f"Training: {prep.total_steps} steps")
-    for mb in micro_batches(cfg, prep, *start):
+    for mb in micro_batches(cfg, prep, *position[0]):
         losses.add(micro_step(run, mb, ac, optim.scaler))
         if not mb.ends_step(cfg.optim.grad_accum):
             continue  # accumulate more micro-batches before stepping
+        bad = losses.bad()  # checked every step: a diverged step must not reach a save
         optim.step(cfg.optim.max_grad_norm)
         run.step += 1
+        position[0] = mb.next
+        if bad is not None:
+            raise run.diverged(f"the loss became {bad}")
         clock.tick()
         at = Point(run.step, mb.epoch + 1, mb.epoch_end, run.step >= prep.total_steps)
         if log_due(at, log_every, prep.total_steps):
-            run.loss = _finite(losses.take(), run)
+            run.loss = losses.take()
         run.events.progress(Progress(step=run.step, total_steps=prep.total_steps, epoch=at.epoch,
                                      total_epochs=prep.total_epochs, loss=run.loss, lr=optim.lr(),
                                      elapsed=clock.elapsed(), eta=clock.eta(prep.total_steps - run.step)))
@@ -535,11 +723,3 @@ def _loop(run: Run, optim: Optim) -> RunResult:
         run.make_samples()  # no-op when the last step already made a set
     return run.result("finished", run.save("{name}", "final", prep.total_epochs, finished=True))
 
-
-def _finite(value: float, run: Run) -> float:
-    """``value``, or a :class:`TrainerError` when the loss diverged (inf/nan)."""
-    if not math.isfinite(value):
-        last_file = run.saved[-1] if run.saved else "none yet"
-        raise TrainerError(f"The loss became {value} at step {run.step}: training diverged. "
-                           f"{run.session.divergence_hint} The last saved file is kept: {last_file}")
-    return value

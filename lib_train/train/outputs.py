@@ -40,5 +40,10 @@ def config_path(cfg: TrainConfig) -> Path:
 def save_run_config(cfg: TrainConfig) -> Path:
     """Create the output folder and write :func:`config_path` (before training starts); returns the path."""
     path = config_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_config(cfg, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_config(cfg, path)
+    except OSError as e:
+        from .storage import advice, reason
+
+        raise TrainerError(f"Cannot write {path}: {reason(e)}. {advice(e)}.") from None

@@ -12,7 +12,8 @@ as a LoRA card):
 
 All randomness of a step is derived from (seed, step), and the epoch plans from (seed, epoch), so no RNG state needs
 saving: the resumed run draws exactly what the uninterrupted run would have drawn. The folder is replaced
-atomically: written as ``.<name>-state.tmp-*``, then swapped in.
+atomically: written as ``.<name>-state.tmp-*``, then swapped in (the previous one renamed to ``.<name>-state.old``
+meanwhile, and removed after).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import UMASK
+from ..atomic import UMASK, os_error_of
 from ..errors import TrainerError
 
 STATE_VERSION = 1
@@ -110,18 +111,26 @@ def load_tree(folder: Path, name: str) -> Any:
 
 def save_state(directory: str | os.PathLike, state: RunState, network_tensors: dict[str, torch.Tensor],
                optimizer: dict, scheduler: dict, scaler: dict | None) -> Path:
+    """Write the state folder ``directory`` atomically (see the module docstring); a failed write raises
+    :class:`OSError` (also where the writer reports it as its own error type) and leaves the previous state."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
     try:
-        save_file(network_tensors, str(tmp / "network.safetensors"))
-        save_tree(tmp, "optimizer", optimizer)
-        save_tree(tmp, "scheduler", scheduler)
-        if scaler is not None:
-            save_tree(tmp, "scaler", scaler)
-        (tmp / "state.json").write_text(json.dumps(state.to_json(), indent=2), encoding="utf-8")
+        try:
+            save_file(network_tensors, str(tmp / "network.safetensors"))
+            save_tree(tmp, "optimizer", optimizer)
+            save_tree(tmp, "scheduler", scheduler)
+            if scaler is not None:
+                save_tree(tmp, "scaler", scaler)
+            (tmp / "state.json").write_text(json.dumps(state.to_json(), indent=2), encoding="utf-8")
+        except Exception as e:  # safetensors reports a full disk as its own error type
+            found = os_error_of(e)
+            if found is None or found is e:
+                raise
+            raise found from e
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -147,10 +156,27 @@ class LoadedState:
     optimizer: dict
     scheduler: dict
     scaler: dict | None
+    notes: list[str] = field(default_factory=list)  # what the user should know (a state recovered from ``.old``)
 
 
 def load_state(directory: str | os.PathLike) -> LoadedState:
+    """The state in ``directory`` (a ``.NAME-state`` folder, or an output folder holding one). A state left only as
+    ``.NAME-state.old`` (a kill between the two renames of a save) is renamed back, and a note says so."""
+    from .storage import recover_old_state
+
     directory = Path(directory)
+    notes: list[str] = []
+    if not (directory / "state.json").is_file():
+        olds = []
+        if directory.name.endswith("-state"):
+            olds = [directory]
+        elif directory.is_dir() and not list(directory.glob(".*-state")):
+            olds = [p.with_name(p.name[:-len(".old")]) for p in directory.glob(".*-state.old")]
+        if len(olds) == 1:
+            recovered = recover_old_state(olds[0])
+            if recovered is not None:
+                directory, note = recovered
+                notes.append(note)
     state_file = directory / "state.json"
     if not state_file.is_file():
         # Accept the output folder too: find the single .*-state folder in it.
@@ -176,4 +202,4 @@ def load_state(directory: str | os.PathLike) -> LoadedState:
     except Exception as e:  # noqa: BLE001 - any damage means the state cannot be used
         raise TrainerError(f"The resume state in {directory} is damaged ({type(e).__name__}: {e}). Resume from an "
                            "earlier copy or start again from the last saved LoRA with network.init_from.") from None
-    return LoadedState(state, network, optimizer, scheduler, scaler)
+    return LoadedState(state, network, optimizer, scheduler, scaler, notes)

@@ -39,9 +39,11 @@ from ..methods import Method
 from ..models.families import get_family
 from ..train import sampling
 from ..train.events import Commands, Events, Progress
+from ..train.lock import output_lock, refuse_if_held
 from ..train.outputs import existing_final, save_run_config
 from ..train.prepare import PreparedData
 from ..train.state import LoadedState, load_state, state_dir_for
+from ..train.storage import check_writable
 
 ACTIVE_STATES = ("queued", "running")
 LOSS_POINTS = 1000  # the loss curve keeps at most this many points (every other one is dropped when it is full)
@@ -339,7 +341,7 @@ class JobManager:
         if webui is None and named in methods.METHODS:
             raise ConfigError([Problem("method", f"'{cfg.method}' training is not available in the WebUI yet; use "
                                                  f"the command line: python -m lib_train {cfg.method} ...")])
-        notes = self._settle_paths(cfg, webui)
+        notes = self._settle_paths(cfg, webui) + (resume.notes if resume else [])
         if roots is not None and webui is not None:
             problems = folder_policy_problems(cfg, data_root=roots["data"], output_root=webui.output_root())
             if problems:
@@ -349,6 +351,11 @@ class JobManager:
         if final is not None:
             raise ConfigError([Problem("output.name", f"{final} already exists; choose another name, delete the "
                                                       "file, or set output.overwrite to replace it")])
+        try:  # a read-only or unwritable output folder is refused now, not after the model work
+            check_writable(cfg.output.output_dir)
+        except TrainerError as e:
+            raise ConfigError([Problem("output.output_dir", str(e))]) from None
+        refuse_if_held(cfg.output.output_dir, cfg.output.name)  # another run (here or headless) writes this name
         conflict = webui.name_conflict(cfg) if resume is None else None
         if conflict:
             raise ConfigError([Problem("output.name", conflict)])
@@ -447,7 +454,10 @@ class JobManager:
             note = match_model_precision(cfg)
             if note:
                 events.warning(note)
-            with loaded_model_bundle(cfg, note=events.warning) as bundle:
+            check_writable(cfg.output.output_dir)
+            Path(cfg.output.output_dir).mkdir(parents=True, exist_ok=True)
+            with output_lock(cfg.output.output_dir, cfg.output.name, what="a WebUI training job",
+                             say=events.warning), loaded_model_bundle(cfg, note=events.warning) as bundle:
                 save_run_config(cfg)
                 result = job.method.entry("train")(cfg, bundle, job.prep, events=events, commands=job.commands,
                                                    resume=job.resume, sampler=webui_sampler)
