@@ -274,6 +274,20 @@ def plan(steps: int, device: str, tiny: bool, webui_dir: str | None, peak: float
 
 # ------------------------------------------------------------------------------------------------ child process
 
+def _cpu_attention_flops() -> dict:
+    """FlopCounterMode counts the CUDA kernels of ``scaled_dot_product_attention`` (flash, memory-efficient, cuDNN)
+    but not the CPU's fused one, so on the CPU (``--tiny --device cpu``) attention would count as zero: count it with
+    the same formulas (the CPU op takes query, key, value first, as the CUDA ones do)."""
+    import torch
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    pairs = (("_scaled_dot_product_flash_attention_for_cpu", flop_counter.sdpa_flop),
+             ("_scaled_dot_product_flash_attention_for_cpu_backward", flop_counter.sdpa_backward_flop))
+    # the module's formulas come wrapped (tensors → shapes); FlopCounterMode wraps a custom one itself
+    return {getattr(aten, op): getattr(formula, "__wrapped__", formula) for op, formula in pairs if hasattr(aten, op)}
+
+
 def _flop_counter_events():
     """An ``Events`` that counts the FLOPs of optimizer step :data:`FLOP_STEPS` alone: it enters a
     ``FlopCounterMode`` at the end of the step before and leaves it at the end of that step (both at the same place
@@ -284,7 +298,7 @@ def _flop_counter_events():
 
     class StepFlops(Events):
         def __init__(self) -> None:
-            self.counter = FlopCounterMode(display=False)
+            self.counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
             self.steps = 0
             self.active = False
             self.flops: int | None = None
@@ -523,6 +537,12 @@ KIT_WHEELS = (
     "ftfy==6.3.1",
     "wcwidth==0.2.13",  # ftfy's
     "kornia==0.6.7",  # sgm imports it
+    # lib_train's text-encoder code needs transformers 4.x (5.x renamed CLIPTextModel's parts); the WebUI's 4.30.2
+    # needs tokenizers < 0.14, which has no Python 3.12 wheel, so the first 4.x whose tokenizers has one, with the
+    # huggingface_hub it accepts (< 1.0)
+    "transformers==4.36.2",
+    "tokenizers==0.15.2",
+    "huggingface_hub==0.20.3",
 )
 KIT_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 KIT_PYTHON = "3.12"
@@ -530,9 +550,9 @@ KIT_WEBUI = "webui"  # the kit's stand-in WebUI folder: webui/repositories/gener
 KIT_SITE = "site"  # where --kit installs the wheels (inside the kit folder, so it is ignored as the kit is)
 
 
-def make_kit(kit: Path, webui_dir: str | None) -> int:
-    """Here (with network): download :data:`KIT_WHEELS` for the device's Python into ``kit/wheels`` and copy sgm
-    (``repositories/generative-models/sgm`` of the WebUI found as ``python -m lib_train`` finds it) into
+def make_kit(kit: Path, webui_dir: str | None, python: str = KIT_PYTHON) -> int:
+    """Here (with network): download :data:`KIT_WHEELS` for the device's Python (``python``) into ``kit/wheels`` and
+    copy sgm (``repositories/generative-models/sgm`` of the WebUI found as ``python -m lib_train`` finds it) into
     ``kit/webui``."""
     from lib_train.errors import TrainerError
     from lib_train.models.sgm_import import SGM_SUBDIR, find_sgm_root
@@ -548,13 +568,18 @@ def make_kit(kit: Path, webui_dir: str | None) -> int:
     wheels.mkdir(parents=True)
     pip = [sys.executable, "-m", "pip"]
     for req in KIT_WHEELS:
-        cmd = [*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", KIT_PYTHON,
+        cmd = [*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python,
                "--implementation", "cp", *[a for p in KIT_PLATFORMS for a in ("--platform", p)], "-d", str(wheels),
                req]
-        if subprocess.run(cmd).returncode != 0:  # no wheel (an sdist only): build a pure-Python one here
-            if subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(wheels), req]).returncode != 0:
-                print(f"error: could not get a wheel of {req}", file=sys.stderr)
+        got = subprocess.run(cmd, capture_output=True, text=True)
+        if got.returncode != 0:  # no wheel (an sdist only): build a pure-Python one here
+            built = subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(wheels), req], capture_output=True,
+                                   text=True)
+            if built.returncode != 0:
+                print(f"error: could not get a wheel of {req} for Python {python}:\n{got.stderr}{built.stderr}",
+                      file=sys.stderr)
                 return 1
+        print(f"  {req}", file=sys.stderr)
     dest = kit / KIT_WEBUI / SGM_SUBDIR
     if dest.exists():
         shutil.rmtree(dest)
@@ -624,6 +649,8 @@ def _parser() -> argparse.ArgumentParser:
                         "--make-kit)")
     p.add_argument("--make-kit", metavar="DIR", default=None,
                    help="with network: put the device machine's missing wheels and a copy of sgm into DIR, then exit")
+    p.add_argument("--kit-python", default=KIT_PYTHON,
+                   help=f"--make-kit: the Python version the wheels are for (default {KIT_PYTHON}, the device's)")
     p.add_argument("--one", metavar="CONFIG_JSON", help=argparse.SUPPRESS)  # internal: run one configuration
     return p
 
@@ -646,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         print(bt.RESULT_PREFIX + json.dumps(run_one(CheckConfig(**json.loads(args.one)))), flush=True)
         return 0
     if args.make_kit:
-        return make_kit(Path(args.make_kit), args.webui_dir)
+        return make_kit(Path(args.make_kit), args.webui_dir, args.kit_python)
     t_total = time.perf_counter()
     env, webui_dir = dict(os.environ), args.webui_dir
     if args.kit:
