@@ -563,8 +563,9 @@ def make_kit(kit: Path, webui_dir: str | None, python: str = KIT_PYTHON) -> int:
         print(f"error: {e} Or give --webui-dir.", file=sys.stderr)
         return 2
     wheels = kit / "wheels"
-    if wheels.exists():
-        shutil.rmtree(wheels)
+    for stale in (wheels, kit / KIT_SITE):  # an earlier kit's wheels, or a site installed from them (not to carry)
+        if stale.exists():
+            shutil.rmtree(stale)
     wheels.mkdir(parents=True)
     pip = [sys.executable, "-m", "pip"]
     for req in KIT_WHEELS:
@@ -587,7 +588,7 @@ def make_kit(kit: Path, webui_dir: str | None, python: str = KIT_PYTHON) -> int:
     for name in ("LICENSE-CODE", "LICENSE"):
         if (sgm_root / name).is_file():
             shutil.copy2(sgm_root / name, dest / name)
-    size = sum(f.stat().st_size for f in kit.rglob("*") if f.is_file() and KIT_SITE not in f.parts)
+    size = sum(f.stat().st_size for f in kit.rglob("*") if f.is_file())
     print(f"kit ready in {kit}: {len(list(wheels.iterdir()))} wheels, sgm from {sgm_root}; {size / 2**20:.1f} MiB "
           f"to carry")
     return 0
