@@ -403,14 +403,17 @@ def run_one(cc: CheckConfig) -> dict:
                 out["s_per_step_min"], out["s_per_step_max"] = min(timed), max(timed)
                 out["images_per_s"] = base.batch / out["s_per_step"]
             t0 = time.perf_counter()
-            out["flops_per_step"] = count_step_flops(cfg, bundle, base.method)
+            try:  # the timed run's figures stand even if counting fails (e.g. out of memory without checkpointing)
+                out["flops_per_step"] = count_step_flops(cfg, bundle, base.method)
+            except Exception as e:  # noqa: BLE001
+                out["flops_per_step"], out["flops_error"] = None, f"{type(e).__name__}: {e}"[:2000]
             out["flop_count_s"] = time.perf_counter() - t0
     except BaseException as e:  # noqa: BLE001  (an OOM or any failure is this row's result; the parent goes on)
         out["status"] = "failed"
         out["error"] = f"{type(e).__name__}: {e}"[:2000]
-        if cuda:
-            out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
-            out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+        if cuda:  # the peak up to the failure
+            out.setdefault("peak_allocated_gib", torch.cuda.max_memory_allocated() / GIB)
+            out.setdefault("peak_reserved_gib", torch.cuda.max_memory_reserved() / GIB)
     out.setdefault("peak_allocated_gib", None)
     out.setdefault("peak_reserved_gib", None)
     hwm = bt._proc_status_kib("VmHWM")
@@ -493,8 +496,9 @@ def _row(r: dict) -> list[str]:
     flops = r.get("flops_per_step")
     frac = r.get("peak_fraction")
     status = r.get("status", "?")
-    if r.get("error"):
-        status = f"{status}: {r['error'].splitlines()[0][:90]}"
+    for key, what in (("error", ""), ("flops_error", "FLOPs not counted: ")):
+        if r.get(key):
+            status = f"{status}; {what}{r[key].splitlines()[0][:90]}"
     return [r["id"], _fmt(r.get("s_per_step"), ".3f"), _fmt(r.get("images_per_s"), ".2f"),
             _fmt(r.get("peak_allocated_gib"), ".2f"), _fmt(r.get("peak_reserved_gib"), ".2f"),
             _fmt(r.get("estimate_gib"), ".2f"), _fmt(r.get("estimate_over_reserved"), ".2f"),
