@@ -25,9 +25,10 @@ The matrix is planned against a time budget (``--budget``, default 420 s): the p
 configuration whose predicted cost no longer fits is skipped with a note, and the JSON is rewritten after every row
 (so a lease that ends early still leaves the rows done).
 
-The device machine of a lease has no network and none of ldm, sgm, open_clip, pytorch_lightning 1.x and omegaconf:
-``--make-kit DIR`` (here, with network) puts their wheels and a copy of sgm into DIR, and ``--kit DIR`` (there)
-installs the wheels into a folder beside them and uses the sgm copy. bench/README.md gives the one device command.
+The device machine of a lease has no network, none of ldm, sgm, open_clip, pytorch_lightning 1.x and omegaconf, and
+a transformers 5 that lib_train's text-encoder code does not run on: ``--make-kit DIR`` (here, with network) puts
+the wheels it needs (:data:`KIT_WHEELS`) and a copy of sgm into DIR, and ``--kit DIR`` (there) installs the wheels
+into a folder beside them and uses the sgm copy. bench/README.md gives the one device command.
 
 Run from the repository root::
 
