@@ -113,6 +113,7 @@ class BenchConfig:
     te: str = "trained"  # LoRA only: a key of TE_MODES
     tiny: bool = False  # the family's small test layout instead of the full size (a check of the script)
     webui_dir: str | None = None  # SDXL: the WebUI folder holding repositories/generative-models (sgm)
+    batch_size: int = 1  # images per step (at most N_IMAGES)
 
     @property
     def label(self) -> str:
@@ -120,7 +121,8 @@ class BenchConfig:
         family = BENCH_FAMILIES[self.family].row + ("tiny " if self.tiny else "")
         what = method.row.format(vectors=self.vectors)
         te = f" te={self.te}" if method.varies_te else ""
-        return f"{family}{what} {self.resolution}² ckpt={'on' if self.checkpointing else 'off'} cache={self.cache}{te}"
+        batch = f" batch {self.batch_size}" if self.batch_size != 1 else ""
+        return f"{family}{what} {self.resolution}²{batch} ckpt={'on' if self.checkpointing else 'off'} cache={self.cache}{te}"
 
 
 # --------------------------------------------------------------------------------------------- child process
@@ -291,7 +293,7 @@ def _train_config(bc: BenchConfig, data_dir: Path, out_dir: Path):
         setattr(getattr(cfg, section), name, value)
     if BENCH_METHODS[bc.method].varies_vectors:
         cfg.embedding.vectors = bc.vectors
-    cfg.train.batch_size = 1
+    cfg.train.batch_size = bc.batch_size
     cfg.train.max_steps = bc.steps
     cfg.train.mixed_precision = bc.precision
     cfg.train.gradient_checkpointing = bc.checkpointing
