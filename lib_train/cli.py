@@ -160,6 +160,7 @@ class _CliEvents:
 
 
 def run_command(args: argparse.Namespace, cmd: Method) -> int:
+    from .devices import check_device
     from .train.state import load_state
 
     resume = None
@@ -179,6 +180,7 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
         save_config(cfg, args.write_config)
         print(f"wrote {args.write_config}")
         return 0
+    device = check_device(args.device)  # a typo or a missing GPU: one line now, not a traceback after loading
     validate(cfg, headless=True)
 
     from .train.prepare import dataset_summary
@@ -190,11 +192,11 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
     if args.dry_run:
         return 0
 
-    from .models.load import load_bundle, resolve_device
+    from .models.load import load_bundle
     from .train.events import Commands
     from .train.outputs import save_run_config
 
-    bundle = load_bundle(cfg, resolve_device(args.device), say=lambda line: print(line, file=sys.stderr, flush=True))
+    bundle = load_bundle(cfg, device, say=lambda line: print(line, file=sys.stderr, flush=True))
     for note in apply_family_defaults(cfg, bundle.family_rules, given):
         print(f"  {note}", file=sys.stderr)
     save_run_config(cfg)
