@@ -196,7 +196,14 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
     from .train.events import Commands
     from .train.outputs import save_run_config
 
-    bundle = load_bundle(cfg, device, say=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        bundle = load_bundle(cfg, device, say=lambda line: print(line, file=sys.stderr, flush=True))
+    except Exception as e:
+        from .train.oom import is_out_of_memory, out_of_memory_message
+
+        if is_out_of_memory(e):  # the checkpoint itself does not fit on the GPU
+            raise TrainerError(out_of_memory_message(e, cfg, device)) from None
+        raise
     for note in apply_family_defaults(cfg, bundle.family_rules, given):
         print(f"  {note}", file=sys.stderr)
     save_run_config(cfg)
