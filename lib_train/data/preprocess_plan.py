@@ -91,24 +91,30 @@ class PreprocessOptions:
 
 
 OPTION_NAMES = tuple(f.name for f in fields(PreprocessOptions))
+_FOLDER_OPTIONS = ("source_dir", "dest_dir")
 
 
 def options_from_dict(data: dict[str, Any]) -> PreprocessOptions:
     """Options from a plain dict (the API body, the tab's values). Unknown keys and wrong types raise
     :class:`ConfigError` naming each key; values are checked by :func:`validate_options`."""
-    from ..settings import coerce
+    from ..settings import coerce, path_problem
 
     if not isinstance(data, dict):
         raise ConfigError([Problem("body", "must be a JSON object of preprocessing options")])
     opts, problems = PreprocessOptions(), []
     for key, value in data.items():
         if key not in OPTION_NAMES:
-            problems.append(Problem(key, f"unknown option; known options: {', '.join(OPTION_NAMES)}"))
+            problems.append(Problem(key if len(key) <= 60 else key[:60] + "…",
+                                    f"unknown option; known options: {', '.join(OPTION_NAMES)}"))
             continue
         try:
             coerced = coerce(value, type(getattr(opts, key)))
         except ValueError as e:
             problems.append(Problem(key, str(e)))
+            continue
+        problem = path_problem(coerced) if key in _FOLDER_OPTIONS and coerced else None
+        if problem:  # checked before anything looks at the disk with it
+            problems.append(Problem(key, problem))
             continue
         setattr(opts, key, coerced.strip() if isinstance(coerced, str) else coerced)
     if problems:

@@ -70,19 +70,19 @@ def suggestions(cfg: TrainConfig) -> list[str]:
     t, d, o = cfg.train, cfg.data, cfg.optim
     found = []
     if not t.gradient_checkpointing:
-        found.append(f"turn on gradient checkpointing ({label('train.gradient_checkpointing')}: much less memory, "
+        found.append(f"turn on gradient checkpointing: {label('train.gradient_checkpointing')} on (much less memory, "
                      "~25 % slower)")
     if t.batch_size > 1:
-        found.append(f"lower the batch size ({label('train.batch_size')} {t.batch_size} → {max(1, t.batch_size // 2)}; "
-                     f"raise {label('optim.grad_accum')} to keep the effective batch)")
+        found.append(f"lower the batch size: {label('train.batch_size')} {t.batch_size} → {max(1, t.batch_size // 2)}, "
+                     f"and raise {label('optim.grad_accum')} to keep the effective batch")
     if d.resolution > 512:
-        found.append(f"lower the resolution ({label('data.resolution')} {d.resolution} → {d.resolution - 256})")
+        found.append(f"lower the resolution: {label('data.resolution')} {d.resolution} → {d.resolution - 256}")
     if o.optimizer.lower() not in _EIGHT_BIT:
-        found.append(f"use an 8-bit optimizer or Adafactor ({label('optim.optimizer')} AdamW8bit or Adafactor)")
+        found.append(f"use an 8-bit optimizer or Adafactor: {label('optim.optimizer')} AdamW8bit or Adafactor")
     if d.cache_latents == "off":
-        found.append(f"cache the latents ({label('data.cache_latents')} memory), so the VAE leaves the GPU")
+        found.append(f"cache the latents: {label('data.cache_latents')} memory (the VAE then leaves the GPU)")
     elif not t.offload_vae:
-        found.append(f"move the VAE to the CPU after caching ({label('train.offload_vae')} on)")
+        found.append(f"move the VAE to the CPU after caching: {label('train.offload_vae')} on")
     found.append("close other programs that use the GPU")
     return found
 

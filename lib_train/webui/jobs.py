@@ -33,7 +33,7 @@ from typing import Any, Callable
 from .. import config as config_mod
 from .. import methods
 from ..atomic import check_output_name, is_within
-from ..config import TrainConfig, apply_family_defaults, from_dict, given_keys, validate
+from ..config import TrainConfig, apply_family_defaults, from_dict, given_keys, shape_problems, validate
 from ..data.dataset import confined_to
 from ..errors import ConfigError, Problem, TrainerError
 from ..methods import Method
@@ -335,6 +335,9 @@ class JobManager:
         if resume_dir:
             resume = load_state(resume_dir)
         cfg = from_dict(resume.state.config if resume else (data or {}))
+        shape = shape_problems(cfg)  # NaN, NUL bytes, over-long names and paths: before any path is looked at
+        if shape:
+            raise ConfigError(shape)
         named = cfg.method if isinstance(cfg.method, str) else ""
         webui = METHODS.get(named)
         if webui is None and named in methods.METHODS:
