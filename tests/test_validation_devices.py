@@ -105,3 +105,30 @@ def test_out_of_memory_is_recognised():
     assert is_out_of_memory(oom("CUDA out of memory."))
     assert is_out_of_memory(RuntimeError(OLD))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_out_of_memory_mid_run_is_one_message_and_the_model_is_restored(tmp_path):
+    from helpers import make_bundle, make_images, module_flags, state_hash, tiny_config
+
+    from lib_train.train.lora_trainer import prepare_data, train_lora
+
+    make_images(tmp_path / "data" / "2_thing", n=3)
+    cfg = tiny_config(tmp_path, train__batch_size=2)
+    bundle = make_bundle("sd1")
+    before = state_hash(bundle.model), module_flags(bundle.model)
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    calls, real_predict = {"n": 0}, bundle.predict
+
+    def predict(*a):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise oom(NEW)
+        return real_predict(*a)
+
+    bundle.predict = predict
+    with pytest.raises(TrainerError) as e:
+        train_lora(cfg, bundle, prepare_data(cfg))
+    msg = str(e.value)
+    assert msg.startswith("Out of GPU memory (it asked for 20.00 MiB; 5.06 MiB of 79.15 GiB was free)")
+    assert "(--batch-size) 2 → 1" in msg and "(--gradient-checkpointing) on" in msg
+    assert (state_hash(bundle.model), module_flags(bundle.model)) == before
