@@ -657,8 +657,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = _toml_loads(text)
         else:
             data = json.loads(text)
-    except ValueError as e:
-        raise ConfigError([Problem(str(path), f"is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}")]) \
+    except (ValueError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:300]
+        raise ConfigError([Problem(str(path), f"is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {what}")]) \
             from None
     if not isinstance(data, dict):
         raise ConfigError([Problem(str(path), "must contain a table/object of settings")])

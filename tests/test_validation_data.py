@@ -85,3 +85,25 @@ def test_links_out_of_the_allowed_root_are_refused_when_confined(tmp_path):
     assert "2 link(s) lead out of the folders this WebUI allows" in problem.message
     assert "link.png" in problem.message and "linked" in problem.message
     assert str(outside) not in problem.message  # the target is never revealed
+
+
+def test_preprocessing_refuses_a_root_or_system_folder_as_source():
+    from lib_train.data.preprocess_plan import PreprocessOptions, make_plan
+    from lib_train.errors import ConfigError
+
+    for source, needle in (("/", "root of a file system"), ("/proc", "system folder /proc")):
+        with pytest.raises(ConfigError) as e:
+            make_plan(PreprocessOptions(source_dir=source))
+        assert [p.where for p in e.value.problems] == ["source_dir"] and needle in str(e.value)
+
+
+def test_preprocessing_stops_at_the_scan_limits(tmp_path, monkeypatch):
+    from lib_train.data import preprocess_plan
+    from lib_train.errors import ConfigError
+
+    make_images(tmp_path / "src" / "a", n=4)
+    monkeypatch.setattr(preprocess_plan, "SCAN_LIMITS", ScanLimits(max_images=2))
+    with pytest.raises(ConfigError) as e:
+        preprocess_plan.make_plan(preprocess_plan.PreprocessOptions(source_dir=str(tmp_path / "src")))
+    assert "the listing stopped after more than 2 images" in str(e.value)
+    assert "no images" not in str(e.value)

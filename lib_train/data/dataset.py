@@ -200,10 +200,8 @@ def _check_root(path: Path | None, what: str, problems: list[Problem]) -> bool:
         problems.append(Problem(str(path), f"the {what} is a file, not a folder; give the folder that holds the "
                                            "images (or their N_name folders)"))
         return False
-    real = Path(os.path.realpath(path))
-    system = next((s for s in _SYSTEM_FOLDERS if real == Path(s) or Path(s) in real.parents), None)
-    if real == Path(real.anchor) or system:
-        where = f"the system folder {system}" if system else "the root of a file system"
+    where = system_folder(path)
+    if where:
         problems.append(Problem(str(path), f"the {what} is {where}, not a dataset; give the folder that holds the "
                                            "images (or their N_name folders)"))
         return False
@@ -211,6 +209,16 @@ def _check_root(path: Path | None, what: str, problems: list[Problem]) -> bool:
 
 
 _SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # kernel views, not files: never walked
+
+
+def system_folder(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when no image folder can be it — "the root of a file system", "the system folder /proc"
+    (links resolved) — else None. Such a folder is refused before it is walked."""
+    real = Path(os.path.realpath(path))
+    system = next((s for s in _SYSTEM_FOLDERS if real == Path(s) or Path(s) in real.parents), None)
+    if system:
+        return f"the system folder {system}"
+    return "the root of a file system" if real == Path(real.anchor) else None
 
 
 @dataclass(frozen=True)
@@ -246,8 +254,8 @@ def _inside(real: str, roots: tuple[str, ...]) -> bool:
 
 
 @dataclass
-class _Budget:
-    """What is left of :class:`ScanLimits` for one scan (both roots together)."""
+class ScanBudget:
+    """What is left of :class:`ScanLimits` for one scan (both roots together; a preprocessing listing too)."""
 
     limits: ScanLimits
     started: float = field(default_factory=time.monotonic)
@@ -269,7 +277,7 @@ class _Budget:
         return not self.stopped
 
 
-def _walk(root: Path, budget: _Budget | None = None, outside: list[Path] | None = None
+def _walk(root: Path, budget: ScanBudget | None = None, outside: list[Path] | None = None
           ) -> list[tuple[Path, list[str]]]:
     """Every non-hidden folder under ``root`` (root included) with its sorted non-hidden file names; stops when
     ``budget`` runs out. Under :func:`confined_to`, links (folders or files) whose target is outside the allowed
@@ -337,7 +345,7 @@ def _examples(paths: list[Path], root: Path) -> str:
 
 
 def _scan_root(state: _Root, *, caption_extension: str, default_repeats: int, min_side: int,
-               problems: list[Problem], warnings: list[Problem], budget: _Budget | None = None) -> None:
+               problems: list[Problem], warnings: list[Problem], budget: ScanBudget | None = None) -> None:
     root = state.root
     by_subset: dict[Path, list[ImageItem]] = {}
     subset_info: dict[Path, tuple[int, str]] = {}
@@ -493,7 +501,7 @@ def scan_dataset(
     A folder past ``limits`` is not scanned further (a problem says so); inside :func:`confined_to`, links out of
     the allowed folders are reported and not followed.
     """
-    budget = _Budget(limits)
+    budget = ScanBudget(limits)
     train = Path(train_dir).expanduser()
     reg = Path(reg_dir).expanduser() if reg_dir not in (None, "") else None
     scan = DatasetScan(train, reg)
