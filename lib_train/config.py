@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -28,7 +29,7 @@ from . import methods
 from .atomic import atomic_write_text, check_output_name
 from .errors import ConfigError, Problem
 from .settings import (NAME_MAX, QUOTE_CHARS, Setting, choices_of, coerce, declared, format_default, limit_problem,
-                       path_problem, quote, setting)
+                       missing, path_problem, quote, setting)
 
 CONFIG_VERSION = 3
 
@@ -484,11 +485,11 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     if headless:
         if not m.checkpoint:
             bad("model.checkpoint", "give the SD1.x/SD2.x/SDXL checkpoint file to train on")
-        elif not Path(m.checkpoint).is_file():
-            bad("model.checkpoint", f"file not found: {m.checkpoint}")
-        if m.webui_dir and not Path(m.webui_dir).is_dir():
-            bad("model.webui_dir", f"folder not found: {m.webui_dir}; give the stable-diffusion-webui folder (the one "
-                                   "holding repositories/generative-models)")
+        elif missing(m.checkpoint, "file"):
+            bad("model.checkpoint", missing(m.checkpoint, "file"))
+        if m.webui_dir and missing(m.webui_dir, "folder"):
+            bad("model.webui_dir", f"{missing(m.webui_dir, 'folder')}; give the stable-diffusion-webui folder (the "
+                                   "one holding repositories/generative-models)")
     if m.prediction not in PREDICTIONS:
         bad("model.prediction", f"must be one of {', '.join(PREDICTIONS)}")
     if _out_of_range("model.clip_skip", m.clip_skip):
@@ -496,10 +497,10 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
 
     if not d.train_dir:
         bad("data.train_dir", "give the folder with the training images")
-    elif not Path(d.train_dir).is_dir():
-        bad("data.train_dir", f"folder not found: {d.train_dir}")
-    if d.reg_dir and not Path(d.reg_dir).is_dir():
-        bad("data.reg_dir", f"folder not found: {d.reg_dir}")
+    elif missing(d.train_dir, "folder"):
+        bad("data.train_dir", missing(d.train_dir, "folder"))
+    if d.reg_dir and missing(d.reg_dir, "folder"):
+        bad("data.reg_dir", missing(d.reg_dir, "folder"))
     if not d.caption_extension.startswith(".") or len(d.caption_extension) < 2:
         bad("data.caption_extension", f"{quote(d.caption_extension)} must start with a dot, e.g. '.txt' or "
                                       "'.caption'")
@@ -565,7 +566,7 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     if not out.output_dir:
         bad("output.output_dir", f"give the folder where the {method.noun if method else 'output'} files are "
                                  "written")
-    elif Path(out.output_dir).exists() and not Path(out.output_dir).is_dir():
+    elif os.path.exists(out.output_dir) and not os.path.isdir(out.output_dir):
         bad("output.output_dir", f"{out.output_dir} exists and is not a folder")
     msg = check_output_name(out.name)
     if msg:

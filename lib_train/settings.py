@@ -188,6 +188,21 @@ def path_problem(text: str) -> str | None:
     return None
 
 
+def missing(path: str, kind: str) -> str | None:
+    """None when ``path`` is an existing ``kind`` ("file" or "folder"); else why not, as a message says it: "file
+    not found: PATH", or that it cannot be read (``Path.is_dir`` raises PermissionError there: a user's problem,
+    never a crash)."""
+    if os.path.isdir(path) if kind == "folder" else os.path.isfile(path):  # these never raise
+        return None
+    try:
+        os.stat(path)
+    except PermissionError:
+        return f"{path} cannot be read (permission denied); check the permissions of it and of its folders"
+    except (OSError, ValueError):
+        pass
+    return f"{kind} not found: {path}"
+
+
 _BAD = object()
 
 

@@ -192,3 +192,29 @@ def test_the_run_and_its_metadata_use_the_effective_bucket_sides(tmp_path):
     cfg = _valid(tmp_path, resolution=64)
     prep = prepare_data(cfg)
     assert {tuple(b["resolution"]) for b in prep.bucket_info["buckets"].values()} == {(64, 64)}
+
+
+def test_an_unreadable_path_is_a_message_not_a_crash(tmp_path, monkeypatch):
+    import os
+
+    from lib_train.settings import missing
+
+    locked = str(tmp_path / "locked" / "data")
+    real_stat = os.stat
+
+    def stat(path, *a, **k):
+        if str(path).startswith(str(tmp_path / "locked")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert "permission denied" in missing(locked, "folder")
+    assert missing(str(tmp_path / "nothing"), "file") == f"file not found: {tmp_path / 'nothing'}"
+    cfg = default_config()
+    cfg.data.train_dir, cfg.network.init_from = locked, locked + ".safetensors"
+    cfg.output.output_dir, cfg.output.name = str(tmp_path / "out"), "n"
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, headless=False)
+    problems = {p.where: p.message for p in e.value.problems}
+    assert "permission denied" in problems[label("data.train_dir")]
+    assert "permission denied" in problems[label("network.init_from")]
