@@ -28,7 +28,7 @@ from typing import Any, Callable
 from . import methods
 from .atomic import atomic_write_text, check_output_name
 from .errors import ConfigError, Problem
-from .settings import (NAME_MAX, QUOTE_CHARS, Setting, choices_of, coerce, declared, format_default, limit_problem,
+from .settings import (NAME_MAX, PATH_MAX, QUOTE_CHARS, Setting, choices_of, coerce, declared, format_default, limit_problem,
                        missing, path_problem, quote, setting)
 
 CONFIG_VERSION = 3
@@ -463,6 +463,12 @@ def shape_problems(cfg: TrainConfig) -> list[Problem]:
         found.append(Problem(label("output.name"), f"{quote(name)} is too long: names can have at most "
                                                    f"{MAX_NAME_BYTES} bytes (a file name holds {NAME_MAX}, and the "
                                                    "trainer adds suffixes such as '-step00001234.safetensors')"))
+    elif not found and cfg.output.output_dir:
+        longest = len(os.fsencode(os.path.join(cfg.output.output_dir, name))) + NAME_MAX - MAX_NAME_BYTES
+        if longest > PATH_MAX:
+            found.append(Problem(label("output.output_dir"), f"{quote(cfg.output.output_dir)} is too long for the "
+                                                             f"files written in it (paths hold {PATH_MAX} bytes); "
+                                                             "choose a shorter folder"))
     return found
 
 
