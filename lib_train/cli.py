@@ -161,6 +161,7 @@ class _CliEvents:
 
 
 def run_command(args: argparse.Namespace, cmd: Method) -> int:
+    from .devices import check_device
     from .train.state import load_state
 
     resume = None
@@ -182,6 +183,7 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
         save_config(cfg, args.write_config)
         print(f"wrote {args.write_config}")
         return 0
+    device = check_device(args.device)  # a typo or a missing GPU: one line now, not a traceback after loading
     validate(cfg, headless=True)
 
     from .train.prepare import dataset_summary
@@ -193,7 +195,7 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
     if args.dry_run:
         return 0
 
-    from .models.load import load_bundle, resolve_device
+    from .models.load import load_bundle
     from .signals import StopSignals, exit_code, signal_name
     from .train.events import Commands
     from .train.lock import output_lock
@@ -215,8 +217,14 @@ def run_command(args: argparse.Namespace, cmd: Method) -> int:
     with StopSignals(on_first) as signals:
         os.makedirs(out_dir, exist_ok=True)
         with output_lock(out_dir, cfg.output.name, what=f"python -m lib_train {cmd.name}", say=events.warning):
-            bundle = load_bundle(cfg, resolve_device(args.device),
-                                 say=lambda line: print(line, file=sys.stderr, flush=True))
+            try:
+                bundle = load_bundle(cfg, device, say=lambda line: print(line, file=sys.stderr, flush=True))
+            except Exception as e:
+                from .train.oom import is_out_of_memory, out_of_memory_message
+
+                if is_out_of_memory(e):  # the checkpoint itself does not fit on the GPU
+                    raise TrainerError(out_of_memory_message(e, cfg, device)) from None
+                raise
             for note in apply_family_defaults(cfg, bundle.family_rules, given):
                 print(f"  {note}", file=sys.stderr)
             save_run_config(cfg)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,7 +28,8 @@ from typing import Any, Callable
 from . import methods
 from .atomic import atomic_write_text, check_output_name
 from .errors import ConfigError, Problem
-from .settings import Setting, choices_of, coerce, declared, format_default, setting
+from .settings import (NAME_MAX, PATH_MAX, QUOTE_CHARS, Setting, choices_of, coerce, declared, format_default, limit_problem,
+                       missing, path_problem, quote, setting)
 
 CONFIG_VERSION = 3
 
@@ -36,6 +39,7 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 CACHE_MODES = ("memory", "disk", "off")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 TEMPLATES = ("subject", "style", "none")
+DEFAULT_BUCKET_SIDES = (256, 1024)  # kohya's smallest and largest bucket side; data.*_bucket_side = 0 means these
 TOKEN_LENGTHS = (75, 150, 225)  # 1-3 chunks of 75 tokens, as the WebUI encodes long prompts
 MAX_VECTORS = 75  # one prompt chunk holds 75 token slots; an embedding's vectors must fit in one
 OPTIMIZERS_REF = "lib_train.train.optim:OPTIMIZERS"
@@ -46,11 +50,11 @@ _IN_A_FILE = "rarely changed: set it in a config file (--config)"
 @dataclass
 class ModelConfig:
     checkpoint: str = setting(
-        "", "SD1.x/SD2.x/SDXL checkpoint file (.safetensors or .ckpt) to train on", flag="--checkpoint",
+        "", "SD1.x/SD2.x/SDXL checkpoint file (.safetensors or .ckpt) to train on", flag="--checkpoint", path=True,
         not_in_ui="the WebUI trains the checkpoint that is loaded right now")
     webui_dir: str = setting(
         "", "SDXL: the WebUI folder whose repositories/generative-models holds sgm (default: $SD_WEBUI_DIR, else the "
-            "WebUI this extension is installed in)", flag="--webui-dir",
+            "WebUI this extension is installed in)", flag="--webui-dir", path=True,
         not_in_ui="inside the WebUI its own sgm is loaded already")
     prediction: str = setting(
         "auto", "prediction type: auto (detect), eps, or v (SD2-768-v, v-prediction SDXL fine-tunes)",
@@ -65,10 +69,10 @@ class ModelConfig:
 class DataConfig:
     train_dir: str = setting(
         "", "folder of training images with N_name repeat sub-folders (e.g. data/10_mychar/*.png + .txt captions)",
-        flag="--data", label="Dataset folder", group="dataset")
+        flag="--data", label="Dataset folder", group="dataset", path=True)
     reg_dir: str = setting(
         "", "optional folder of regularization images (same folder convention)", flag="--reg-data",
-        label="Regularization folder (optional)", group="dataset", methods=("lora",))
+        label="Regularization folder (optional)", group="dataset", methods=("lora",), path=True)
     caption_extension: str = setting(
         ".txt", "caption file extension (default .txt)", flag="--caption-extension", group="dataset")
     default_repeats: int = setting(
@@ -81,9 +85,11 @@ class DataConfig:
         True, "aspect-ratio buckets on/off (default on)", flag="--buckets", label="Aspect-ratio buckets",
         group="images")
     min_bucket_side: int = setting(
-        256, "smallest bucket side in pixels (default 256)", flag="--min-bucket", group="images")
+        0, "smallest bucket side in pixels (0 = auto: 256, or the resolution if that is smaller)", flag="--min-bucket",
+        group="images")
     max_bucket_side: int = setting(
-        1024, "largest bucket side in pixels (default 1024)", flag="--max-bucket", group="images")
+        0, "largest bucket side in pixels (0 = auto: 1024, or the resolution if that is larger)", flag="--max-bucket",
+        group="images")
     bucket_step: int = setting(
         64, "bucket sides are multiples of this", no_flag=_IN_A_FILE, group="images")
     bucket_no_upscale: bool = setting(
@@ -122,7 +128,7 @@ class NetworkConfig:
     train_unet: bool = setting(True, "train the UNet (default on)", flag="--train-unet", label="Train the UNet",
                                group="network")
     init_from: str = setting("", "continue training from this LoRA file", flag="--init-lora",
-                             label="Continue from LoRA file", group="network")
+                             label="Continue from LoRA file", group="network", path=True)
 
 
 @dataclass
@@ -140,10 +146,10 @@ class EmbeddingConfig:
     template: str = setting(
         "subject", "prompt templates: subject, style, none (the captions alone, which must contain NAME) or a .txt "
                    "file of lines with [name] and [filewords]", flag="--template", metavar="{subject,style,none,FILE}",
-        choices=TEMPLATES, custom=True, group="embedding")
+        choices=TEMPLATES, custom=True, group="embedding", path=True)
     init_from: str = setting(
         "", "continue training from this embedding file (.safetensors/.pt, same --vectors)", flag="--init-embedding",
-        label="Continue from embedding file", group="embedding")
+        label="Continue from embedding file", group="embedding", path=True)
     write_pt: bool = setting(
         False, "also write the WebUI's .pt format next to every .safetensors", flag="--pt",
         label="Also write the WebUI .pt format", group="embedding")
@@ -201,7 +207,7 @@ class TrainingConfig:
 
 @dataclass
 class OutputConfig:
-    output_dir: str = setting("", "output folder", flag="--output",
+    output_dir: str = setting("", "output folder", flag="--output", path=True,
                               label="Output folder (empty = the Lora folder / run name)", group="output", ui_order=-2)
     name: str = setting(
         "", "output name: NAME.safetensors, NAME-000001.safetensors, ...", flag="--name", label="Name",
@@ -331,19 +337,26 @@ def from_dict(data: dict[str, Any], *, default_method: str = methods.DEFAULT_MET
             section_data[name] = value
     problems: list[Problem] = []
     version = data.pop("version", CONFIG_VERSION)
-    if not isinstance(version, int) or version > CONFIG_VERSION:
-        raise ConfigError([Problem("version", f"config version {version!r} is newer than this trainer "
-                                              f"understands ({CONFIG_VERSION}); update sd-webui-trainer")])
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > CONFIG_VERSION
+        raise ConfigError([Problem("version", f"config version {quote(version)} is newer than this trainer "
+                                              f"understands ({CONFIG_VERSION}); update sd-webui-trainer" if newer else
+                                   f"{quote(version)} is no config version; versions are whole numbers from 1 to "
+                                   f"{CONFIG_VERSION} (leave it out for the current one)")])
     while version < CONFIG_VERSION:
         MIGRATIONS[version](data)
         version += 1
     method = data.pop("method", default_method)
-    cfg = default_config(method if isinstance(method, str) else methods.DEFAULT_METHOD)
+    if not isinstance(method, str):
+        problems.append(Problem("method", f"must be the name of a method ({', '.join(methods.METHODS)}), got "
+                                          f"{quote(method)}"))
+        method = default_method
+    cfg = default_config(method)
     cfg.method = method
     for section, values in data.items():
         cls = SECTIONS.get(section)
         if cls is None:
-            problems.append(Problem(section, f"unknown section; known sections: {', '.join(SECTIONS)}"))
+            problems.append(Problem(_short(section), f"unknown section; known sections: {', '.join(SECTIONS)}"))
             continue
         if not isinstance(values, dict):
             problems.append(Problem(section, "must be a table/object of settings"))
@@ -353,7 +366,7 @@ def from_dict(data: dict[str, Any], *, default_method: str = methods.DEFAULT_MET
         for key, value in values.items():
             name = f"{section}.{key}"
             if key not in known:
-                problems.append(Problem(name, f"unknown setting; known settings in [{section}]: "
+                problems.append(Problem(f"{section}.{_short(key)}", f"unknown setting; known settings in [{section}]: "
                                               f"{', '.join(known)}"))
                 continue
             try:
@@ -363,6 +376,19 @@ def from_dict(data: dict[str, Any], *, default_method: str = methods.DEFAULT_MET
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _short(key: str) -> str:
+    """An unknown key as a message names it: cut to :data:`~lib_train.settings.QUOTE_CHARS` characters."""
+    return key if len(key) <= QUOTE_CHARS else key[:QUOTE_CHARS] + "…"
+
+
+def bucket_sides(d: DataConfig) -> tuple[int, int]:
+    """The smallest and largest bucket side a run uses: ``data.min_bucket_side`` / ``data.max_bucket_side``, where 0
+    (their default) is :data:`DEFAULT_BUCKET_SIDES` moved out to take in ``data.resolution`` (so ``--resolution 64``
+    or ``--resolution 2048`` alone works)."""
+    low, high = DEFAULT_BUCKET_SIDES
+    return (d.min_bucket_side or min(low, d.resolution), d.max_bucket_side or max(high, d.resolution))
 
 
 def given_keys(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> set[str]:
@@ -408,8 +434,51 @@ def _out_of_range(key: str, value: float) -> bool:
     return not low <= value <= high
 
 
+MAX_NAME_BYTES = NAME_MAX - 55
+"""The longest ``output.name`` (UTF-8 bytes): the trainer adds up to 55 bytes to it in the names it writes (the
+temporary name of ``NAME-step000001234.preview.png`` while it is written: ``.tmp-`` before, ``.`` and 8 random
+characters after), and a file name holds at most :data:`~lib_train.settings.NAME_MAX` bytes."""
+
+
+def shape_problems(cfg: TrainConfig) -> list[Problem]:
+    """The limits every setting shares, for every setting (each float finite, each int in 64 bits, each text short
+    and without NUL, each path one the file system can hold) and the length of ``output.name``: what must hold
+    before any other check looks at a value or at the disk. :func:`from_dict` enforces the same limits on its inputs
+    (:func:`~lib_train.settings.coerce`); this covers configs changed in code as well."""
+    found = []
+    if not isinstance(cfg.method, str):
+        found.append(Problem("method", f"must be the name of a method ({', '.join(methods.METHODS)}), got "
+                                       f"{quote(cfg.method)}"))
+    for d in declared(SECTIONS):
+        value = getattr(getattr(cfg, d.section), d.name)
+        want = (int, float) if d.type is float else d.type
+        if not isinstance(value, want) or (d.type is not bool and isinstance(value, bool)):
+            found.append(Problem(label(d.key), f"expected {d.type.__name__}, got {quote(value)}"))
+            continue
+        problem = limit_problem(value) or (path_problem(value) if d.spec.path and value else None)
+        if problem:
+            found.append(Problem(label(d.key), problem))
+    name = cfg.output.name
+    if isinstance(name, str) and len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        found.append(Problem(label("output.name"), f"{quote(name)} is too long: names can have at most "
+                                                   f"{MAX_NAME_BYTES} bytes (a file name holds {NAME_MAX}, and the "
+                                                   "trainer adds suffixes such as '-step00001234.safetensors')"))
+    elif not found and cfg.output.output_dir:
+        longest = len(os.fsencode(os.path.join(cfg.output.output_dir, name))) + NAME_MAX - MAX_NAME_BYTES
+        if longest > PATH_MAX:
+            found.append(Problem(label("output.output_dir"), f"{quote(cfg.output.output_dir)} is too long for the "
+                                                             f"files written in it (paths hold {PATH_MAX} bytes); "
+                                                             "choose a shorter folder"))
+    return found
+
+
 def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
-    """Raise :class:`ConfigError` listing every invalid setting (paths that must exist are checked too)."""
+    """Raise :class:`ConfigError` listing every invalid setting (paths that must exist are checked too). A value
+    past the limits every setting shares (:func:`shape_problems`: NaN, a NUL byte, a path too long to exist) is
+    reported alone, before anything looks at the disk with it."""
+    shape = shape_problems(cfg)
+    if shape:
+        raise ConfigError(shape)
     p: list[Problem] = []
 
     def bad(key: str, msg: str) -> None:
@@ -422,11 +491,11 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     if headless:
         if not m.checkpoint:
             bad("model.checkpoint", "give the SD1.x/SD2.x/SDXL checkpoint file to train on")
-        elif not Path(m.checkpoint).is_file():
-            bad("model.checkpoint", f"file not found: {m.checkpoint}")
-        if m.webui_dir and not Path(m.webui_dir).is_dir():
-            bad("model.webui_dir", f"folder not found: {m.webui_dir}; give the stable-diffusion-webui folder (the one "
-                                   "holding repositories/generative-models)")
+        elif missing(m.checkpoint, "file"):
+            bad("model.checkpoint", missing(m.checkpoint, "file"))
+        if m.webui_dir and missing(m.webui_dir, "folder"):
+            bad("model.webui_dir", f"{missing(m.webui_dir, 'folder')}; give the stable-diffusion-webui folder (the "
+                                   "one holding repositories/generative-models)")
     if m.prediction not in PREDICTIONS:
         bad("model.prediction", f"must be one of {', '.join(PREDICTIONS)}")
     if _out_of_range("model.clip_skip", m.clip_skip):
@@ -434,12 +503,16 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
 
     if not d.train_dir:
         bad("data.train_dir", "give the folder with the training images")
-    elif not Path(d.train_dir).is_dir():
-        bad("data.train_dir", f"folder not found: {d.train_dir}")
-    if d.reg_dir and not Path(d.reg_dir).is_dir():
-        bad("data.reg_dir", f"folder not found: {d.reg_dir}")
+    elif missing(d.train_dir, "folder"):
+        bad("data.train_dir", missing(d.train_dir, "folder"))
+    if d.reg_dir and missing(d.reg_dir, "folder"):
+        bad("data.reg_dir", missing(d.reg_dir, "folder"))
     if not d.caption_extension.startswith(".") or len(d.caption_extension) < 2:
-        bad("data.caption_extension", "must start with a dot, e.g. '.txt' or '.caption'")
+        bad("data.caption_extension", f"{quote(d.caption_extension)} must start with a dot, e.g. '.txt' or "
+                                      "'.caption'")
+    elif not _EXTENSION_RE.match(d.caption_extension):
+        bad("data.caption_extension", f"{quote(d.caption_extension)} is not a file extension: use a dot and up to "
+                                      "16 letters, digits, '-' or '_', e.g. '.txt' or '.caption'")
     if d.default_repeats < 1:
         bad("data.default_repeats", "must be at least 1")
     if d.resolution < 64 or d.resolution % 64:
@@ -447,11 +520,7 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
                                "(SDXL) or another multiple of 64")
     if d.bucket_step < 8 or d.bucket_step % 8:
         bad("data.bucket_step", "must be a multiple of 8 (64 recommended)")
-    if d.min_bucket_side % max(d.bucket_step, 1) or d.max_bucket_side % max(d.bucket_step, 1):
-        bad("data.min_bucket_side", "bucket sides must be multiples of data.bucket_step")
-    if not 0 < d.min_bucket_side <= d.resolution <= d.max_bucket_side:
-        bad("data.min_bucket_side", f"need min_bucket_side ≤ resolution ≤ max_bucket_side, got "
-                                    f"{d.min_bucket_side} / {d.resolution} / {d.max_bucket_side}")
+    _validate_buckets(d, bad)
     if d.min_image_side < 8:
         bad("data.min_image_side", "must be at least 8 pixels")
     if d.keep_tokens < 0:
@@ -503,7 +572,7 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     if not out.output_dir:
         bad("output.output_dir", f"give the folder where the {method.noun if method else 'output'} files are "
                                  "written")
-    elif Path(out.output_dir).exists() and not Path(out.output_dir).is_dir():
+    elif os.path.exists(out.output_dir) and not os.path.isdir(out.output_dir):
         bad("output.output_dir", f"{out.output_dir} exists and is not a folder")
     msg = check_output_name(out.name)
     if msg:
@@ -515,6 +584,30 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     _validate_sample(cfg, bad)
     if p:
         raise ConfigError(p)
+
+
+_EXTENSION_RE = re.compile(r"^(\.[A-Za-z0-9_-]{1,16})+$")
+
+
+def _validate_buckets(d: DataConfig, bad: Callable[[str, str], None]) -> None:
+    """Bucket sides matter only with buckets on; an explicit side must be a multiple of the step, and the resolution
+    must lie between the two sides (0 = auto always does, :func:`bucket_sides`)."""
+    for key in ("min_bucket_side", "max_bucket_side"):
+        if getattr(d, key) < 0:
+            bad(f"data.{key}", f"{getattr(d, key)} is negative; use 0 (auto) or a side in pixels")
+    if not d.enable_buckets or d.min_bucket_side < 0 or d.max_bucket_side < 0:
+        return
+    for key in ("min_bucket_side", "max_bucket_side"):
+        value = getattr(d, key)
+        if value and d.bucket_step >= 8 and value % d.bucket_step:
+            bad(f"data.{key}", f"{value} is not a multiple of data.bucket_step ({d.bucket_step})")
+    low, high = bucket_sides(d)
+    if low > d.resolution:
+        bad("data.min_bucket_side", f"{low} is larger than data.resolution ({d.resolution}); lower it to at most "
+                                    f"{d.resolution}, or set it to 0 (auto)")
+    if high < d.resolution:
+        bad("data.max_bucket_side", f"{high} is smaller than data.resolution ({d.resolution}); raise it to at least "
+                                    f"{d.resolution}, or set it to 0 (auto)")
 
 
 def _check(key: str, value: Any, bad: Callable[[str, str], None]) -> None:
@@ -571,8 +664,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = _toml_loads(text)
         else:
             data = json.loads(text)
-    except ValueError as e:
-        raise ConfigError([Problem(str(path), f"is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}")]) \
+    except (ValueError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:300]
+        raise ConfigError([Problem(str(path), f"is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {what}")]) \
             from None
     if not isinstance(data, dict):
         raise ConfigError([Problem(str(path), "must contain a table/object of settings")])

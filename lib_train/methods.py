@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import TrainerError
+from .settings import missing
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -67,8 +67,8 @@ def _validate_network(cfg: "TrainConfig", bad: Bad) -> None:
         bad("network.conv_alpha", "must be a positive number")
     if not 0.0 <= n.dropout < 1.0:
         bad("network.dropout", "must be in [0, 1)")
-    if n.init_from and not Path(n.init_from).is_file():
-        bad("network.init_from", f"file not found: {n.init_from}")
+    if n.init_from and missing(n.init_from, "file"):
+        bad("network.init_from", missing(n.init_from, "file"))
     if not n.train_unet and o.te_lr == 0:
         bad("network.train_unet", "nothing to train: the UNet is off and the text-encoder learning rate is 0")
     if o.te_lr < 0 or not math.isfinite(o.te_lr):
@@ -92,8 +92,8 @@ def _validate_embedding(cfg: "TrainConfig", bad: Bad) -> None:
         load_template(e.template)
     except TrainerError as err:
         bad("embedding.template", str(err))
-    if e.init_from and not Path(e.init_from).is_file():
-        bad("embedding.init_from", f"file not found: {e.init_from}")
+    if e.init_from and missing(e.init_from, "file"):
+        bad("embedding.init_from", missing(e.init_from, "file"))
     if cfg.data.reg_dir:
         bad("data.reg_dir", "regularization images do not apply to embedding training (the model itself does not "
                             "change); remove this setting")

@@ -12,6 +12,8 @@ files, the API, the preprocessing options).
 from __future__ import annotations
 
 import importlib
+import math
+import os
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Callable, Iterator
 
@@ -36,6 +38,7 @@ class Setting:
     method_help: dict[str, str] = field(default_factory=dict)  # method → its own --help wording
     split: str = ""  # command line only: this separator stands for a new line (a one-line flag for lines)
     check: str = ""  # "module:function" that raises on a bad value (its message names the problem)
+    path: bool = False  # the value names a file or folder: checked for NUL bytes and the file system's length limits
 
     def help_for(self, method: str) -> str:
         return self.method_help.get(method, self.help)
@@ -113,16 +116,91 @@ def format_default(value: Any) -> str:
 # ------------------------------------------------------------------------------------------------ coercion
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+MAX_TEXT = 10_000  # characters of any text setting (prompts, paths, names: real ones are far shorter)
+MAX_INT = 2**63 - 1  # an int setting must fit in 64 bits (seeds, counts and sizes go to torch and numpy)
+QUOTE_CHARS = 60  # a value quoted in a message is cut to about this many characters
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` for a message, shortened: a long value shows its start and its length, never all of it
+    (a wrong 20 MB value must not come back whole in the answer)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except RecursionError:  # a deeply nested list or dict
+        text = ""
+    if isinstance(value, (list, dict, tuple)) and not 0 < len(text) <= limit:
+        return f"a {type(value).__name__} of {len(value)} item{'s' if len(value) != 1 else ''}"
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def coerce(value: Any, typ: type) -> Any:
     """``value`` (from JSON, TOML or a form) as a ``typ`` (bool, int, float or str); ValueError when it is not one:
     ``"true"``/``"0"``/``"yes"`` are booleans, ``"3"`` and ``3.0`` are ints, ``"1e-4"`` is a float, a bool is no
-    number."""
+    number. Every input passes here, so here are also the limits every setting shares: a float must be finite (NaN
+    passes every range check, since all comparisons with it are false), an int must fit in 64 bits, a text has at
+    most :data:`MAX_TEXT` characters and no NUL. The message quotes the value shortened (:func:`quote`)."""
     ok = _COERCE.get(typ, lambda v: v)(value)
     if ok is _BAD:
-        raise ValueError(f"expected {typ.__name__}, got {value!r}")
+        raise ValueError(f"expected {typ.__name__}, got {quote(value)}")
+    problem = limit_problem(ok)
+    if problem:
+        raise ValueError(problem)
     return ok
+
+
+def limit_problem(value: Any) -> str | None:
+    """What is wrong with a coerced value under the limits every setting shares (see :func:`coerce`), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        return f"{quote(value, 30)} is too large (at most {MAX_INT})"
+    if isinstance(value, str):
+        if len(value) > MAX_TEXT:
+            return f"{quote(value)} is too long: at most {MAX_TEXT} characters"
+        if "\x00" in value:
+            return f"{quote(value)} contains a NUL character (\\0); remove it"
+    return None
+
+
+NAME_MAX = 255  # bytes of one file or folder name (ext4, NTFS, APFS, btrfs, xfs)
+PATH_MAX = 4096  # bytes of a whole path (Linux)
+
+
+def path_problem(text: str) -> str | None:
+    """What keeps ``text`` from being a path the file system can hold (a NUL byte, a name over :data:`NAME_MAX`
+    bytes, a path over :data:`PATH_MAX` bytes), or None; checked before anything looks at the disk, where these
+    raise errors that name no setting."""
+    if "\x00" in text:
+        return f"{quote(text)} contains a NUL character (\\0); remove it"
+    try:
+        size = len(os.fsencode(text))
+    except UnicodeError:
+        return f"{quote(text)} holds characters that cannot be in a file name (unpaired surrogates); retype it"
+    if size > PATH_MAX:
+        return f"{quote(text)} is {size} bytes long; paths are limited to {PATH_MAX} bytes"
+    for part in text.replace("\\", "/").split("/"):
+        n = len(os.fsencode(part))
+        if n > NAME_MAX:
+            return (f"a part of the path is {n} bytes long ({quote(part, 30)}); file and folder names are limited "
+                    f"to {NAME_MAX} bytes")
+    return None
+
+
+def missing(path: str, kind: str) -> str | None:
+    """None when ``path`` is an existing ``kind`` ("file" or "folder"); else why not, as a message says it: "file
+    not found: PATH", or that it cannot be read (``Path.is_dir`` raises PermissionError there: a user's problem,
+    never a crash)."""
+    if os.path.isdir(path) if kind == "folder" else os.path.isfile(path):  # these never raise
+        return None
+    try:
+        os.stat(path)
+    except PermissionError:
+        return f"{path} cannot be read (permission denied); check the permissions of it and of its folders"
+    except (OSError, ValueError):
+        pass
+    return f"{kind} not found: {path}"
 
 
 _BAD = object()

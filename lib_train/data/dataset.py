@@ -27,6 +27,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -196,20 +200,111 @@ def _check_root(path: Path | None, what: str, problems: list[Problem]) -> bool:
         problems.append(Problem(str(path), f"the {what} is a file, not a folder; give the folder that holds the "
                                            "images (or their N_name folders)"))
         return False
+    where = system_folder(path)
+    if where:
+        problems.append(Problem(str(path), f"the {what} is {where}, not a dataset; give the folder that holds the "
+                                           "images (or their N_name folders)"))
+        return False
     return True
 
 
-def _walk(root: Path) -> list[tuple[Path, list[str]]]:
-    """Every non-hidden folder under ``root`` (root included) with its sorted non-hidden file names."""
+_SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # kernel views, not files: never walked
+
+
+def system_folder(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when no image folder can be it — "the root of a file system", "the system folder /proc"
+    (links resolved) — else None. Such a folder is refused before it is walked."""
+    real = Path(os.path.realpath(path))
+    system = next((s for s in _SYSTEM_FOLDERS if real == Path(s) or Path(s) in real.parents), None)
+    if system:
+        return f"the system folder {system}"
+    return "the root of a file system" if real == Path(real.anchor) else None
+
+
+@dataclass(frozen=True)
+class ScanLimits:
+    """Where a scan gives up: a training set has hundreds or thousands of images, so a folder past these is the
+    wrong one (a drive, a home folder, ``/``), and walking it whole would take minutes. The scan stops there and
+    says so (a problem: nothing trains on a partial scan)."""
+
+    max_entries: int = 100_000  # files and folders looked at while walking (captions and other files included)
+    max_images: int = 50_000  # image files found
+    max_seconds: float = 20.0  # time spent walking the folders (decoding the images found is not counted)
+
+
+SCAN_LIMITS = ScanLimits()
+_confinement: ContextVar[tuple[str, ...] | None] = ContextVar("dataset_confinement", default=None)
+
+
+@contextmanager
+def confined_to(roots: Sequence[str | os.PathLike] | None) -> Iterator[None]:
+    """Scans in this block read only files and folders whose real path (links resolved) is inside ``roots``: a
+    link in the dataset that leads out of them is reported, never followed (a shared WebUI's
+    ``--hide-ui-dir-config``: the same containment rule as the dataset folder itself). None: no limit."""
+    token = _confinement.set(None if roots is None else tuple(os.path.realpath(os.path.expanduser(r))
+                                                              for r in roots))
+    try:
+        yield
+    finally:
+        _confinement.reset(token)
+
+
+def _inside(real: str, roots: tuple[str, ...]) -> bool:
+    return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+@dataclass
+class ScanBudget:
+    """What is left of :class:`ScanLimits` for one scan (both roots together; a preprocessing listing too)."""
+
+    limits: ScanLimits
+    started: float = field(default_factory=time.monotonic)
+    entries: int = 0
+    images: int = 0
+    stopped: str = ""  # why the scan stopped early ("" = it did not)
+
+    def spend(self, entries: int, images: int) -> bool:
+        """Count a folder's entries; False (and ``stopped`` set) once a limit is passed."""
+        self.entries += entries
+        self.images += images
+        lim = self.limits
+        if self.images > lim.max_images:
+            self.stopped = f"more than {lim.max_images} images"
+        elif self.entries > lim.max_entries:
+            self.stopped = f"more than {lim.max_entries} files and folders"
+        elif time.monotonic() - self.started > lim.max_seconds:
+            self.stopped = f"{lim.max_seconds:g} seconds of walking its folders ({self.entries} files and folders)"
+        return not self.stopped
+
+
+def _walk(root: Path, budget: ScanBudget | None = None, outside: list[Path] | None = None
+          ) -> list[tuple[Path, list[str]]]:
+    """Every non-hidden folder under ``root`` (root included) with its sorted non-hidden file names; stops when
+    ``budget`` runs out. Under :func:`confined_to`, links (folders or files) whose target is outside the allowed
+    roots are left out and added to ``outside``."""
     out, seen = [], set()
+    roots = _confinement.get()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop
             dirnames[:] = []
             continue
         seen.add(real)
+        if roots is not None and not _inside(real, roots):
+            dirnames[:] = []
+            if outside is not None:
+                outside.append(Path(dirpath))
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.append((Path(dirpath), sorted(f for f in filenames if not f.startswith("."))))
+        files = sorted(f for f in filenames if not f.startswith("."))
+        if roots is not None:
+            inside = {f: _inside(os.path.realpath(os.path.join(dirpath, f)), roots) for f in files}
+            if outside is not None:
+                outside += [Path(dirpath) / f for f in files if not inside[f]]
+            files = [f for f in files if inside[f]]
+        out.append((Path(dirpath), files))
+        if budget is not None and not budget.spend(len(dirnames) + len(files), sum(map(is_image_file, files))):
+            break
     return sorted(out, key=lambda e: e[0].parts)
 
 
@@ -250,13 +345,24 @@ def _examples(paths: list[Path], root: Path) -> str:
 
 
 def _scan_root(state: _Root, *, caption_extension: str, default_repeats: int, min_side: int,
-               problems: list[Problem], warnings: list[Problem]) -> None:
+               problems: list[Problem], warnings: list[Problem], budget: ScanBudget | None = None) -> None:
     root = state.root
     by_subset: dict[Path, list[ImageItem]] = {}
     subset_info: dict[Path, tuple[int, str]] = {}
     plain_folders: list[Path] = []
     repeat_folders: list[Path] = []
-    for folder, files in _walk(root):
+    outside: list[Path] = []
+    walked = _walk(root, budget, outside)
+    if outside:
+        problems.append(Problem(str(root), f"{len(outside)} link(s) lead out of the folders this WebUI allows and are "
+                                           f"not read ({_examples(outside, root)}); copy the files into the dataset "
+                                           "folder instead of linking them"))
+    if budget is not None and budget.stopped:
+        problems.append(Problem(str(root), f"the scan stopped after {budget.stopped}: this is not a training "
+                                           "folder (a drive, a home folder?); choose the folder that holds the "
+                                           "N_name folders of your images"))
+        return
+    for folder, files in walked:
         if folder != root:
             _check_folder_name(folder, problems, warnings)
             m = _REPEAT_FOLDER.match(folder.name)
@@ -323,16 +429,19 @@ def _scan_image(image: Path, subset_dir: Path, repeats: int, concept: str, state
 def _summarise(state: _Root, plain_folders: list[Path], caption_extension: str, default_repeats: int,
                problems: list[Problem], warnings: list[Problem]) -> None:
     root, what = state.root, ("regularization folder" if state.is_reg else "training folder")
+    if not state.items and not state.image_dirs:  # otherwise every image there was reported as unusable already
+        if state.unsupported:
+            problems.append(Problem(str(root), f"the {what} contains no images that can be read "
+                                               f"({' '.join(IMAGE_EXTENSIONS)}), only {_unsupported(state, root)}"))
+            return
+        hint = (f"; it has {state.caption_files} caption file(s) ({caption_extension}) but no images: put the "
+                "images next to their captions" if state.caption_files else "")
+        problems.append(Problem(str(root), f"the {what} contains no images ({' '.join(IMAGE_EXTENSIONS)})"
+                                           f"{hint}; {_CONVENTION} inside it and put the images there"))
+        return
     if state.unsupported:
-        warnings.append(Problem(str(root), f"{len(state.unsupported)} file(s) have an image format that is not "
-                                           f"supported and are ignored ({_examples(state.unsupported, root)}); "
-                                           f"convert them to PNG or JPEG ({' '.join(IMAGE_EXTENSIONS)} are read)"))
+        warnings.append(Problem(str(root), f"{_unsupported(state, root)}; until then they are ignored"))
     if not state.items:
-        if not state.image_dirs:  # otherwise every image there was reported as unusable already
-            hint = (f"; it has {state.caption_files} caption file(s) ({caption_extension}) but no images: put the "
-                    "images next to their captions" if state.caption_files else "")
-            problems.append(Problem(str(root), f"the {what} contains no images ({' '.join(IMAGE_EXTENSIONS)})"
-                                               f"{hint}; {_CONVENTION} inside it and put the images there"))
         return
     if plain_folders:
         names = ", ".join("the folder itself" if p == root else f"'{p.relative_to(root).as_posix()}'"
@@ -349,6 +458,15 @@ def _summarise(state: _Root, plain_folders: list[Path], caption_extension: str, 
                                            "folder's concept name as caption ('10_sks dog' -> 'sks dog'), or an "
                                            f"empty caption outside N_name folders. Add '<image name>"
                                            f"{caption_extension}' next to each image if that is not intended"))
+
+
+def _unsupported(state: _Root, root: Path) -> str:
+    """The files of formats the scan does not read, named, with how to convert them."""
+    kinds = sorted({p.suffix.lower() for p in state.unsupported})
+    gif = (" (an animated GIF: export the frames you want as separate images)" if ".gif" in kinds else "")
+    return (f"{len(state.unsupported)} file(s) in a format that is not read ({' '.join(kinds)}: "
+            f"{_examples(state.unsupported, root)}); convert them to PNG or JPEG{gif} with any image editor or "
+            "ImageMagick (`mogrify -format png *.gif`)")
 
 
 def _apply_reg_rule(train: list[ImageItem], reg: list[ImageItem]) -> list[ImageItem]:
@@ -375,11 +493,15 @@ def scan_dataset(
     caption_extension: str = ".txt",
     default_repeats: int = 1,
     min_side: int = 64,
+    limits: ScanLimits = SCAN_LIMITS,
 ) -> DatasetScan:
     """Scan ``train_dir`` (and ``reg_dir``) and return every usable image plus all problems and warnings.
 
     ``min_side`` is the smallest usable image side in pixels. Every image is fully decoded once (a few ms each).
+    A folder past ``limits`` is not scanned further (a problem says so); inside :func:`confined_to`, links out of
+    the allowed folders are reported and not followed.
     """
+    budget = ScanBudget(limits)
     train = Path(train_dir).expanduser()
     reg = Path(reg_dir).expanduser() if reg_dir not in (None, "") else None
     scan = DatasetScan(train, reg)
@@ -403,7 +525,9 @@ def scan_dataset(
             roots.append(_Root(reg, is_reg=True))
     for state in roots:
         _scan_root(state, caption_extension=ext, default_repeats=default_repeats, min_side=min_side,
-                   problems=scan.problems, warnings=scan.warnings)
+                   problems=scan.problems, warnings=scan.warnings, budget=budget)
+        if budget.stopped:
+            break
         scan.folders += state.folders
         scan.items += state.items
     train_items = [it for it in scan.items if not it.is_reg]

@@ -23,8 +23,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import Problem, TrainerError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-"""Extensions the scan picks up (compared lower-cased)."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp")
+"""Extensions the scan picks up (compared lower-cased). ``.jfif`` is a JPEG under another name (what browsers save
+some downloads as); Pillow reads it by its content like any JPEG."""
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90° (width and height exchange)

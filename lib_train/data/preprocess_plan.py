@@ -36,7 +36,8 @@ from PIL import Image
 
 from ..atomic import atomic_write, atomic_write_text, check_output_name, is_within
 from ..errors import ConfigError, DatasetError, Problem, TrainerError
-from .dataset import CaptionError, read_caption
+from ..settings import quote
+from .dataset import SCAN_LIMITS, CaptionError, ScanBudget, read_caption, system_folder
 from .images import IMAGE_EXTENSIONS, ImageError, is_image_file, open_training_image, probe_image
 
 RESIZE_MODES = ("crop", "focal", "auto", "none")
@@ -91,24 +92,30 @@ class PreprocessOptions:
 
 
 OPTION_NAMES = tuple(f.name for f in fields(PreprocessOptions))
+_FOLDER_OPTIONS = ("source_dir", "dest_dir")
 
 
 def options_from_dict(data: dict[str, Any]) -> PreprocessOptions:
     """Options from a plain dict (the API body, the tab's values). Unknown keys and wrong types raise
     :class:`ConfigError` naming each key; values are checked by :func:`validate_options`."""
-    from ..settings import coerce
+    from ..settings import coerce, path_problem
 
     if not isinstance(data, dict):
         raise ConfigError([Problem("body", "must be a JSON object of preprocessing options")])
     opts, problems = PreprocessOptions(), []
     for key, value in data.items():
         if key not in OPTION_NAMES:
-            problems.append(Problem(key, f"unknown option; known options: {', '.join(OPTION_NAMES)}"))
+            problems.append(Problem(key if len(key) <= 60 else key[:60] + "…",
+                                    f"unknown option; known options: {', '.join(OPTION_NAMES)}"))
             continue
         try:
             coerced = coerce(value, type(getattr(opts, key)))
         except ValueError as e:
             problems.append(Problem(key, str(e)))
+            continue
+        problem = path_problem(coerced) if key in _FOLDER_OPTIONS and coerced else None
+        if problem:  # checked before anything looks at the disk with it
+            problems.append(Problem(key, problem))
             continue
         setattr(opts, key, coerced.strip() if isinstance(coerced, str) else coerced)
     if problems:
@@ -222,9 +229,9 @@ def _validate_values(o: PreprocessOptions) -> list[Problem]:
         _check_range(p, "split_overlap", o.split_overlap, 0.0, 0.9)
     ext = o.caption_extension
     if not ext.startswith(".") or len(ext) < 2 or check_output_name(ext[1:], "caption extension"):
-        p.append(Problem("caption_extension", f"{ext!r} is not a file extension; use e.g. '.txt'"))
+        p.append(Problem("caption_extension", f"{quote(ext)} is not a file extension; use e.g. '.txt'"))
     elif ext.lower() in IMAGE_EXTENSIONS:
-        p.append(Problem("caption_extension", f"{ext!r} is an image extension; use e.g. '.txt'"))
+        p.append(Problem("caption_extension", f"{quote(ext)} is an image extension; use e.g. '.txt'"))
     return p
 
 
@@ -237,6 +244,9 @@ def _validate_folders(o: PreprocessOptions) -> tuple[list[Problem], Path | None,
     if not source.is_dir():
         what = "is a file, not a folder" if source.exists() else "does not exist; check the path"
         return [Problem("source_dir", f"{o.source_dir} {what}")], None, None
+    if system_folder(source):
+        return [Problem("source_dir", f"{o.source_dir} is {system_folder(source)}, not a folder of images; give "
+                                      "the folder that holds them")], None, None
     dest_given = o.dest_dir.strip()
     dest = _resolve(dest_given) if dest_given else _resolve(default_dest(source))
     hint = f"pick a separate folder such as {default_dest(source)}"
@@ -296,10 +306,17 @@ class PreprocessPlan:
     clear: list[Path] = field(default_factory=list)  # files deleted before processing (if_dest_exists="clear")
 
 
-def _source_images(source: Path, notes: list[str]) -> list[Path]:
+def _source_images(source: Path, notes: list[str], problems: list[Problem]) -> list[Path]:
+    """The images under ``source``, folder by folder; stops with a problem past the dataset scan's limits
+    (:data:`~lib_train.data.dataset.SCAN_LIMITS`)."""
     images, unsupported = [], []
+    budget = ScanBudget(SCAN_LIMITS)
     for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if not budget.spend(len(dirnames) + len(filenames), sum(map(is_image_file, filenames))):
+            problems.append(Problem("source_dir", f"the listing stopped after {budget.stopped}: this is not a "
+                                                  "folder of training images; give the folder that holds them"))
+            return []
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -336,8 +353,9 @@ def make_plan(o: PreprocessOptions) -> PreprocessPlan:
     folder_problems, source, dest = _validate_folders(o)
     problems += folder_problems
     notes: list[str] = []
-    images = _source_images(source, notes) if source is not None else []
-    if source is not None and not images:
+    before = len(problems)
+    images = _source_images(source, notes, problems) if source is not None else []
+    if source is not None and not images and len(problems) == before:
         problems.append(Problem("source_dir", f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source} or its "
                                               "sub-folders"))
     if problems:

@@ -45,6 +45,7 @@ from . import sampling, storage
 from .checkpointing import GradientCheckpointing
 from .events import Commands, Events, Progress
 from .lock import output_lock
+from .oom import out_of_memory_message
 from .optim import build_optimizer, effective_lr, parse_optimizer_args, resolve_optimizer
 from .outputs import check_final_free, final_paths
 from .placement import Placement, on_device
@@ -623,10 +624,7 @@ def _run_session(run: Run) -> RunResult:
         session.start(run.info)
         return _loop(run, optim)
     except _oom_types() as e:
-        raise TrainerError(
-            "Out of GPU memory. Lower the batch size or the resolution, turn on gradient checkpointing, use "
-            "AdamW8bit, or close other programs using the GPU. Files saved so far are kept."
-            f" ({str(e).splitlines()[0] if str(e) else 'CUDA OOM'})") from None
+        raise TrainerError(out_of_memory_message(e, cfg, session.device)) from None
     finally:
         if ckpt is not None:
             ckpt.remove()

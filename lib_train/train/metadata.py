@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from ..config import TrainConfig
+from ..config import TrainConfig, bucket_sides
 from ..models.families import get_family
 
 
@@ -96,8 +96,8 @@ def lora_metadata(cfg: TrainConfig, facts: RunFacts, *, stem: str, epoch: int, s
         "ss_keep_tokens": d.keep_tokens,
         "ss_enable_bucket": d.enable_buckets,
         "ss_bucket_no_upscale": d.bucket_no_upscale,
-        "ss_min_bucket_reso": d.min_bucket_side,
-        "ss_max_bucket_reso": d.max_bucket_side,
+        "ss_min_bucket_reso": bucket_sides(d)[0],
+        "ss_max_bucket_reso": bucket_sides(d)[1],
         "ss_num_train_images": facts.num_train_images,
         "ss_num_reg_images": facts.num_reg_images,
         "ss_dataset_dirs": json.dumps(facts.dataset_dirs),

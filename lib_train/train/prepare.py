@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from ..config import TrainConfig
+from ..config import TrainConfig, bucket_sides
 from ..data import (
     DatasetScan,
     ImageItem,
@@ -70,7 +70,8 @@ def plan_steps(cfg: TrainConfig, scan) -> StepPlan:
     if not any(not it.is_reg for it in items):
         raise DatasetError([Problem(str(d.train_dir), "no usable training images were found; add .png/.jpg/.webp "
                                                       "images (in N_name sub-folders such as '10_mychar')")])
-    buckets = make_buckets(d.resolution, min_side=d.min_bucket_side, max_side=d.max_bucket_side,
+    min_side, max_side = bucket_sides(d)
+    buckets = make_buckets(d.resolution, min_side=min_side, max_side=max_side,
                            step=d.bucket_step, enable_buckets=d.enable_buckets)
     plans = [assign_bucket(it.width, it.height, buckets, no_upscale=d.bucket_no_upscale and d.enable_buckets,
                            step=d.bucket_step, max_area=d.resolution * d.resolution) for it in items]

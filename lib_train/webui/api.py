@@ -24,31 +24,30 @@ Diagnostics (read-only; they wait for the queue lock, so never during a run or a
 
 When the WebUI runs with ``--api-auth user:password[,user2:password2]`` every route requires HTTP Basic
 authentication with one of those pairs, as the WebUI's own API does.
+
+Bad input is never a 500: every body is read through :mod:`.api_input` (at most 1 MiB, else 413; JSON nested at
+most 8 levels; NaN/Infinity refused) and every field is checked before anything touches the disk or the model
+(types, lengths: names and paths within the file system's limits, ranges); a refusal is a 422 whose ``detail``
+names the field and quotes the value shortened.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from secrets import compare_digest
-from typing import Any, List
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ConfigError, DatasetError, TrainerError
+from .api_input import MAX_BODY_BYTES, BadRequest, conditioning_request, json_object, parse_json_body, problem, \
+    short_id
 from .jobs import manager
 
 PREFIX = "/trainer/v1"
-
-
-class ConditioningRequest(BaseModel):
-    prompts: List[str]
-    clip_skip: int = 1
-    sizes: List[List[int]] = [[1024, 1024]]  # SDXL: (width, height) of the images the prompts are for
 
 
 def _api_credentials() -> dict[str, str]:
@@ -68,6 +67,25 @@ def require_auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic())) -> No
 
 def _unprocessable(detail: list[dict[str, Any]], message: str) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": detail, "message": message})
+
+
+def _refused(e: BadRequest) -> JSONResponse:
+    return JSONResponse(status_code=e.status, content={"detail": e.detail, "message": str(e)})
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body (:func:`.api_input.parse_json_body`), read at most :data:`MAX_BODY_BYTES` + 1 bytes
+    far: a larger body is refused (413) without being held in memory whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise BadRequest([problem(["body"], f"the body is {declared} bytes; at most {MAX_BODY_BYTES} bytes are "
+                                            "accepted", "value_error.too_large")], status=413)
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            break
+    return parse_json_body(bytes(raw))
 
 
 def _field_loc(where: str) -> list[str]:
@@ -92,23 +110,17 @@ def _job_response(create_kwargs: dict[str, Any]) -> JSONResponse:
 
 
 async def create_job(request: Request) -> JSONResponse:
-    raw = await request.body()
     try:
-        data = json.loads(raw.decode("utf-8-sig") or "null")
-    except ValueError as e:
-        return _unprocessable([{"loc": ["body"], "msg": f"not valid JSON: {e}", "type": "value_error.jsondecode"}],
-                              "The request body is not valid JSON.")
-    if not isinstance(data, dict):
-        return _unprocessable([{"loc": ["body"], "msg": "must be a JSON object of config sections, e.g. "
-                                                        '{"data": {"train_dir": ...}, "output": {"name": ...}}',
-                                "type": "type_error.dict"}], "The request body must be a JSON object.")
+        data = json_object(await read_json(request), '{"data": {"train_dir": ...}, "output": {"name": ...}}')
+    except BadRequest as e:
+        return _refused(e)
     return await run_in_threadpool(_job_response, {"data": data})
 
 
 def _job_or_404(job_id: str):
     job = manager.get(job_id)
     if job is None:
-        raise HTTPException(status_code=404, detail=f"no training job '{job_id}' in this WebUI session")
+        raise HTTPException(status_code=404, detail=f"no training job '{short_id(job_id)}' in this WebUI session")
     return job
 
 
@@ -173,7 +185,17 @@ def model_hash() -> dict[str, Any]:
                 "lowvram": hook_summary(model)}
 
 
-def conditioning_check(req: ConditioningRequest) -> dict[str, Any]:
+async def conditioning_route(request: Request) -> Any:
+    """``POST /diagnostics/conditioning``: the body checked (:func:`.api_input.conditioning_request`), then
+    :func:`conditioning_check` off the event loop."""
+    try:
+        req = conditioning_request(await read_json(request))
+    except BadRequest as e:
+        return _refused(e)
+    return await run_in_threadpool(conditioning_check, req["prompts"], req["clip_skip"], req["sizes"])
+
+
+def conditioning_check(prompts: list[str], clip_skip: int, sizes: list[tuple[int, int]]) -> dict[str, Any]:
     from modules import call_queue
 
     from .diagnostics import compare_conditioning
@@ -187,20 +209,27 @@ def conditioning_check(req: ConditioningRequest) -> dict[str, Any]:
         if hasattr(model, "conditioner"):  # sgm (SDXL): context and vector per image size
             from .diagnostics import compare_sdxl_conditioning
 
-            if not req.sizes or any(len(s) != 2 or min(s) < 64 for s in req.sizes):
-                raise HTTPException(status_code=422, detail="sizes: give [width, height] pairs of at least 64 px")
-            sizes = [(int(w), int(h)) for w, h in req.sizes]
-            results = compare_sdxl_conditioning(model, req.prompts, sizes, req.clip_skip)
+            results = compare_sdxl_conditioning(model, prompts, sizes, clip_skip)
         else:
-            results = compare_conditioning(model, family, req.prompts, req.clip_skip)
-        return {"family": family, "clip_skip": req.clip_skip, "results": results}
+            results = compare_conditioning(model, family, prompts, clip_skip)
+        return {"family": family, "clip_skip": clip_skip, "results": results}
+
+
+async def preprocess_json(request: Request) -> Any:
+    """``POST /preprocess``: the body read as every route's (size, nesting), then
+    :func:`.preprocess.preprocess_route` off the event loop (it checks every option before touching a folder)."""
+    from .preprocess import preprocess_route
+
+    try:
+        body = await read_json(request)
+    except BadRequest as e:
+        return _refused(e)
+    return await run_in_threadpool(preprocess_route, body)
 
 
 def register_routes(_demo: Any, app: FastAPI) -> None:
     """``on_app_started`` callback: add every route of this module to the WebUI's app."""
     from modules import shared
-
-    from .preprocess import preprocess_route
 
     deps = [Depends(require_auth)] if shared.cmd_opts.api_auth else []
     routes = [
@@ -212,8 +241,8 @@ def register_routes(_demo: Any, app: FastAPI) -> None:
         ("/jobs/{job_id}/resume", resume_job, "POST"),
         ("/host", host_status, "GET"),
         ("/model-hash", model_hash, "GET"),
-        ("/diagnostics/conditioning", conditioning_check, "POST"),
-        ("/preprocess", preprocess_route, "POST"),
+        ("/diagnostics/conditioning", conditioning_route, "POST"),
+        ("/preprocess", preprocess_json, "POST"),
     ]
     for path, endpoint, method in routes:
         app.add_api_route(PREFIX + path, endpoint, methods=[method], dependencies=deps, response_model=None,

@@ -33,7 +33,8 @@ from typing import Any, Callable
 from .. import config as config_mod
 from .. import methods
 from ..atomic import check_output_name, is_within
-from ..config import TrainConfig, apply_family_defaults, from_dict, given_keys, validate
+from ..config import TrainConfig, apply_family_defaults, from_dict, given_keys, shape_problems, validate
+from ..data.dataset import confined_to
 from ..errors import ConfigError, Problem, TrainerError
 from ..methods import Method
 from ..models.families import get_family
@@ -336,6 +337,9 @@ class JobManager:
         if resume_dir:
             resume = load_state(resume_dir)
         cfg = from_dict(resume.state.config if resume else (data or {}))
+        shape = shape_problems(cfg)  # NaN, NUL bytes, over-long names and paths: before any path is looked at
+        if shape:
+            raise ConfigError(shape)
         named = cfg.method if isinstance(cfg.method, str) else ""
         webui = METHODS.get(named)
         if webui is None and named in methods.METHODS:
@@ -372,7 +376,8 @@ class JobManager:
         # the family's own defaults where the request did not set them (SDXL: gradient checkpointing on)
         notes += apply_family_defaults(cfg, get_family(report.family),
                                        given_keys(resume.state.config if resume else (data or {})))
-        prep = method.entry("prepare")(cfg)
+        with confined_to(None if roots is None else [roots["data"]]):  # links out of the upload folder: refused
+            prep = method.entry("prepare")(cfg)
         job = Job(cfg, prep, method, resume, str(Path(resume_dir).resolve()) if resume_dir else None, notes,
                   report.family)
         if resume is not None:  # the loss curve goes on from the interrupted job's (when it ran in this session)
