@@ -20,7 +20,8 @@ Diagnostics (read-only; they wait for the queue lock, so never during a run or a
   hooks by module, the part on the GPU, the devices in use): proves a run left it unchanged;
 - ``POST /trainer/v1/diagnostics/conditioning`` — body ``{"prompts": [...], "clip_skip": 1}``: the WebUI's prompt
   encoding against the headless one, per prompt; SDXL also takes ``"sizes": [[width, height], ...]`` and compares
-  the context and the vector ``y`` per size, per prompt and for all prompts as one batch.
+  the context and the vector ``y`` per size, per prompt and for all prompts as one batch, and ``"embedding": NAME``
+  (an SDXL embedding the WebUI has loaded): both sides with it, the WebUI's as at inference, ours as a run trains.
 
 When the WebUI runs with ``--api-auth user:password[,user2:password2]`` every route requires HTTP Basic
 authentication with one of those pairs, as the WebUI's own API does.
@@ -49,6 +50,7 @@ class ConditioningRequest(BaseModel):
     prompts: List[str]
     clip_skip: int = 1
     sizes: List[List[int]] = [[1024, 1024]]  # SDXL: (width, height) of the images the prompts are for
+    embedding: str = ""  # SDXL: the name of a loaded embedding to encode the prompts with on both sides
 
 
 def _api_credentials() -> dict[str, str]:
@@ -190,7 +192,13 @@ def conditioning_check(req: ConditioningRequest) -> dict[str, Any]:
             if not req.sizes or any(len(s) != 2 or min(s) < 64 for s in req.sizes):
                 raise HTTPException(status_code=422, detail="sizes: give [width, height] pairs of at least 64 px")
             sizes = [(int(w), int(h)) for w, h in req.sizes]
-            results = compare_sdxl_conditioning(model, req.prompts, sizes, req.clip_skip)
+            try:
+                results = compare_sdxl_conditioning(model, req.prompts, sizes, req.clip_skip, req.embedding)
+            except TrainerError as e:
+                raise HTTPException(status_code=422, detail=str(e)) from None
+        elif req.embedding:
+            raise HTTPException(status_code=422, detail="embedding: only for an SDXL checkpoint (SD1/SD2 embeddings "
+                                                        "are compared by tests/webui/test_embedding_webui.py)")
         else:
             results = compare_conditioning(model, family, req.prompts, req.clip_skip)
         return {"family": family, "clip_skip": req.clip_skip, "results": results}
