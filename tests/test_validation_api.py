@@ -68,7 +68,12 @@ def test_the_conditioning_request_names_every_bad_field():
         with pytest.raises(BadRequest):
             conditioning_request({"prompts": prompts})
     assert conditioning_request({"prompts": ["a"], "clip_skip": 2}) == {"prompts": ["a"], "clip_skip": 2,
-                                                                        "sizes": [(1024, 1024)]}
+                                                                        "sizes": [(1024, 1024)], "embedding": ""}
+    assert conditioning_request({"prompts": ["a"], "embedding": "zqemb"})["embedding"] == "zqemb"
+    for bad in (["zqemb"], 3, "e\x00"):
+        with pytest.raises(BadRequest) as e:
+            conditioning_request({"prompts": ["a"], "embedding": bad})
+        assert [d["loc"] for d in e.value.detail] == [["body", "embedding"]]
 
 
 def test_job_ids_are_quoted_short():
@@ -113,4 +118,4 @@ def test_the_conditioning_route_checks_its_fields(client):
     r = client.post("/cond", json={"prompts": ["a"], "clip_skip": 1000})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "clip_skip"]
     r = client.post("/cond", json={"prompts": ["a"], "clip_skip": 2, "sizes": [[512, 768]]})
-    assert r.status_code == 200 and r.json() == {"called": [["a"], 2, [[512, 768]]]}
+    assert r.status_code == 200 and r.json() == {"called": [["a"], 2, [[512, 768]], ""]}

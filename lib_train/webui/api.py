@@ -20,7 +20,8 @@ Diagnostics (read-only; they wait for the queue lock, so never during a run or a
   hooks by module, the part on the GPU, the devices in use): proves a run left it unchanged;
 - ``POST /trainer/v1/diagnostics/conditioning`` — body ``{"prompts": [...], "clip_skip": 1}``: the WebUI's prompt
   encoding against the headless one, per prompt; SDXL also takes ``"sizes": [[width, height], ...]`` and compares
-  the context and the vector ``y`` per size, per prompt and for all prompts as one batch.
+  the context and the vector ``y`` per size, per prompt and for all prompts as one batch, and ``"embedding": NAME``
+  (an SDXL embedding the WebUI has loaded): both sides with it, the WebUI's as at inference, ours as a run trains.
 
 When the WebUI runs with ``--api-auth user:password[,user2:password2]`` every route requires HTTP Basic
 authentication with one of those pairs, as the WebUI's own API does.
@@ -192,10 +193,12 @@ async def conditioning_route(request: Request) -> Any:
         req = conditioning_request(await read_json(request))
     except BadRequest as e:
         return _refused(e)
-    return await run_in_threadpool(conditioning_check, req["prompts"], req["clip_skip"], req["sizes"])
+    return await run_in_threadpool(conditioning_check, req["prompts"], req["clip_skip"], req["sizes"],
+                                   req["embedding"])
 
 
-def conditioning_check(prompts: list[str], clip_skip: int, sizes: list[tuple[int, int]]) -> dict[str, Any]:
+def conditioning_check(prompts: list[str], clip_skip: int, sizes: list[tuple[int, int]],
+                       embedding: str = "") -> dict[str, Any]:
     from modules import call_queue
 
     from .diagnostics import compare_conditioning
@@ -209,7 +212,13 @@ def conditioning_check(prompts: list[str], clip_skip: int, sizes: list[tuple[int
         if hasattr(model, "conditioner"):  # sgm (SDXL): context and vector per image size
             from .diagnostics import compare_sdxl_conditioning
 
-            results = compare_sdxl_conditioning(model, prompts, sizes, clip_skip)
+            try:
+                results = compare_sdxl_conditioning(model, prompts, sizes, clip_skip, embedding)
+            except TrainerError as e:
+                raise HTTPException(status_code=422, detail=str(e)) from None
+        elif embedding:
+            raise HTTPException(status_code=422, detail="embedding: only for an SDXL checkpoint (SD1/SD2 embeddings "
+                                                        "are compared by tests/webui/test_embedding_webui.py)")
         else:
             results = compare_conditioning(model, family, prompts, clip_skip)
         return {"family": family, "clip_skip": clip_skip, "results": results}

@@ -100,12 +100,12 @@ def _int(value: Any) -> bool:
 
 
 def conditioning_request(data: Any) -> dict[str, Any]:
-    """``{"prompts": [...], "clip_skip": 1, "sizes": [[w, h], ...]}`` checked: 1 to :data:`MAX_PROMPTS` prompts of
+    """``{"prompts": [...], "clip_skip": 1, "sizes": [[w, h], ...], "embedding": ""}`` checked: 1 to :data:`MAX_PROMPTS` prompts of
     text, ``clip_skip`` within ``model.clip_skip``'s range, 1 to :data:`MAX_SIZES` sizes with sides in
     :data:`SIDE_RANGE`. Returns the values (defaults filled in); :class:`BadRequest` naming every bad field."""
     body = json_object(data, '{"prompts": ["a photo of a cat"], "clip_skip": 1}')
     found: list[dict[str, Any]] = []
-    known = ("prompts", "clip_skip", "sizes")
+    known = ("prompts", "clip_skip", "sizes", "embedding")
     for key in body:
         if key not in known:
             found.append(problem(["body", key[:QUOTE_CHARS]], f"unknown field; known fields: {', '.join(known)}",
@@ -134,9 +134,14 @@ def conditioning_request(data: Any) -> dict[str, Any]:
                                                                        for v in size)):
                 found.append(problem(["body", "sizes", i], f"must be [width, height], whole numbers from "
                                                            f"{SIDE_RANGE[0]} to {SIDE_RANGE[1]}; got {quote(size)}"))
+    embedding = body.get("embedding", "")  # SDXL: a loaded embedding's name to encode the prompts with on both sides
+    msg = f"expected the name of a loaded embedding, got {quote(embedding)}" if not isinstance(embedding, str) \
+        else limit_problem(embedding)
+    if msg:
+        found.append(problem(["body", "embedding"], msg))
     if found:
         raise BadRequest(found)
-    return {"prompts": prompts, "clip_skip": clip_skip, "sizes": [tuple(s) for s in sizes]}
+    return {"prompts": prompts, "clip_skip": clip_skip, "sizes": [tuple(s) for s in sizes], "embedding": embedding}
 
 
 def short_id(job_id: str) -> str:

@@ -7,7 +7,10 @@
   :class:`~lib_train.models.conditioning.TextConditioner` on the same plain prompts with the options a run pins,
   the evidence that headless training conditions like the WebUI does (DESIGN.md §3 "Text conditioning");
   :func:`compare_sdxl_conditioning` the same for SDXL: the WebUI's ``get_learned_conditioning`` against the
-  library's SDXL conditioning (context and vector ``y``) at given image sizes.
+  library's SDXL conditioning (context and vector ``y``) at given image sizes; with an embedding name, the WebUI's
+  side with that embedding as its embeddings database loaded it (its ``EmbeddingsWithFixes`` on both encoders, its
+  prompt wrappers placing the name) against ours with the same file read by :func:`~lib_train.embedding.files.
+  load_embedding` and registered by :class:`~lib_train.embedding.inject.Injection`, as a run trains it.
 
 Callers hold the WebUI's queue lock, so no generation or run changes the model meanwhile.
 """
@@ -15,10 +18,14 @@ Callers hold the WebUI's queue lock, so no generation or run changes the model m
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..embedding.files import embedding_keys, load_embedding
+from ..embedding.inject import Injection
+from ..errors import TrainerError
 from ..models.conditioning import TextConditioner
 
 
@@ -78,15 +85,39 @@ def compare_conditioning(model: Any, family: str, prompts: list[str], clip_skip:
     return results
 
 
-def compare_sdxl_conditioning(model: Any, prompts: list[str], sizes: list[tuple[int, int]], clip_skip: int = 1
-                              ) -> list[dict[str, Any]]:
+def webui_embedding_file(name: str) -> Path:
+    """The file the WebUI's embeddings database loaded ``name`` from (it is checked for changes first, as every
+    generation does); :class:`TrainerError` when no embedding of that name is loaded."""
+    from modules import sd_hijack
+
+    db = sd_hijack.model_hijack.embedding_db
+    db.load_textual_inversion_embeddings()
+    embedding = db.word_embeddings.get(name)
+    if embedding is None:
+        why = ("was skipped by the WebUI: it was made for another model family" if name in db.skipped_embeddings
+               else "is not loaded by the WebUI (GET /sdapi/v1/embeddings lists the loaded ones)")
+        raise TrainerError(f"embedding: '{name}' {why}; name an embedding the loaded checkpoint can use")
+    path = getattr(embedding, "filename", None)
+    if not path or not Path(path).is_file():
+        raise TrainerError(f"embedding: '{name}' is registered without a file to read ({path}); name an embedding "
+                           "loaded from the embeddings folder")
+    return Path(path)
+
+
+def compare_sdxl_conditioning(model: Any, prompts: list[str], sizes: list[tuple[int, int]], clip_skip: int = 1,
+                              embedding: str = "") -> list[dict[str, Any]]:
     """For each (width, height) in ``sizes``, each prompt alone and all of them as one batch: the WebUI's
     ``get_learned_conditioning`` (as txt2img calls it: original = target = (height, width), crop from the options
     ``sdxl_crop_top``/``sdxl_crop_left``) against what a run conditions with — the SDXL bundle's
     :meth:`~lib_train.models.bundle.ModelBundle.conditioning` over the conditioner's raw embedders — at the same
     sizes;
     per output (``crossattn``, ``vector``) the shapes, whether they are bit-identical, and the largest difference.
-    Both sides run under the WebUI's ``devices.autocast()`` and the options a run pins."""
+    Both sides run under the WebUI's ``devices.autocast()`` and the options a run pins.
+
+    ``embedding``: the name of an embedding the WebUI has loaded (:func:`webui_embedding_file`); the WebUI encodes
+    with it as it does at inference, and ours with that file's vectors registered on both text encoders as an
+    embedding run does. Each result then also says whether the embedding changed our output (``embedding_changes``:
+    ours without it differs), so an equality that ignored the name on both sides shows."""
     from modules import devices, prompt_parser, sd_hijack, shared
 
     from ..models.bundle import ModelBundle
@@ -95,17 +126,36 @@ def compare_sdxl_conditioning(model: Any, prompts: list[str], sizes: list[tuple[
     from .model import conditioning_options, pinned_options
 
     ours = ModelBundle.from_sgm(model, text_root=text_root(model.conditioner), max_chunks=64)
+    vectors = None
+    if embedding:
+        path = webui_embedding_file(embedding)
+        parts = load_embedding(path).parts
+        keys = embedding_keys(ours.family_rules)
+        if sorted(parts) != sorted(keys):
+            raise TrainerError(f"embedding: {path} holds {', '.join(parts)}; an SDXL embedding holds "
+                               f"{' and '.join(keys)}")
+        vectors = [parts[k] for k in keys]
     batches = [[p] for p in prompts] + ([list(prompts)] if len(prompts) > 1 else [])
     results = []
     with pinned_options(conditioning_options(clip_skip)), torch.no_grad(), devices.autocast():
         crop = (int(shared.opts.sdxl_crop_top), int(shared.opts.sdxl_crop_left))
         for width, height in sizes:
+            size = ImageSize((height, width), crop, (height, width))
             for batch in batches:
                 webui = model.get_learned_conditioning(prompt_parser.SdConditioning(batch, width=width,
                                                                                     height=height))
                 sd_hijack.model_hijack.fixes = None  # the raw encoders below must not see the wrapper's leftovers
-                library = ours.conditioning(batch, ImageSize((height, width), crop, (height, width)))
+                plain = ours.conditioning(batch, size)
+                library = plain
+                if vectors is not None:
+                    injection = Injection(ours.text_conditioners, embedding, vectors)
+                    try:
+                        library = ours.conditioning(batch, size)
+                    finally:
+                        injection.remove()
                 for key in ("crossattn", "vector"):
+                    extra = {} if vectors is None else {
+                        "embedding_changes": not torch.equal(plain[key], library[key])}
                     results.append({"prompts": batch, "size": [width, height], "key": key,
-                                    **_difference(webui[key], library[key])})
+                                    **_difference(webui[key], library[key]), **extra})
     return results

@@ -14,9 +14,17 @@ WebUI side wraps the ldm text embedder in its ``FrozenCLIPEmbedderWithCustomWord
 comma backtrack 20); our side is :class:`lib_train.models.conditioning.TextConditioner` with
 :class:`lib_train.embedding.inject.Injection` on a copy of the same model (no chunk limit, as the WebUI has none).
 
+SDXL: a tiny sgm ``DiffusionEngine`` (:func:`lib_train.models.sdxl_load.build_sdxl` of ``tiny_sdxl_spec``) made
+into what the WebUI loads (``sd_models_xl.extend_sdxl`` and ``sd_hijack.model_hijack.hijack``: its prompt wrappers on
+both text encoders, ``EmbeddingsWithFixes`` reading ``clip_l`` and ``clip_g``), ``laohuang.safetensors`` holding
+``{"clip_l", "clip_g"}`` in an embeddings folder of the WebUI's database, and the conditioning diagnostic the
+real-WebUI tests call (:func:`lib_train.webui.diagnostics.compare_sdxl_conditioning` with that embedding): the
+WebUI's ``get_learned_conditioning`` against ours, for each prompt alone and all as one batch.
+
 Output ``<workdir>/results.json``: ``{"<family> n=<n> clip_skip=<k>": {"shapes": [[...], [...]], "max_abs_diff":
-float | null, "equal": bool}}``. Exit status 0 on success; otherwise 1 with a last line
-``webui_ti_worker: <step> failed: ...``.
+float | null, "equal": bool}}``; for SDXL ``"sdxl n=<n> <crossattn|vector>"`` with the batch's shapes, whether every
+result of that output is bit-identical, the largest difference, and ``changed``: how many of them the embedding
+changed on our side. Exit status 0 on success; otherwise 1 with a last line ``webui_ti_worker: <step> failed: ...``.
 """
 
 from __future__ import annotations
@@ -86,8 +94,58 @@ def run(webui: str, repo: str, workdir: Path, step: list[str]) -> None:
                     "max_abs_diff": float((theirs - ours).abs().max()) if same_shape else None,
                     "equal": bool(same_shape and torch.equal(theirs, ours)),
                 }
+    results.update(_sdxl(webui, workdir, request, step))
     step[0] = "writing results.json"
     (workdir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+
+def _sdxl(webui: str, workdir: Path, request: dict, step: list[str]) -> dict:
+    import sgm.modules.encoders.modules as sgm_encoders
+    import torch
+    from modules import devices, sd_hijack, sd_models_xl, shared
+
+    from lib_train.embedding.files import save_safetensors
+    from lib_train.models.build import randomize_, tiny_sdxl_spec
+    from lib_train.models.sdxl_load import build_sdxl
+    from lib_train.webui.diagnostics import compare_sdxl_conditioning
+
+    step[0] = "building the tiny SDXL model"
+    model = build_sdxl(tiny_sdxl_spec(), webui_dir=webui)
+    randomize_(model, 7)
+    for embedder in model.conditioner.embedders:  # the offline builders only replace __init__: the classes the
+        for cls in (sgm_encoders.FrozenCLIPEmbedder, sgm_encoders.FrozenOpenCLIPEmbedder2):  # WebUI's hijack knows
+            if isinstance(embedder, cls):
+                embedder.__class__ = cls
+    sd_models_xl.extend_sdxl(model)
+    devices.dtype_unet = torch.float32  # what the WebUI's model load sets with --no-half (the sizes' features are
+    # cast to it; its default, fp16, would round them)
+    hijack, db = sd_hijack.model_hijack, sd_hijack.model_hijack.embedding_db
+    hijack.hijack(model)
+    shared.sd_model = model
+    folder = workdir / "embeddings"
+    folder.mkdir()
+    db.clear_embedding_dirs()
+    db.add_embedding_dir(str(folder))
+    widths = [e.encode_embedding_init_text(",", 1).shape[1] for e in model.conditioner.embedders
+              if hasattr(e, "encode_embedding_init_text")]
+    results = {}
+    for n in request["vectors"]:
+        step[0] = f"encoding with sdxl, {n} vectors"
+        g = torch.Generator().manual_seed(n)
+        save_safetensors(folder / "laohuang.safetensors", {"clip_l": torch.randn(n, widths[0], generator=g),
+                                                           "clip_g": torch.randn(n, widths[1], generator=g)}, {})
+        db.load_textual_inversion_embeddings(force_reload=True)
+        found = compare_sdxl_conditioning(model, request["prompts"], [(1024, 1024)], embedding="laohuang")
+        for key in ("crossattn", "vector"):
+            mine = [r for r in found if r["key"] == key]
+            batch = mine[-1]  # all prompts as one batch
+            results[f"sdxl n={n} {key}"] = {
+                "shapes": [batch["webui_shape"], batch["library_shape"]],
+                "max_abs_diff": max((r["max_abs_diff"] for r in mine), key=lambda d: -1 if d is None else d),
+                "equal": all(r["equal"] for r in mine),
+                "changed": sum(r["embedding_changes"] for r in mine),
+            }
+    return results
 
 
 def main(argv: list[str]) -> int:

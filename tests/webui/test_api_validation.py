@@ -110,3 +110,25 @@ def test_conditioning_bodies_are_checked(webui):
         _refused(webui, webui.request("POST", "/trainer/v1/diagnostics/conditioning", body=body), loc)
     ok = webui.post("/trainer/v1/diagnostics/conditioning", {"prompts": ["a photo"], "clip_skip": 2})
     assert ok["clip_skip"] == 2 and len(ok["results"]) == 1
+
+
+def test_a_diverging_job_ends_with_the_reason_and_the_webui_goes_on(webui, lora_config):
+    """Issue 12 inside the WebUI: a run that diverges ends as failed with the reason in the job's status, writes no
+    file holding inf/nan, leaves the loaded model bit-identical, and the WebUI generates afterwards."""
+    from safetensors.torch import load_file
+
+    webui.post("/sdapi/v1/txt2img", {"prompt": "plain", "steps": 1, "width": 64, "height": 64, "seed": 1})
+    before = webui.get("/trainer/v1/model-hash")
+    job = webui.post(JOBS, lora_config("diverges", 4, optim={"lr": 1e6, "te_lr": 1e6, "max_grad_norm": 0},
+                                       output={"save_every_steps": 1, "save_precision": "fp16"}))
+    status = webui.wait_job(job["id"])
+    assert status["state"] == "error", status
+    assert "diverged" in status["error"] and "Traceback" not in status["error"], status["error"]
+    out = webui.lora_dir / "diverges"
+    for path in out.glob("*.safetensors") if out.is_dir() else []:
+        import torch
+
+        assert all(torch.isfinite(t).all() for t in load_file(str(path)).values()), path
+    assert webui.get("/trainer/v1/model-hash") == before
+    r = webui.post("/sdapi/v1/txt2img", {"prompt": "plain", "steps": 1, "width": 64, "height": 64, "seed": 1})
+    assert r["images"]

@@ -9,7 +9,12 @@ Through HTTP, inside the WebUI's process:
   for bit, for a plain prompt, one of 80+ tokens and the empty prompt, alone and as one batch, at two image sizes;
 - a LoRA run (UNet + both text encoders) through ``/trainer/v1/jobs`` finishes, its file is a kohya SDXL LoRA listed
   by ``/sdapi/v1/loras``, ``<lora:NAME:1>`` changes the image, and the model's state-dict hash and flags are the
-  same afterwards.
+  same afterwards;
+- an embedding run (both text encoders' vectors) finishes, its file holds exactly ``clip_l`` and ``clip_g``, the
+  WebUI lists it without a refresh, the prompt naming it gives another image than before the run, the model's hash
+  is the same afterwards, and with the WebUI's embeddings database holding the file the conditioning a run trains
+  with equals the WebUI's (context and vector ``y``) bit for bit: a short prompt, a name pushed past the chunk
+  boundary, comma backtracking, two occurrences, alone and as one batch.
 
 Run the file a second time with ``--medvram-sdxl`` added to ``SD_WEBUI_ARGS``: the same checks then also show that
 a run takes the model out of the WebUI's memory hooks and puts every hook, wrapper and device back (the model-hash
@@ -23,7 +28,7 @@ import json
 from pathlib import Path
 
 import pytest
-from .test_real_webui import our_errors_in_log
+from .test_real_webui import _embedding_config, our_errors_in_log
 
 STEPS = 2
 NAME = "sdxl_test"
@@ -182,5 +187,100 @@ def test_the_epoch_grid_works_on_the_sdxl_run(webui, sdxl_run):
     assert r["images"][1] != r["images"][2]
 
 
-def test_log_has_no_errors_from_our_code(webui, sdxl_run):
+EMB = "zqsdxlemb"  # a made-up word: several tokens, none of them a whole known word
+EMB_VECTORS, EMB_STEPS = 3, 3
+EMB_PROMPTS = [
+    f"a photo of {EMB}",
+    " ".join(["thing"] * 73) + f" {EMB} after the boundary",  # 3 slots do not fit after 73 tokens: chunk 2
+    " ".join(["thing"] * 69) + f", {EMB} red hat blue",  # the full chunk backtracks to its last comma
+    f"{EMB}, {EMB} in a garden, watercolor",  # two occurrences
+]
+
+
+def _txt2img(webui, prompt: str) -> tuple[str, str]:
+    r = webui.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64,
+                                         "sampler_name": "Euler", "seed": 1})
+    return r["images"][0], json.loads(r["info"])["infotexts"][0]
+
+
+@pytest.fixture(scope="session")
+def sdxl_embedding_run(webui, dataset, sdxl_initial) -> dict:
+    image_before, _ = _txt2img(webui, f"a photo of {EMB}")  # no such embedding yet: plain text
+    before = webui.get("/trainer/v1/model-hash")
+    assert {k: v for k, v in before.items() if k != "lowvram"} == {
+        k: v for k, v in sdxl_initial.items() if k != "lowvram"}
+    cfg = _embedding_config(dataset, EMB)
+    cfg["embedding"]["vectors"], cfg["train"]["max_steps"] = EMB_VECTORS, EMB_STEPS
+    job = webui.post("/trainer/v1/jobs", cfg)
+    assert job["state"] == "queued" and job["method"] == "embedding" and job["total_steps"] == EMB_STEPS
+    status = webui.wait_job(job["id"], timeout=3600)
+    return {"status": status, "before": before, "after": webui.get("/trainer/v1/model-hash"),
+            "image_before": image_before}
+
+
+def test_sdxl_embedding_run_writes_clip_l_and_clip_g(webui, sdxl_embedding_run):
+    s = sdxl_embedding_run["status"]
+    print(f"embedding run: {s['state']} in {s['elapsed_s']} s, losses {s['loss_history']}, notes {s['notes']}")
+    assert s["state"] == "finished" and s["step"] == EMB_STEPS and s["error"] == "", s
+    assert all(p[1] == p[1] for p in s["loss_history"]) and s["loss"] is not None  # finite (NaN != NaN)
+    out = webui.embeddings_dir / EMB  # a folder per run in the WebUI's --embeddings-dir
+    assert s["saved"] == [str(out / f"{EMB}-000002.safetensors"), str(out / f"{EMB}.safetensors")]
+    from safetensors import safe_open
+
+    for path in s["saved"]:
+        with safe_open(path, "pt") as f:
+            shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            meta = f.metadata()
+        assert shapes == {"clip_l": ([EMB_VECTORS, 768], "F32"), "clip_g": ([EMB_VECTORS, 1280], "F32")}, path
+        assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/textual-inversion"
+        assert meta["modelspec.title"] == Path(path).stem
+    # samples from the WebUI's txt2img with the vectors of step 2 and of the end registered as an SDXL embedding
+    samples = out / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == [f"{EMB}-000002-0.png", f"{EMB}-000003-0.png"]
+    assert (samples / f"{EMB}-000002-0.png").read_bytes() != (samples / f"{EMB}-000003-0.png").read_bytes()
+
+
+def test_model_is_unchanged_after_the_sdxl_embedding_run(sdxl_embedding_run):
+    assert sdxl_embedding_run["after"] == sdxl_embedding_run["before"]
+
+
+def test_sdxl_embedding_is_listed_and_changes_the_image(webui, sdxl_embedding_run):
+    listed = webui.get("/sdapi/v1/embeddings")  # no refresh asked for: the run registered its files
+    assert EMB not in listed["skipped"] and f"{EMB}-000002" not in listed["skipped"]
+    loaded = listed["loaded"]
+    assert loaded[EMB]["vectors"] == EMB_VECTORS and loaded[EMB]["shape"] == 768 + 1280  # the WebUI's SDXL record
+    assert loaded[f"{EMB}-000002"]["vectors"] == EMB_VECTORS  # the step save too: the grid compares them
+    image, info = _txt2img(webui, f"a photo of {EMB}")
+    without, _ = _txt2img(webui, "a photo of")
+    assert "TI hashes" in info and f"{EMB}:" in info  # the WebUI used our file
+    assert image != sdxl_embedding_run["image_before"] and image != without
+
+
+def test_sdxl_embedding_conditioning_equals_the_webuis_bit_for_bit(webui, sdxl_embedding_run):
+    report = webui.post("/trainer/v1/diagnostics/conditioning",
+                        {"prompts": EMB_PROMPTS, "sizes": [[1024, 1024]], "embedding": EMB})
+    results = report["results"]
+    assert len(results) == (len(EMB_PROMPTS) + 1) * 2  # each prompt alone, then all as one batch; context, vector
+    for r in results:
+        print(f"{r['key']:9} {r['prompts'][0][:24]!r} ({len(r['prompts'])}): equal={r['equal']} "
+              f"max_abs_diff={r['max_abs_diff']:.3g} embedding_changes={r['embedding_changes']}")
+    shapes = {(tuple(r["prompts"]), r["key"]): r["webui_shape"] for r in results}
+    assert shapes[((EMB_PROMPTS[0],), "crossattn")] == [1, 77, 2048]
+    assert shapes[((EMB_PROMPTS[1],), "crossattn")] == [1, 154, 2048]  # the name moved on to chunk 2
+    assert shapes[((EMB_PROMPTS[2],), "crossattn")] == [1, 154, 2048]
+    assert shapes[(tuple(EMB_PROMPTS), "vector")] == [len(EMB_PROMPTS), 2816]
+    for r in results:
+        assert r["library_shape"] == r["webui_shape"] and r["max_abs_value"] > 0.1, r
+        assert r["equal"] and r["max_abs_diff"] == 0.0, r  # bit for bit
+    changes = {(tuple(r["prompts"]), r["key"]): r["embedding_changes"] for r in results}
+    for prompt in EMB_PROMPTS:  # the embedding is used: ours without it differs (an equality of two sides that
+        assert changes[((prompt,), "crossattn")], prompt  # both ignored the name would not)
+    for prompt in (EMB_PROMPTS[0], EMB_PROMPTS[3]):  # y: the first chunk's pooled clip_g output, holding the name
+        assert changes[((prompt,), "vector")], prompt
+    bad = webui.request("POST", "/trainer/v1/diagnostics/conditioning",
+                        body={"prompts": ["x"], "sizes": [[1024, 1024]], "embedding": "no_such_embedding"})
+    assert bad.status == 422 and "no_such_embedding" in bad.body["detail"], bad.body
+
+
+def test_log_has_no_errors_from_our_code(webui, sdxl_run, sdxl_embedding_run):
     assert our_errors_in_log(webui.log_text()) == []
