@@ -96,6 +96,7 @@ def client(monkeypatch):
     app = fastapi.FastAPI()
     app.add_api_route("/jobs", api.create_job, methods=["POST"])
     app.add_api_route("/cond", api.conditioning_route, methods=["POST"])
+    app.add_api_route("/preprocess", api.preprocess_json, methods=["POST"])
     c = testclient.TestClient(app, raise_server_exceptions=True)
     c.created = created
     return c
@@ -119,3 +120,10 @@ def test_the_conditioning_route_checks_its_fields(client):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "clip_skip"]
     r = client.post("/cond", json={"prompts": ["a"], "clip_skip": 2, "sizes": [[512, 768]]})
     assert r.status_code == 200 and r.json() == {"called": [["a"], 2, [[512, 768]], ""]}
+
+
+def test_the_preprocess_route_wants_an_object(client):
+    for body in ('["x"]', "3", "null"):
+        r = client.post("/preprocess", content=body.encode())
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body"], r.text[:300]
+        assert "JSON object" in r.json()["detail"][0]["msg"]

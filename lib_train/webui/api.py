@@ -230,7 +230,7 @@ async def preprocess_json(request: Request) -> Any:
     from .preprocess import preprocess_route
 
     try:
-        body = await read_json(request)
+        body = json_object(await read_json(request), '{"source_dir": "/path/raw", "width": 512, "height": 512}')
     except BadRequest as e:
         return _refused(e)
     return await run_in_threadpool(preprocess_route, body)
