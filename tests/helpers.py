@@ -293,3 +293,21 @@ def import_circles(graph: dict[str, set[str]]) -> list[str]:
         return seen
 
     return sorted(m for m in graph if m in reachable(m))
+
+
+def read_stderr_until(proc, pattern: str, timeout: float = 600) -> str:
+    """A child process's stderr as it comes (bytes, so tqdm's '\\r' updates count), up to the first match of
+    ``pattern``; fails naming the pattern, the exit code and what came when the stream ends or ``timeout`` passes."""
+    import os
+    import re
+    import select
+    import time
+
+    fd, raw = proc.stderr.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, raw.decode(errors="replace")):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else b""
+        assert chunk, f"no {pattern!r} on stderr (exit code {proc.poll()}):\n{raw.decode(errors='replace')}"
+        raw += chunk
+    return raw.decode(errors="replace")

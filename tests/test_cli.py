@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
-import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, make_images, run_bad_input, run_cli
+from helpers import ROOT, make_images, run_bad_input, run_cli, read_stderr_until
 
 from lib_train.network.kohya_file import read_lora_file
 
@@ -130,16 +127,6 @@ def test_all_config_problems_are_reported_at_once(tmp_path, capsys):
         assert needle in text, needle
 
 
-def _read_until(proc: subprocess.Popen, pattern: str, timeout: float = 600) -> str:
-    """The child's stderr as it comes (bytes, so tqdm's '\r' updates count), up to the first match of ``pattern``."""
-    fd, raw = proc.stderr.fileno(), b""
-    deadline = time.monotonic() + timeout
-    while not re.search(pattern, raw.decode(errors="replace")):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 4096) if ready else b""
-        assert chunk, f"no {pattern!r} on stderr (exit code {proc.poll()}):\n{raw.decode(errors='replace')}"
-        raw += chunk
-    return raw.decode(errors="replace")
 
 
 def test_ctrl_c_saves_and_resume_finishes(tmp_path, tiny_checkpoint):
@@ -149,7 +136,7 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path, tiny_checkpoint):
     cmd = [sys.executable, "-m", "lib_train", "lora", "--checkpoint", str(tiny_checkpoint), "--data",
            str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--name", "run", "--epochs", "3", *FAST]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
-    err = _read_until(proc, r"(?s)Training: 6 steps\n.*\b1/6\b")  # the progress bar shows the first step
+    err = read_stderr_until(proc, r"(?s)Training: 6 steps\n.*\b1/6\b")  # the progress bar shows the first step
     proc.send_signal(signal.SIGINT)  # the run stops after the step it is in, before its 6th and last
     _, rest = proc.communicate(timeout=240)
     err += rest.decode(errors="replace")

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-from helpers import ROOT, Recorder, make_bundle, make_images, run_cli, tiny_config
+from helpers import ROOT, Recorder, make_bundle, make_images, run_cli, tiny_config, read_stderr_until
 
 from lib_train.train.lock import OutputLocked, holder, lock_path, output_lock
 from lib_train.train.lora_trainer import prepare_data, train_lora
@@ -23,15 +21,6 @@ FAST = ["--resolution", "64", "--min-bucket", "64", "--max-bucket", "128", "--ra
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
-def _read_until(proc: subprocess.Popen, pattern: str, timeout: float = 600) -> str:
-    fd, raw = proc.stderr.fileno(), b""
-    deadline = time.monotonic() + timeout
-    while not re.search(pattern, raw.decode(errors="replace")):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 4096) if ready else b""
-        assert chunk, f"no {pattern!r} on stderr (exit code {proc.poll()}):\n{raw.decode(errors='replace')}"
-        raw += chunk
-    return raw.decode(errors="replace")
 
 
 def test_a_second_command_line_run_on_the_same_name_is_refused_naming_the_first(tmp_path, tiny_checkpoint, capsys,
@@ -43,7 +32,7 @@ def test_a_second_command_line_run_on_the_same_name_is_refused_naming_the_first(
     first = subprocess.Popen([sys.executable, "-m", "lib_train", "lora", *args], env=ENV, stderr=subprocess.PIPE,
                              stdout=subprocess.PIPE)
     try:
-        _read_until(first, r"\b1/100\b")  # it trains
+        read_stderr_until(first, r"\b1/100\b")  # it trains
         import lib_train.models.load as load
 
         monkeypatch.setattr(load, "load_bundle", lambda *a, **k: pytest.fail("loaded before the lock was checked"))

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, make_images, run_cli
+from helpers import ROOT, make_images, run_cli, read_stderr_until
 
 from lib_train.network.kohya_file import read_lora_file
 from lib_train.signals import SignalAbort, StopSignals
@@ -26,16 +24,6 @@ FAST = ["--resolution", "64", "--min-bucket", "64", "--max-bucket", "128", "--ra
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # one torch thread, as in the tests (conftest)
 
 
-def _read_until(proc: subprocess.Popen, pattern: str, timeout: float = 600) -> str:
-    """The child's stderr as it comes (tqdm's '\\r' updates count), up to the first match of ``pattern``."""
-    fd, raw = proc.stderr.fileno(), b""
-    deadline = time.monotonic() + timeout
-    while not re.search(pattern, raw.decode(errors="replace")):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 4096) if ready else b""
-        assert chunk, f"no {pattern!r} on stderr (exit code {proc.poll()}):\n{raw.decode(errors='replace')}"
-        raw += chunk
-    return raw.decode(errors="replace")
 
 
 def _args(tmp_path: Path, checkpoint, name: str) -> list[str]:
@@ -52,7 +40,7 @@ def test_sigterm_saves_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path,
     cmd = [sys.executable, "-m", "lib_train", "lora", *_args(tmp_path, tiny_checkpoint, "run")]
     proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        err = _read_until(proc, r"(?s)Training: 12 steps\n.*\b1/12\b")  # the progress bar shows the first step
+        err = read_stderr_until(proc, r"(?s)Training: 12 steps\n.*\b1/12\b")  # the progress bar shows the first step
         proc.send_signal(signum)
         _, rest = proc.communicate(timeout=240)
     finally:
