@@ -439,12 +439,17 @@ def _row(r: dict) -> list[str]:
             "/".join(_fmt(x, ".1f") for x in r["load_average"])]
 
 
-def format_table(results: list[dict]) -> str:
-    rows = [list(COLUMNS)] + [_row(r) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+def text_table(columns, rows: list[list[str]]) -> str:
+    """A plain-text table: the column names, a rule, then the rows, each column as wide as its widest cell."""
+    rows = [list(columns)] + rows
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_table(results: list[dict]) -> str:
+    return text_table(COLUMNS, [_row(r) for r in results])
 
 
 def _csv(text: str, allowed: dict) -> list:

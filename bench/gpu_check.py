@@ -508,11 +508,7 @@ def _row(r: dict) -> list[str]:
 
 
 def format_table(results: list[dict]) -> str:
-    rows = [list(COLUMNS)] + [_row(r) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return bt.text_table(COLUMNS, [_row(r) for r in results])
 
 
 def _default_json() -> Path:
