@@ -121,11 +121,17 @@ def _extension_installed(webui_dir: Path) -> bool:
     return ext.is_dir() and any(p.resolve() == REPO for p in ext.iterdir() if p.is_dir())
 
 
+class _PortTaken(Exception):
+    """The free port found was taken by another process before gradio bound it."""
+
+
 def _wait_for_log(log: Path, needle: str, process: subprocess.Popen, deadline: float) -> None:
     while needle not in (text := log.read_text(encoding="utf-8", errors="replace")):
         if "Stable diffusion model failed to load" in text:
             pytest.fail("the WebUI could not load its checkpoint (pick one with SD_WEBUI_ARGS='--ckpt ...'):\n"
                         + text[-6000:])
+        if process.poll() is not None and "Cannot find empty port" in text:
+            raise _PortTaken()
         if process.poll() is not None:
             pytest.fail(f"the WebUI exited ({process.returncode}) before '{needle}':\n"
                         + log.read_text(errors="replace")[-6000:])
@@ -164,20 +170,30 @@ def webui(tmp_path_factory) -> WebUI:
     lora_dir, embeddings_dir, log = tmp / "Lora", tmp / "embeddings", tmp / "webui.log"
     embeddings_dir.mkdir()
     user, password = "trainer-tests", secrets.token_hex(8)
-    port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", "DO_NOT_TRACK": "1"}
     env.update(dict(word.split("=", 1) for word in shlex.split(os.environ.get("SD_WEBUI_ENV", ""))))
-    args = [python, "launch.py", *SERVER_FLAGS, "--port", str(port), "--lora-dir", str(lora_dir),
-            "--embeddings-dir", str(embeddings_dir),
-            "--api-auth", f"{user}:{password}", *shlex.split(os.environ.get("SD_WEBUI_ARGS", ""))]
     timeout = float(os.environ.get("SD_WEBUI_TIMEOUT", "900"))
-    with open(log, "wb") as out:
-        process = subprocess.Popen(args, cwd=webui_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    for attempt in range(3):  # a port found free can be taken by another process before gradio binds it
+        port = _free_port()
+        args = [python, "launch.py", *SERVER_FLAGS, "--port", str(port), "--lora-dir", str(lora_dir),
+                "--embeddings-dir", str(embeddings_dir),
+                "--api-auth", f"{user}:{password}", *shlex.split(os.environ.get("SD_WEBUI_ARGS", ""))]
+        with open(log, "wb") as out:
+            process = subprocess.Popen(args, cwd=webui_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            # No request before "Startup time:": one in that window kills the WebUI's startup (WEBUI.md §8b).
+            _wait_for_log(log, "Startup time:", process, deadline)
+            break
+        except _PortTaken:
+            _stop(process)
+            if attempt == 2:
+                pytest.fail("the WebUI found no free port three times:\n" + log.read_text(errors="replace")[-3000:])
+        except BaseException:
+            _stop(process)
+            raise
     try:
-        deadline = time.monotonic() + timeout
-        # No request before "Startup time:": one in that window kills the WebUI's startup (WEBUI.md §8b).
-        _wait_for_log(log, "Startup time:", process, deadline)
         _wait_for_log(log, "Model loaded in", process, deadline)
         yield WebUI(f"http://127.0.0.1:{port}", user, password, lora_dir, log, process, embeddings_dir)
     finally:
