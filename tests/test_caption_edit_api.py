@@ -16,7 +16,7 @@ def client(monkeypatch):
     from lib_train.webui import api
 
     roots: list = [None]
-    monkeypatch.setattr(api, "_caption_roots", lambda: roots[0])
+    monkeypatch.setattr(api, "caption_roots", lambda: roots[0])
     app = fastapi.FastAPI()
     app.add_api_route("/captions/tags", api.caption_tags, methods=["GET"])
     for action in ("preview", "apply", "undo"):

@@ -246,7 +246,7 @@ async def preprocess_json(request: Request) -> Any:
     return await run_in_threadpool(preprocess_route, body)
 
 
-def _caption_roots() -> list[str] | None:
+def caption_roots() -> list[str] | None:
     """The folders datasets may be read from and captions written in: the upload folder with
     ``--hide-ui-dir-config`` (as for a job's dataset), else None (any)."""
     from .jobs import restricted_roots
@@ -264,7 +264,7 @@ def caption_action(action: str, body: dict[str, Any]) -> JSONResponse:
 
     try:
         dataset, plan = ce.split_request(body, with_plan=action in ("preview", "apply"))
-        roots = _caption_roots()
+        roots = caption_roots()
         ce.check_confined(dataset, roots)
         if action == "undo":
             return JSONResponse(ce.undo_last(dataset["train_dir"], roots))
