@@ -311,6 +311,14 @@ def test_links_out_of_the_allowed_folders_are_not_read(tmp_path):
         caps = load_captions(train)
     assert [f.image.name for f in caps.files] == ["a.png"]
     assert {p.where for p in caps.problems} == {str(train / "1_a" / "x.png"), str(train / "1_a" / "x.txt")}
+    (train / "1_a" / "a.txt").symlink_to(outside / "x.txt")  # an image inside, its caption a link out
+    with confined_to([tmp_path / "allowed"]):
+        caps = load_captions(train)
+    a = caps.files[0]
+    assert a.text is None and a.raw is None and "leads out" in a.problem
+    with pytest.raises(CaptionEditError, match="a.txt"):
+        apply_plan(caps, CaptionPlan(trigger="sks", include_uncaptioned=True))
+    assert (outside / "x.txt").read_text() == "secret" and (train / "1_a" / "a.txt").is_symlink()
 
 
 def test_requests_are_checked_field_by_field(tmp_path):

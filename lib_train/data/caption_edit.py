@@ -362,6 +362,7 @@ def _load_root(root: Path, is_reg: bool, ext: str, legacy_encoding: bool, budget
                                                "folder; choose the folder that holds the N_name folders")])
     for p in outside:
         out.problems.append(Problem(str(p), "a link that leads out of the folders this WebUI allows; not read"))
+    outside_set = set(outside)
     entries: list[CaptionFile] = []
     for folder, files in walked:
         images = [f for f in files if is_image_file(f)]
@@ -373,12 +374,13 @@ def _load_root(root: Path, is_reg: bool, ext: str, legacy_encoding: bool, budget
         subset_dir = found[0] if found is not None else root
         key = root.name if subset_dir == root else subset_dir.relative_to(root).as_posix()
         label = REG_PREFIX + key if is_reg else key
-        names = set(files)
         for name in images:
             image = folder / name
             cap = image.with_name(image.stem + ext)
             text, raw, encoding, lines, problem = None, None, "", 1, ""
-            if cap.name in names and cap.is_file():
+            if cap in outside_set:  # reported above; never read, never written
+                problem = "a link that leads out of the folders this WebUI allows; not read"
+            elif cap.is_file():
                 try:
                     raw = cap.read_bytes()
                 except OSError as e:
