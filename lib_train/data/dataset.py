@@ -90,6 +90,11 @@ def read_caption(path: str | os.PathLike) -> str:
         data = path.read_bytes()
     except OSError as e:
         raise CaptionError(path, f"cannot be read ({e.strerror or e}); check the file's permissions") from e
+    return decode_caption(data, path)
+
+
+def decode_caption(data: bytes, path: Path) -> str:
+    """The caption text of a caption file's bytes (the rules of :func:`read_caption`); ``path`` for the message."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
             text = data.decode("utf-16")

@@ -23,6 +23,16 @@ Diagnostics (read-only; they wait for the queue lock, so never during a run or a
   the context and the vector ``y`` per size, per prompt and for all prompts as one batch, and ``"embedding": NAME``
   (an SDXL embedding the WebUI has loaded): both sides with it, the WebUI's as at inference, ours as a run trains.
 
+Captions in bulk (:mod:`lib_train.data.caption_edit`; dataset fields ``train_dir``, ``reg_dir``,
+``caption_extension``, ``legacy_encoding``; with ``--hide-ui-dir-config`` only folders under the upload folder):
+
+- ``GET /trainer/v1/captions/tags?train_dir=...`` — the folders, counts and the tag table (tag, images, per folder);
+- ``POST /trainer/v1/captions/preview`` / ``apply`` — body: the dataset fields and a
+  :class:`~lib_train.data.caption_edit.CaptionPlan` (``trigger``, ``remove``, ``find``/``replace_with``/``mode``,
+  ``add``, ``dedupe``, ``sort``/``keep_first``, ``folder``, ``include_uncaptioned``) → the count and before/after
+  examples, or what was written and the backup set; ``POST /trainer/v1/captions/undo`` — body ``{"train_dir"}``:
+  restores the last apply (409 when the captions changed since).
+
 When the WebUI runs with ``--api-auth user:password[,user2:password2]`` every route requires HTTP Basic
 authentication with one of those pairs, as the WebUI's own API does.
 
@@ -236,6 +246,66 @@ async def preprocess_json(request: Request) -> Any:
     return await run_in_threadpool(preprocess_route, body)
 
 
+def caption_roots() -> list[str] | None:
+    """The folders datasets may be read from and captions written in: the upload folder with
+    ``--hide-ui-dir-config`` (as for a job's dataset), else None (any)."""
+    from .jobs import restricted_roots
+
+    roots = restricted_roots()
+    return None if roots is None else [roots["data"]]
+
+
+def caption_action(action: str, body: dict[str, Any]) -> JSONResponse:
+    """``/captions/{tags,preview,apply,undo}`` (:mod:`lib_train.data.caption_edit`): a bad field → 422 naming it
+    (``["body", field]``, or ``["dataset", file]``); an edit that cannot be done (a folder not writable, an Undo
+    refused) → 409 with ``detail`` saying why."""
+    from ..data import caption_edit as ce
+    from ..data.dataset import confined_to
+
+    try:
+        dataset, plan = ce.split_request(body, with_plan=action in ("preview", "apply"))
+        roots = caption_roots()
+        ce.check_confined(dataset, roots)
+        if action == "undo":
+            return JSONResponse(ce.undo_last(dataset["train_dir"], roots))
+        with confined_to(roots):
+            captions = ce.load_captions(dataset["train_dir"], dataset["reg_dir"] or None,
+                                        caption_extension=dataset["caption_extension"],
+                                        legacy_encoding=dataset["legacy_encoding"])
+        if action == "tags":
+            return JSONResponse({**captions.summary(), "tags": captions.tag_table()})
+        result = ce.preview(captions, plan) if action == "preview" else ce.apply_plan(captions, plan)
+        return JSONResponse(result)
+    except ConfigError as e:
+        return _unprocessable([{"loc": ["body", p.where], "msg": p.message, "type": "value_error.captions"}
+                               for p in e.problems], str(e))
+    except DatasetError as e:
+        return _unprocessable([{"loc": ["dataset", p.where], "msg": p.message, "type": "value_error.dataset"}
+                               for p in e.problems], str(e))
+    except TrainerError as e:
+        return JSONResponse(status_code=409, content={"detail": str(e)})
+
+
+async def caption_tags(request: Request) -> JSONResponse:
+    """``GET /captions/tags?train_dir=...&reg_dir=...&caption_extension=.txt&legacy_encoding=false``."""
+    query = dict(request.query_params)
+    flag = query.get("legacy_encoding", "false").lower()
+    query["legacy_encoding"] = {"true": True, "1": True, "false": False, "0": False}.get(flag, flag)
+    return await run_in_threadpool(caption_action, "tags", query)
+
+
+def _caption_post(action: str):
+    async def route(request: Request) -> JSONResponse:
+        try:
+            body = json_object(await read_json(request), '{"train_dir": "/path/dataset", "trigger": "mychar"}')
+        except BadRequest as e:
+            return _refused(e)
+        return await run_in_threadpool(caption_action, action, body)
+
+    route.__name__ = f"caption_{action}"
+    return route
+
+
 def register_routes(_demo: Any, app: FastAPI) -> None:
     """``on_app_started`` callback: add every route of this module to the WebUI's app."""
     from modules import shared
@@ -252,6 +322,8 @@ def register_routes(_demo: Any, app: FastAPI) -> None:
         ("/model-hash", model_hash, "GET"),
         ("/diagnostics/conditioning", conditioning_route, "POST"),
         ("/preprocess", preprocess_json, "POST"),
+        ("/captions/tags", caption_tags, "GET"),
+        *((f"/captions/{a}", _caption_post(a), "POST") for a in ("preview", "apply", "undo")),
     ]
     for path, endpoint, method in routes:
         app.add_api_route(PREFIX + path, endpoint, methods=[method], dependencies=deps, response_model=None,

@@ -69,6 +69,12 @@ def _allowed_roots() -> list[str] | None:
     return None if roots is None else list(roots.values())
 
 
+def _dataset_roots() -> list[str] | None:
+    from ..api import caption_roots
+
+    return caption_roots()
+
+
 def _model_family() -> str | None:
     from ..host import inspect_host
 
@@ -99,7 +105,8 @@ def backend():
                    interrupt=_interrupt, latest_status=_latest_status, host_status=_host_status,
                    default_output_dir=_default_output_dir, measured_rate=manager.measured_rate,
                    model_family=_model_family, preprocess=backend_preprocess, upload=backend_upload,
-                   interrupt_preprocess=interrupt_preprocess, allowed_roots=_allowed_roots)
+                   interrupt_preprocess=interrupt_preprocess, allowed_roots=_allowed_roots,
+                   dataset_roots=_dataset_roots)
 
 
 def on_ui_tabs() -> list[tuple[Any, str, str]]:

@@ -34,6 +34,7 @@ from .fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS
     method_default_changes, values_to_dict
 from .presets import preset_fields, presets_for
 from .preprocess_panel import build_preprocess_panel
+from .captions_panel import build_captions_panel
 
 GALLERY_IMAGES = 24  # images shown after a scan
 # Settings the live estimate depends on (a change of any of them refreshes it).
@@ -70,6 +71,8 @@ class Backend:
     interrupt_preprocess: Callable[[], None] | None = None  # stop a preprocessing run after its current image
     allowed_roots: Callable[[], list[str] | None] = lambda: None  # folders config files may be read from/written to
     # (a shared WebUI with --hide-ui-dir-config); None = any
+    dataset_roots: Callable[[], list[str] | None] = lambda: None  # folders datasets may be read and captions
+    # written in (a shared WebUI: the upload folder); None = any
 
 
 def config_file_for_run(path: str) -> Path:
@@ -313,6 +316,8 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
                     gallery = gr.Gallery(label="First images and captions", elem_id="sd_trainer_dataset_gallery",
                                          columns=6, height="auto", show_label=True)
                     scan_state = gr.State(None)
+                    captions = build_captions_panel(comps["data.train_dir"], comps["data.reg_dir"],
+                                                    comps["data.caption_extension"], roots=backend.dataset_roots)
                 for gid, title, _ in GROUPS:
                     if gid == "dataset":
                         continue
@@ -358,6 +363,8 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
         apply_preset.click(fn=h.apply_preset, inputs=[preset, method], outputs=fields)
         method.change(fn=h.method_changed, inputs=[method, *fields], outputs=method_groups + fields + [preset])
         scan.click(fn=h.scan, inputs=[method, *fields], outputs=[report, gallery, scan_state, estimate_box])
+        for event in captions.changed:  # Apply / Undo: the scan and the step formula again
+            event.then(fn=h.scan, inputs=[method, *fields], outputs=[report, gallery, scan_state, estimate_box])
         for key in ESTIMATE_KEYS:
             comps[key].change(fn=h.estimate, inputs=[scan_state, method, *fields], outputs=[estimate_box],
                               show_progress=False)
