@@ -188,17 +188,40 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     return [10.0 ** e for e in exps]
 
 
-def lr_chart_svg(series: list[str], rows: list[list[float | None]], width: int = 520, height: int = 190) -> str:
+LR_DECADES = 7  # the chart shows at most this many decades below the highest rate (Prodigy's d0·lr is 1e-6)
+
+
+def lr_chart_svg(series: list[str], rows: list[list[float | None]], width: int = 520, height: int = 170) -> str:
     """An inline SVG of the learning rates, ``rows`` of ``[step, value per series]``, on a log scale (the schedule
     and an adaptive optimizer's d·lr lie decades apart): one line per series (a group's scheduled rate dashed where
-    its effective rate d·lr is drawn too), a legend, the decades on the axis. Values ≤ 0 (a warm-up's first step,
-    the end of a decay) have no place on a log scale and leave a gap."""
+    its effective rate d·lr is drawn too), a legend with the newest values, the decades on the axis. Values ≤ 0 (a
+    warm-up's first step) have no place on a log scale and leave a gap; values more than :data:`LR_DECADES` decades
+    below the highest (the end of a decay to 0) run along the bottom edge."""
     steps = [float(r[0]) for r in rows]
     values = [v for r in rows for v in r[1:] if v is not None and v > 0]
-    left, right, top, bottom = 52, 8, 26, 22
+    groups = [name for name in series if not name.endswith(EFFECTIVE)]
+    label = "font-size='11' fill='currentColor'"
+    left, right, bottom = 52, 8, 22
+    legend, row_x, row_y = [], left, 0
+    for i, name in enumerate(series):  # legend entries, wrapped into rows above the plot
+        group = name[:-len(EFFECTIVE)] if name.endswith(EFFECTIVE) else name
+        color = _GROUP_COLORS[groups.index(group) % len(_GROUP_COLORS)] if group in groups else "currentColor"
+        dashed = not name.endswith(EFFECTIVE) and group + EFFECTIVE in series
+        style = f"stroke='{color}' stroke-width='{1.5 if dashed else 2}'" + (" stroke-dasharray='5 3'" if dashed
+                                                                                else "")
+        last = next((r[1 + i] for r in reversed(rows) if r[1 + i] is not None), None)
+        text = f"{name} {format_rate(last)}" if last is not None else name
+        item = 28 + 6.2 * len(text)
+        if row_x > left and row_x + item > width - right:
+            row_x, row_y = left, row_y + 16
+        legend.append((name, style, text, row_x, 10 + row_y))
+        row_x += item
+    top = 26 + row_y
+    height += row_y
     w, h = width - left - right, height - top - bottom
     s0, s1 = steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1
     lo, hi = (min(values), max(values)) if values else (1e-4, 1e-3)
+    lo = max(lo, hi / 10 ** LR_DECADES)
     if hi / lo < 1.5:  # a constant rate: half a decade around it
         lo, hi = lo / 3.0, hi * 3.0
     llo, lhi = math.log10(lo), math.log10(hi)
@@ -207,23 +230,15 @@ def lr_chart_svg(series: list[str], rows: list[list[float | None]], width: int =
         return left + (step - s0) / (s1 - s0) * w
 
     def y(v: float) -> float:
-        return top + (lhi - math.log10(v)) / (lhi - llo) * h
+        return top + (lhi - math.log10(max(v, lo))) / (lhi - llo) * h
 
-    groups = [name for name in series if not name.endswith(EFFECTIVE)]
-    label = "font-size='11' fill='currentColor'"
     parts = [f"<rect x='{left}' y='{top}' width='{w}' height='{h}' fill='none' stroke='currentColor' "
              f"stroke-opacity='0.3'/>"]
     for tick in _log_ticks(lo, hi):
         parts.append(f"<line x1='{left}' x2='{left + w}' y1='{y(tick):.1f}' y2='{y(tick):.1f}' stroke='currentColor' "
                      f"stroke-opacity='0.12'/><text x='{left - 4}' y='{y(tick) + 4:.1f}' text-anchor='end' {label}>"
                      f"{_e(format_rate(tick))}</text>")
-    legend_x = left
-    for i, name in enumerate(series):
-        group = name[:-len(EFFECTIVE)] if name.endswith(EFFECTIVE) else name
-        color = _GROUP_COLORS[groups.index(group) % len(_GROUP_COLORS)] if group in groups else "currentColor"
-        dashed = not name.endswith(EFFECTIVE) and group + EFFECTIVE in series
-        style = f"stroke='{color}' stroke-width='{1.5 if dashed else 2}'" + (" stroke-dasharray='5 3'" if dashed
-                                                                                else "")
+    for i, (name, style, text, lx, ly) in enumerate(legend):
         segments, current = [], []
         for r in rows:
             v = r[1 + i]
@@ -238,11 +253,8 @@ def lr_chart_svg(series: list[str], rows: list[list[float | None]], width: int =
         for seg in segments:
             points = " ".join(seg if len(seg) > 1 else seg * 2)
             parts.append(f"<polyline data-series='{_e(name)}' points='{points}' fill='none' {style}/>")
-        last = next((r[1 + i] for r in reversed(rows) if r[1 + i] is not None), None)
-        text = f"{name} {format_rate(last)}" if last is not None else name
-        parts.append(f"<line x1='{legend_x}' x2='{legend_x + 16}' y1='10' y2='10' {style}/>"
-                     f"<text x='{legend_x + 20}' y='14' {label}>{_e(text)}</text>")
-        legend_x += 28 + 6.2 * len(text)
+        parts.append(f"<line x1='{lx:.0f}' x2='{lx + 16:.0f}' y1='{ly}' y2='{ly}' {style}/>"
+                     f"<text x='{lx + 20:.0f}' y='{ly + 4}' {label}>{_e(text)}</text>")
     parts.append(f"<text x='{left}' y='{height - 6}' {label}>step {int(s0)}</text>"
                  f"<text x='{left + w}' y='{height - 6}' text-anchor='end' {label}>step {int(steps[-1])} · "
                  f"learning rate (log scale)</text>")
