@@ -17,7 +17,6 @@ from lib_train.train.optim import (
     OPTIMIZERS,
     OptimizerSpec,
     build_optimizer,
-    effective_lr,
     get_optimizer_spec,
     parse_optimizer_args,
     probe_optimizer,
@@ -241,19 +240,6 @@ def test_resolve_falls_back_only_when_allowed(failing):
     assert "All input tensors need to be on the same GPU" in note and "Using AdamW instead" in note
     with pytest.raises(TrainerError, match="same GPU.*\n.*allow the fallback"):
         resolve_optimizer(failing, {}, "cpu", allow_fallback=False)
-
-
-def test_effective_lr():
-    model = mlp()
-    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 5e-5}]
-    assert effective_lr(build_optimizer("AdamW", groups, 1e-4, {})) == [1e-4, 5e-5]
-
-    opt = build_optimizer("Prodigy", [{"params": model.parameters()}], 0.5, {"d0": 1e-4})
-    for _ in range(3):
-        step(model, opt)
-    d = opt.param_groups[0]["d"]
-    assert effective_lr(opt) == [pytest.approx(0.5 * d)]
-    assert d != 1.0
 
 
 def test_low_lr_warning_for_adaptive_optimizers(caplog):

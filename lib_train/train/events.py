@@ -12,6 +12,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from .lr_history import LRHistory
+
 log = logging.getLogger("lib_train")
 
 
@@ -22,9 +24,10 @@ class Progress:
     epoch: int  # 1-based epoch being trained
     total_epochs: int
     loss: float | None  # mean loss over the last logging interval (None until the first read)
-    lr: float | None  # effective learning rate of the first parameter group
+    lr: float | None  # the step size the step used in the first parameter group (d·lr for DAdaptation/Prodigy)
     elapsed: float  # seconds since the first step of this session
     eta: float | None  # seconds left, from the recent step rate
+    lr_history: LRHistory | None = None  # the run's rates up to this step, every group (read-only for handlers)
 
 
 class Events:

@@ -46,7 +46,8 @@ from .checkpointing import GradientCheckpointing
 from .events import Commands, Events, Progress
 from .lock import output_lock
 from .oom import out_of_memory_message
-from .optim import build_optimizer, effective_lr, parse_optimizer_args, resolve_optimizer
+from .lr_history import LRHistory, read_rates
+from .optim import build_optimizer, parse_optimizer_args, resolve_optimizer
 from .outputs import check_final_free, final_paths
 from .placement import Placement, on_device
 from .prepare import PreparedData
@@ -205,10 +206,6 @@ class Optim:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def lr(self) -> float | None:
-        lrs = effective_lr(self.optimizer)
-        return lrs[0] if lrs else None
-
 
 class _Clock:
     """Elapsed time of the session and an ETA from the recent step rate."""
@@ -284,6 +281,9 @@ class Run:
         self.sampling_failed = False  # a sampler failure turns samples off for this session (not in the config:
         # the resume state keeps the settings, and a resumed run tries again)
         self.state_step = self.resume.state.step if self.resume else None  # step of the newest resume state
+        # the rates of every step (a resumed run goes on with its history); the session's saves write them
+        self.lr_history = (LRHistory.from_json(self.resume.state.lr_history) if self.resume else None) or LRHistory()
+        session.lr_history = self.lr_history
 
     def warn(self, text: str) -> None:
         """A warning that is also kept in the result's notes."""
@@ -345,7 +345,8 @@ class Run:
         self.check_finite(tensors, optim)
         state = RunState(step=self.step, epoch=epoch, batch=batch, config=self.cfg.to_dict(),
                          session_id=info.session_id, started_at=info.started_at, optimizer=info.optimizer,
-                         dataset_fingerprint=self.prep.fingerprint, saved=list(self.saved))
+                         dataset_fingerprint=self.prep.fingerprint, saved=list(self.saved),
+                         lr_history=self.lr_history.to_json())
         scaler = optim.scaler
         try:
             storage.ensure_space(directory.parent, self.state_bytes(optim, tensors), "the resume state")
@@ -680,14 +681,17 @@ def _steps(run: Run, optim: Optim, position: list[tuple[int, int]]) -> RunResult
     ac = s.bundle.alphas_cumprod.to(s.device)
     log_every = 1 if s.device.type == "cpu" else cfg.train.log_every
     clock, losses = _Clock(), _MeanLoss()
+    run.lr_history.optimizer = optim.name
     run.events.status(f"Training: {prep.total_steps} steps")
     for mb in micro_batches(cfg, prep, *position[0]):
         losses.add(micro_step(run, mb, ac, optim.scaler))
         if not mb.ends_step(cfg.optim.grad_accum):
             continue  # accumulate more micro-batches before stepping
         bad = losses.bad()  # checked every step: a diverged step must not reach a save
+        rates = read_rates(optim.optimizer, s.noun.lower())  # the rates this step uses (floats: no device sync)
         optim.step(cfg.optim.max_grad_norm)
         run.step += 1
+        run.lr_history.add(run.step, rates)
         position[0] = mb.next
         if bad is not None:
             raise run.diverged(f"the loss became {bad}")
@@ -696,8 +700,9 @@ def _steps(run: Run, optim: Optim, position: list[tuple[int, int]]) -> RunResult
         if log_due(at, log_every, prep.total_steps):
             run.loss = losses.take()
         run.events.progress(Progress(step=run.step, total_steps=prep.total_steps, epoch=at.epoch,
-                                     total_epochs=prep.total_epochs, loss=run.loss, lr=optim.lr(),
-                                     elapsed=clock.elapsed(), eta=clock.eta(prep.total_steps - run.step)))
+                                     total_epochs=prep.total_epochs, loss=run.loss, lr=rates[0].effective,
+                                     elapsed=clock.elapsed(), eta=clock.eta(prep.total_steps - run.step),
+                                     lr_history=run.lr_history))
         if samples_due(cfg, at):
             run.make_samples()
         if step_save_due(cfg, at):

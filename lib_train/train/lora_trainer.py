@@ -145,7 +145,7 @@ class LoRASession(TrainingSession):
     def save_model(self, stem: str, *, epoch: int, step: int, finished: bool) -> list[str]:
         tensors = self.net.kohya_state_dict(SAVE_DTYPES[self.cfg.output.save_precision])
         meta = lora_metadata(self.cfg, self.facts, stem=stem, epoch=epoch, step=step,
-                             finished_at=time.time() if finished else None)
+                             finished_at=time.time() if finished else None, lr_history=self.lr_history)
         path = str(save_lora_file(self.out_dir / f"{stem}.safetensors", tensors, meta))
         if finished:
             write_lora_sidecar(path, family=self.bundle.family, activation_text=self.cfg.output.trigger_words)

@@ -5,18 +5,29 @@ kohya's tools read: the WebUI's Lora tab uses ``ss_output_name`` as the alias, `
 its SD-version filter, ``ss_tag_frequency`` for "training dataset tags", ``ss_bucket_info``/``ss_dataset_dirs`` for
 the resolution and dataset size, ``ss_training_started_at`` for the date. ``sshs_*`` hashes are added by
 :func:`lib_train.network.kohya_file.save_lora_file`.
+
+Our own keys (prefix ``sd_trainer_``, apart from kohya's ``ss_``/``sshs_`` and ``modelspec.``; LoRA and embedding
+files alike) hold the learning-rate history of the run up to the save (:func:`lr_metadata`): ``sd_trainer_lr_final``
+(JSON ``{"optimizer", "step", "groups": {label: {"lr", "base_lr", "d", "d_lr"}}}``, the rates of the last step;
+``d``/``d_lr`` only for D-Adaptation/Prodigy) and ``sd_trainer_lr_history`` (JSON ``{"series", "rows"}``, at most
+:data:`~lib_train.train.lr_history.FILE_POINTS` rows ``[step, value per series]``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
 from ..config import TrainConfig, bucket_sides
 from ..models.families import get_family
+from .lr_history import FILE_POINTS, LRHistory
+
+LR_FINAL_KEY = "sd_trainer_lr_final"
+LR_HISTORY_KEY = "sd_trainer_lr_history"
 
 
 @dataclass
@@ -42,8 +53,9 @@ class RunFacts:
 
 
 def lora_metadata(cfg: TrainConfig, facts: RunFacts, *, stem: str, epoch: int, step: int,
-                  finished_at: float | None = None) -> dict[str, str]:
-    """Metadata for one saved file; ``stem`` is its file stem (also the WebUI alias, ``ss_output_name``)."""
+                  finished_at: float | None = None, lr_history: LRHistory | None = None) -> dict[str, str]:
+    """Metadata for one saved file; ``stem`` is its file stem (also the WebUI alias, ``ss_output_name``);
+    ``lr_history``: the run's rates so far (:func:`lr_metadata`)."""
     d, n, o, t = cfg.data, cfg.network, cfg.optim, cfg.train
     fam = get_family(facts.family)  # every family-dependent value below comes from its record
     clip_skip = fam.encoder_layer(cfg.model.clip_skip)
@@ -118,10 +130,48 @@ def lora_metadata(cfg: TrainConfig, facts: RunFacts, *, stem: str, epoch: int, s
     }
     if clip_skip is None:
         meta["ss_clip_skip"] = "None"  # kohya writes the string "None" when clip skip is unset
-    return {k: _text(v) for k, v in meta.items() if v is not None}
+    return {**{k: _text(v) for k, v in meta.items() if v is not None}, **lr_metadata(lr_history)}
+
+
+def lr_metadata(history: LRHistory | None) -> dict[str, str]:
+    """The ``sd_trainer_lr_*`` keys of a saved file (module docstring); none before the first step."""
+    if history is None or not history.final:
+        return {}
+    short = history.thinned(FILE_POINTS)
+    final = {"optimizer": history.optimizer, "step": history.step,
+             "groups": {r.label: r.to_json() for r in history.final}}
+    return {LR_FINAL_KEY: json.dumps(final),
+            LR_HISTORY_KEY: json.dumps({"series": short.series, "rows": short.points()})}
+
+
+def lr_from_metadata(meta: dict[str, str]) -> LRHistory | None:
+    """The learning-rate history a file's metadata holds (:func:`lr_metadata`); None when it holds none (a file of
+    another trainer, or of a run before this key existed) or a damaged one."""
+    try:
+        final = json.loads(meta[LR_FINAL_KEY])
+        history = json.loads(meta[LR_HISTORY_KEY])
+        groups = final["groups"]
+        data = {"optimizer": final.get("optimizer", ""), "series": history["series"], "rows": history["rows"],
+                "final": groups}
+    except (KeyError, TypeError, ValueError):
+        return None
+    return LRHistory.from_json(data)
 
 
 def _text(v: Any) -> str:
     if isinstance(v, bool):
         return "True" if v else "False"
     return str(v)
+
+
+def read_lr_history(model_file: str | os.PathLike) -> LRHistory | None:
+    """The learning-rate history in a saved file's metadata (its header alone is read); None when the file is
+    missing, not a safetensors file, or holds none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(model_file), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - an unreadable file has no history to show
+        return None
+    return lr_from_metadata(meta)

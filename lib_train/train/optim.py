@@ -259,15 +259,3 @@ def resolve_optimizer(
         return FALLBACK, f"{reason}\nUsing {FALLBACK} instead (with its default arguments)."
     raise TrainerError(f"{reason}\nChoose another optimizer, or allow the fallback to {FALLBACK}.")
 
-
-def effective_lr(optimizer: torch.optim.Optimizer) -> list[float]:
-    """The step size per parameter group: ``d · lr`` for D-Adaptation/Prodigy (``group["d"]``), else ``lr``.
-
-    A group without an lr (Adafactor with relative_step=True computes its own) gives NaN.
-    """
-    rates = []
-    for group in optimizer.param_groups:
-        lr = group.get("lr")
-        rate = math.nan if lr is None else float(lr)
-        rates.append(rate * float(group["d"]) if "d" in group else rate)
-    return rates

@@ -20,6 +20,7 @@ from ..data import Sample
 from ..models.bundle import ModelBundle
 from ..models.conditioning import ImageSize
 from .prepare import PreparedData
+from .lr_history import LRHistory
 from .state import LoadedState, state_dir_for
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -50,6 +51,8 @@ class TrainingSession:
         self.name = cfg.output.name
         self.state_dir = state_dir_for(self.out_dir, self.name)
         self.info: RunInfo | None = None  # set by start()
+        self.lr_history: LRHistory | None = None  # the run's learning rates so far, for the files' metadata (set by
+        # the loop)
 
     def attach(self) -> list[str]:
         """Create the trainable parameters (from the resume state when there is one) and attach them to the model

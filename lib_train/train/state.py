@@ -4,7 +4,8 @@ A state folder ``<output>/.<name>-state/`` holds (hidden, so the WebUI's Lora li
 as a LoRA card):
 
 - ``state.json``: position (optimizer step, epoch, batch within the epoch), the run's config, facts (session id,
-  start time, optimizer used), the dataset fingerprint and the files saved so far;
+  start time, optimizer used), the dataset fingerprint, the files saved so far and the learning-rate history
+  (:class:`~lib_train.train.lr_history.LRHistory`, so a resumed run continues its chart);
 - ``network.safetensors``: the LoRA weights in fp32 (kohya keys);
 - ``optimizer``, ``scheduler``, ``scaler``: each state dict as a ``.json`` structure whose tensors live in a
   ``.safetensors`` file next to it (:func:`save_tree`). No pickle at all: nothing to trust when loading, and the
@@ -46,6 +47,7 @@ class RunState:
     optimizer: str
     dataset_fingerprint: str
     saved: list[str] = field(default_factory=list)
+    lr_history: dict[str, Any] | None = None  # LRHistory.to_json() (None: a state written before it was kept)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **self.__dict__}

@@ -37,6 +37,7 @@ from ..errors import DatasetError, Problem, TrainerError
 from ..models.bundle import ModelBundle
 from .events import Commands, Events, SafeEvents
 from .loop import RunResult, run_training
+from .metadata import lr_metadata
 from .prepare import PreparedData, prepare_data
 from .sampling import Sampler
 from .session import SAVE_DTYPES, RunInfo, TrainingSession
@@ -167,6 +168,7 @@ class EmbeddingSession(TrainingSession):
         meta = embedding_metadata(title=stem, family=self.bundle.family, prediction=self.bundle.prediction,
                                   resolution=self.cfg.data.resolution, started_at=self.info.started_at,
                                   clip_skip=self.cfg.model.clip_skip, description=self.cfg.output.comment)
+        meta.update(lr_metadata(self.lr_history))
         paths = [str(save_safetensors(self.out_dir / f"{stem}.safetensors", tensors, meta))]
         if self.write_pt:
             checkpoint = os.path.splitext(self.bundle.checkpoint_name)[0] or None

@@ -9,7 +9,8 @@ fails at once with the setting or file named — and then run:
 - by :meth:`JobManager.run` in the caller's thread when the caller already holds both (a Gradio click wrapped in
   ``modules.call_queue.wrap_gradio_gpu_call``).
 
-During a run, events update the job's status (state, step, total, loss, ETA, saved files, error text) and
+During a run, events update the job's status (state, step, total, loss, learning rates, ETA, saved files, error
+text; :func:`record_progress`) and
 ``shared.state`` (``job_count``/``job_no`` = steps, ``textinfo``), so the WebUI's progress bar and ``/internal/progress``
 follow it; the WebUI's Interrupt (``shared.state.interrupted``) or :meth:`JobManager.interrupt` stops it after the
 current step, saving the file and the resume state. Outputs default to a folder per run under the method's WebUI
@@ -41,6 +42,7 @@ from ..models.families import get_family
 from ..train import sampling
 from ..train.events import Commands, Events, Progress
 from ..train.lock import output_lock, refuse_if_held
+from ..train.lr_history import LRHistory
 from ..train.outputs import existing_final, save_run_config
 from ..train.prepare import PreparedData
 from ..train.state import LoadedState, load_state, state_dir_for
@@ -76,6 +78,13 @@ class JobStatus:
     samples: list[str] = field(default_factory=list)  # the newest set of sample images (``[sample]`` settings)
     sample_step: int | None = None  # the step the newest samples were made at
     loss_history: list[list[float]] = field(default_factory=list)  # [step, loss] pairs, thinned to ≤ LOSS_POINTS
+    # the learning rate of each step: rows [step, one value per lr_series] (a value is None where not finite), thinned
+    # to ≤ lr_history.LR_POINTS at a uniform stride, the newest step always kept; lr_series: each parameter group's
+    # scheduled rate ("UNet", "Text encoder", "Embedding vectors") and, for DAdaptation/Prodigy, its effective rate
+    # d·lr ("UNet d·lr"); lr_note: one line on the newest rates (an adaptive optimizer: what it settled on)
+    lr_series: list[str] = field(default_factory=list)
+    lr_history: list[list[float | None]] = field(default_factory=list)
+    lr_note: str = ""
     resumed_from: str | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -233,6 +242,7 @@ class Job:
         self.start_step = self.status.step  # where this session of the run starts (a resumed run: its saved step)
         self.task_id = f"task(trainer-{job_id})"  # the id the WebUI's progress API knows it by
         self.thread: threading.Thread | None = None
+        self.lr_history: LRHistory | None = None  # the run's rates, as the last progress event had them
 
     def snapshot(self) -> dict[str, Any]:
         return dataclasses.asdict(self.status)
@@ -257,13 +267,8 @@ class _JobEvents(Events):
     def progress(self, p: Progress) -> None:
         from modules import shared
 
-        s = self.job.status
-        s.step, s.total_steps, s.epoch, s.total_epochs = p.step, p.total_steps, p.epoch, p.total_epochs
-        s.loss, s.lr, s.eta_s, s.elapsed_s = p.loss, p.lr, p.eta, p.elapsed
-        if p.loss is not None and (not s.loss_history or s.loss_history[-1][0] < p.step):
-            s.loss_history.append([p.step, p.loss])
-            if len(s.loss_history) > LOSS_POINTS:
-                s.loss_history[:] = s.loss_history[::2]
+        record_progress(self.job.status, p)
+        self.job.lr_history = p.lr_history
         shared.state.job_count = p.total_steps
         shared.state.job_no = p.step
         loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
@@ -284,6 +289,25 @@ class _JobEvents(Events):
 
     def sampled(self, paths: list[str], step: int) -> None:
         self.job.status.samples, self.job.status.sample_step = list(paths), step
+
+
+def record_progress(s: JobStatus, p: Progress) -> None:
+    """A step's progress into a job's status: position, loss (and its curve), learning rates (and their chart)."""
+    s.step, s.total_steps, s.epoch, s.total_epochs = p.step, p.total_steps, p.epoch, p.total_epochs
+    s.loss, s.lr, s.eta_s, s.elapsed_s = p.loss, p.lr, p.eta, p.elapsed
+    if p.loss is not None and (not s.loss_history or s.loss_history[-1][0] < p.step):
+        s.loss_history.append([p.step, p.loss])
+        if len(s.loss_history) > LOSS_POINTS:
+            s.loss_history[:] = s.loss_history[::2]
+    if p.lr_history is not None:  # a new list each time: a status snapshot never sees one being changed
+        s.lr_series, s.lr_history = list(p.lr_history.series), p.lr_history.points()
+        s.lr_note = p.lr_history.summary(finished=False)
+
+
+def record_end(s: JobStatus, history: LRHistory | None) -> None:
+    """The learning-rate line of a job that ended (``s.state`` set): what an adaptive optimizer settled on."""
+    if history is not None and s.step:
+        s.lr_note = history.summary(finished=s.state == "finished")
 
 
 class JobManager:
@@ -477,6 +501,7 @@ class JobManager:
                 s.phase = f"Finished {s.step} steps"
             elif s.state == "interrupted":
                 s.phase = f"Interrupted after step {s.step}; the file and the resume state are saved"
+            record_end(s, job.lr_history)
         except TrainerError as e:
             s.state, s.error = "error", str(e)
         except Exception as e:  # noqa: BLE001 - a bug: keep the traceback in the log, the message in the status

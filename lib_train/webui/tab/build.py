@@ -28,6 +28,7 @@ from ...settings import format_default
 from ...data import scan_dataset
 from ...errors import ConfigError, DatasetError, Problem, TrainerError
 from ...models.families import family_or_default, labels_text
+from ...train.metadata import read_lr_history
 from ..gradio_compat import js_kwarg
 from . import render
 from .fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, config_to_values, \
@@ -154,12 +155,18 @@ class _Handlers:
             return [gr.update()] * (len(KEYS) + 1) + [render.error(e)]
 
     def load_run(self, path: str) -> list[Any]:
+        """The run's settings, and the learning-rate chart of its file (the given one, else the final one)."""
         try:
             config_file = config_file_for_run(path)
             self._check_path(str(config_file))
-            return self._filled(load_config(config_file), f"Loaded the settings of the run from {config_file}")
+            filled = self._filled(load_config(config_file), f"Loaded the settings of the run from {config_file}")
         except TrainerError as e:
             return [gr.update()] * (len(KEYS) + 1) + [render.error(e)]
+        name = config_file.name[:-len(".config.json")]
+        given = Path(path.strip()).expanduser()
+        model = given if given.suffix == ".safetensors" else config_file.with_name(f"{name}.safetensors")
+        filled[-1] += render.run_lr(read_lr_history(model), finished=model.stem == name)
+        return filled
 
     def save_config(self, path: str, method: str, *values: Any) -> str:
         path = path.strip()

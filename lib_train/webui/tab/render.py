@@ -4,11 +4,13 @@ escaped. No gradio, no WebUI imports."""
 from __future__ import annotations
 
 import html
+import math
 import time
 from typing import Any, Iterable
 
 from ...data import DatasetScan
 from ...errors import Problem, ProblemsError, TrainerError
+from ...train.lr_history import EFFECTIVE, LRHistory, format_rate
 from ...train.prepare import PreparedData
 
 
@@ -109,8 +111,15 @@ def job_status(s: dict[str, Any]) -> str:
                                  f"{s['name']}).", "ok"))
     if s.get("notes"):
         parts.append("<p>Notes:</p>" + _list((_e(n) for n in s["notes"]), "sd-trainer-notes"))
+    charts = []
     if len(s.get("loss_history") or []) >= 2:
-        parts.append(loss_curve_svg(s["loss_history"]))
+        charts.append(loss_curve_svg(s["loss_history"]))
+    if len(s.get("lr_history") or []) >= 2 and s.get("lr_series"):
+        charts.append(lr_chart_svg(s["lr_series"], s["lr_history"]))
+    if charts:
+        parts.append(_charts(charts))
+    if s.get("lr_note"):
+        parts.append(f"<p class='sd-trainer-lr-note'>{_e(s['lr_note'])}</p>")
     if s.get("samples"):
         parts.append(f"<p>Samples of step {_e(s.get('sample_step'))}: "
                      + ", ".join(f"<code>{_e(p)}</code>" for p in s["samples"]) + "</p>")
@@ -158,6 +167,111 @@ def loss_curve_svg(points: list[list[float]] | list[tuple[float, float]], width:
             f"<text x='{left}' y='{height - 6}' {label}>step {int(s0)}</text>"
             f"<text x='{left + w}' y='{height - 6}' text-anchor='end' {label}>step {int(steps[-1])} · "
             f"loss {smooth[-1]:.4f} (avg)</text></svg>")
+
+
+def _charts(svgs: list[str]) -> str:
+    """Charts side by side where the column is wide enough, else one under the other."""
+    return ("<div class='sd-trainer-charts' style='display:flex;flex-wrap:wrap;gap:8px 16px;align-items:flex-start'>"
+            + "".join(svgs) + "</div>")
+
+
+# a color per parameter group (by position), the same for its scheduled and its effective (d·lr) series
+_GROUP_COLORS = ("#e8743b", "#3b82e8", "#2e9e5b", "#a25ddc")
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Powers of ten inside [lo, hi] (at most 6: every other one on a wide range)."""
+    first, last = math.ceil(math.log10(lo) - 1e-9), math.floor(math.log10(hi) + 1e-9)
+    exps = list(range(first, last + 1))
+    while len(exps) > 6:
+        exps = exps[::2]
+    return [10.0 ** e for e in exps]
+
+
+LR_DECADES = 7  # the chart shows at most this many decades below the highest rate (Prodigy's d0·lr is 1e-6)
+
+
+def lr_chart_svg(series: list[str], rows: list[list[float | None]], width: int = 520, height: int = 170) -> str:
+    """An inline SVG of the learning rates, ``rows`` of ``[step, value per series]``, on a log scale (the schedule
+    and an adaptive optimizer's d·lr lie decades apart): one line per series (a group's scheduled rate dashed where
+    its effective rate d·lr is drawn too), a legend with the newest values, the decades on the axis. Values ≤ 0 (a
+    warm-up's first step) have no place on a log scale and leave a gap; values more than :data:`LR_DECADES` decades
+    below the highest (the end of a decay to 0) run along the bottom edge."""
+    steps = [float(r[0]) for r in rows]
+    values = [v for r in rows for v in r[1:] if v is not None and v > 0]
+    groups = [name for name in series if not name.endswith(EFFECTIVE)]
+    label = "font-size='11' fill='currentColor'"
+    left, right, bottom = 52, 8, 22
+    legend, row_x, row_y = [], left, 0
+    for i, name in enumerate(series):  # legend entries, wrapped into rows above the plot
+        group = name[:-len(EFFECTIVE)] if name.endswith(EFFECTIVE) else name
+        color = _GROUP_COLORS[groups.index(group) % len(_GROUP_COLORS)] if group in groups else "currentColor"
+        dashed = not name.endswith(EFFECTIVE) and group + EFFECTIVE in series
+        style = f"stroke='{color}' stroke-width='{1.5 if dashed else 2}'" + (" stroke-dasharray='5 3'" if dashed
+                                                                                else "")
+        last = next((r[1 + i] for r in reversed(rows) if r[1 + i] is not None), None)
+        text = f"{name} {format_rate(last)}" if last is not None else name
+        item = 28 + 6.2 * len(text)
+        if row_x > left and row_x + item > width - right:
+            row_x, row_y = left, row_y + 16
+        legend.append((name, style, text, row_x, 10 + row_y))
+        row_x += item
+    top = 26 + row_y
+    height += row_y
+    w, h = width - left - right, height - top - bottom
+    s0, s1 = steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1
+    lo, hi = (min(values), max(values)) if values else (1e-4, 1e-3)
+    lo = max(lo, hi / 10 ** LR_DECADES)
+    if hi / lo < 1.5:  # a constant rate: half a decade around it
+        lo, hi = lo / 3.0, hi * 3.0
+    llo, lhi = math.log10(lo), math.log10(hi)
+
+    def x(step: float) -> float:
+        return left + (step - s0) / (s1 - s0) * w
+
+    def y(v: float) -> float:
+        return top + (lhi - math.log10(max(v, lo))) / (lhi - llo) * h
+
+    parts = [f"<rect x='{left}' y='{top}' width='{w}' height='{h}' fill='none' stroke='currentColor' "
+             f"stroke-opacity='0.3'/>"]
+    for tick in _log_ticks(lo, hi):
+        parts.append(f"<line x1='{left}' x2='{left + w}' y1='{y(tick):.1f}' y2='{y(tick):.1f}' stroke='currentColor' "
+                     f"stroke-opacity='0.12'/><text x='{left - 4}' y='{y(tick) + 4:.1f}' text-anchor='end' {label}>"
+                     f"{_e(format_rate(tick))}</text>")
+    for i, (name, style, text, lx, ly) in enumerate(legend):
+        segments, current = [], []
+        for r in rows:
+            v = r[1 + i]
+            if v is None or v <= 0:
+                if current:
+                    segments.append(current)
+                current = []
+            else:
+                current.append(f"{x(float(r[0])):.1f},{y(v):.1f}")
+        if current:
+            segments.append(current)
+        for seg in segments:
+            points = " ".join(seg if len(seg) > 1 else seg * 2)
+            parts.append(f"<polyline data-series='{_e(name)}' points='{points}' fill='none' {style}/>")
+        parts.append(f"<line x1='{lx:.0f}' x2='{lx + 16:.0f}' y1='{ly}' y2='{ly}' {style}/>"
+                     f"<text x='{lx + 20:.0f}' y='{ly + 4}' {label}>{_e(text)}</text>")
+    parts.append(f"<text x='{left}' y='{height - 6}' {label}>step {int(s0)}</text>"
+                 f"<text x='{left + w}' y='{height - 6}' text-anchor='end' {label}>step {int(steps[-1])} · "
+                 f"learning rate (log scale)</text>")
+    return (f"<svg class='sd-trainer-lr' viewBox='0 0 {width} {height}' width='{width}' height='{height}' "
+            f"role='img' aria-label='learning-rate chart'>" + "".join(parts) + "</svg>")
+
+
+def run_lr(history: LRHistory | None, finished: bool) -> str:
+    """A loaded run's learning-rate chart and its one line (what an adaptive optimizer settled on); empty when the
+    file holds no history."""
+    if history is None or not history.rows:
+        return ""
+    parts = [lr_chart_svg(history.series, history.points())] if len(history.points()) >= 2 else []
+    note = history.summary(finished=finished)
+    if note:
+        parts.append(f"<p class='sd-trainer-lr-note'>{_e(note)}</p>")
+    return "<div class='sd-trainer-run-lr'>" + "".join(parts) + "</div>"
 
 
 def estimate_html(est, steps: int | None, formula: str | None) -> str:
