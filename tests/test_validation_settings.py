@@ -218,3 +218,37 @@ def test_an_unreadable_path_is_a_message_not_a_crash(tmp_path, monkeypatch):
     problems = {p.where: p.message for p in e.value.problems}
     assert "permission denied" in problems[label("data.train_dir")]
     assert "permission denied" in problems[label("network.init_from")]
+
+
+@pytest.mark.parametrize("optimizer", ["Prodigy", "DAdaptAdam"])
+def test_adaptive_optimizers_need_one_learning_rate_for_unet_and_text_encoder(optimizer):
+    """DAdaptation and Prodigy refuse, at their first step, parameter groups whose rates differ (other than 0): the
+    config check says so before any model work, and accepts the two settings that run."""
+    import torch
+
+    from lib_train.train.optim import build_optimizer
+
+    where = label("optim.te_lr")
+    problems = _problems({"optim": {"optimizer": optimizer, "lr": 1.0, "te_lr": 5e-5}})
+    assert where in problems and "1.0 is usual" in problems[where] and optimizer in problems[where]
+    for te_lr in (0.0, 1.0):
+        try:
+            validate(from_dict({"optim": {"optimizer": optimizer, "lr": 1.0, "te_lr": te_lr}}), headless=False)
+        except ConfigError as e:
+            assert where not in {p.where for p in e.problems}, e.problems
+    # the refusal is the optimizer's own: two groups with different rates fail at the first step
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(optimizer, [{"params": [a], "lr": 1.0}, {"params": [b], "lr": 5e-5}], 1.0, {})
+    (a.sum() + b.sum()).backward()
+    with pytest.raises(RuntimeError):
+        opt.step()
+    # AdamW is not affected
+    assert where not in _problems_or_none({"optim": {"optimizer": "AdamW", "lr": 1e-4, "te_lr": 5e-5}})
+
+
+def _problems_or_none(data: dict) -> dict[str, str]:
+    try:
+        validate(from_dict(data), headless=False)
+    except ConfigError as e:
+        return {p.where: p.message for p in e.problems}
+    return {}
