@@ -454,31 +454,47 @@ def run_child(cmd: list[str], *, tool: str, steps: int, env: dict, cwd: str, log
 
 # --------------------------------------------------------------------------------------------- preparation
 
-def make_checkpoint(path: Path) -> None:
-    """Write the random-weight SD1.5 checkpoint both tools train on: ``build_latent_diffusion(sd15_spec())`` with
-    ``randomize_`` (as bench_train.py builds it), the ldm layout's keys, weights in fp16 as distributed SD1.5 files
-    are (the noise-schedule buffers stay as they are)."""
+WEIGHT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.", "first_stage_model.")
+
+
+def random_model(family: str, *, tiny: bool = False, webui_dir: str | None = None):
+    """The random-weight model both tools train on, built as bench_train.py builds it (same seed): SD1.5,
+    ``build_latent_diffusion(sd15_spec())``; SDXL, sgm's ``DiffusionEngine`` of the base layout
+    (``build_sdxl(SDXLSpec())``, sgm from ``webui_dir``); ``randomize_`` writes every parameter. ``tiny``: the
+    family's test layout (for the tests; kohya converts full-size layouts only)."""
+    from bench_train import MODEL_SEED, _materialize, _skip_default_init
+    from lib_train.models.build import build_latent_diffusion, randomize_, tiny_sdxl_spec, tiny_spec
+    from lib_train.models.spec import SDXLSpec, sd15_spec
+
+    with _skip_default_init():
+        if family == "sdxl":
+            from lib_train.models.sdxl_load import build_sdxl
+
+            model = build_sdxl(tiny_sdxl_spec() if tiny else SDXLSpec(), webui_dir=webui_dir, init=False)
+            _materialize(model)
+        else:
+            model = build_latent_diffusion(tiny_spec("sd1") if tiny else sd15_spec())
+    randomize_(model, MODEL_SEED)
+    return model
+
+
+def make_checkpoint(path: Path, family: str = "sd1", *, tiny: bool = False, webui_dir: str | None = None) -> None:
+    """Write :func:`random_model` as a checkpoint file: the model's own state-dict keys (the ldm / sgm layout that
+    distributed files have), the weights in fp16 as distributed files are, the noise-schedule buffers as they are."""
     import torch
     from safetensors.torch import save_file
 
-    from bench_train import MODEL_SEED, _skip_default_init
-    from lib_train.models.build import build_latent_diffusion, randomize_
-    from lib_train.models.spec import sd15_spec
-
-    with _skip_default_init():
-        model = build_latent_diffusion(sd15_spec())
-    randomize_(model, MODEL_SEED)
-    weights = ("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")
+    model = random_model(family, tiny=tiny, webui_dir=webui_dir)
     sd = {}
     for key, value in model.state_dict().items():
         value = value.detach()
-        if key.startswith(weights) and value.is_floating_point():
+        if key.startswith(WEIGHT_PREFIXES) and value.is_floating_point():
             value = value.to(torch.float16)
         sd[key] = value.contiguous()
     del model
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata={"bench": "random-weight SD1.5 layout, bench/bench_kohya.py"})
+    save_file(sd, str(tmp), metadata={"bench": f"random-weight {family} layout, bench/bench_kohya.py"})
     os.replace(tmp, path)
 
 
@@ -578,7 +594,9 @@ sys.path.insert(0, os.getcwd())
 script, argv = sys.argv[1], json.loads(sys.argv[2])
 module = __import__(script[:-3])
 args = module.setup_parser().parse_args(argv)
-print("PARSED " + json.dumps({k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}))
+plain = (str, int, float, bool, type(None))
+ok = lambda v: isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v))
+print("PARSED " + json.dumps({k: v for k, v in vars(args).items() if ok(v)}))
 """
 
 
@@ -639,8 +657,10 @@ def _parser() -> argparse.ArgumentParser:
                                                                 "(default: this one)")
     p.add_argument("--work", default=str(REPO / "bench" / "out" / "kohya"),
                    help="folder for the checkpoint, datasets, tokenizers, logs and results (default bench/out/kohya)")
-    p.add_argument("--checkpoint", help="the checkpoint both train on (default WORK/sd15-random.safetensors, written "
-                                        "once when missing; SDXL needs one given)")
+    p.add_argument("--checkpoint", help="the SD1.5 checkpoint both train on (default WORK/sd15-random.safetensors, "
+                                        "written once when missing)")
+    p.add_argument("--sdxl-checkpoint", help="the SDXL checkpoint (default WORK/sdxl-random.safetensors, written once "
+                                             "when missing: needs sgm, --webui-dir, and ~15 GB of RAM)")
     p.add_argument("--webui-dir", default=os.environ.get("SD_WEBUI_DIR", ""), help="SDXL, ours: the WebUI folder "
                                                                                    "with sgm")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -676,14 +696,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no case of the matrix matches --family/--resolutions/--te", file=sys.stderr)
         return 2
     work = Path(args.work).resolve()
-    checkpoint = args.checkpoint or str(work / "sd15-random.safetensors")
-    if any(c.family == "sdxl" for c in cases) and not args.checkpoint:
-        checkpoint = str(work / "sdxl-random.safetensors")  # made on the machine that runs it: see README
+    checkpoints = {"sd1": args.checkpoint or str(work / "sd15-random.safetensors"),
+                   "sdxl": args.sdxl_checkpoint or str(work / "sdxl-random.safetensors")}
     kohya_dir = args.kohya_dir or "KOHYA_DIR"
     kohya_python = args.kohya_python or "KOHYA_PYTHON"
 
     def paths_for(case: Case, tool: str, repeat: int) -> Paths:
-        return Paths(checkpoint, str(work / f"data-{case.resolution}"),
+        return Paths(checkpoints[case.family], str(work / f"data-{case.resolution}"),
                      str(work / "runs" / case.id / f"{tool}-{repeat}"), str(work / "tokenizers"), args.webui_dir)
 
     if args.list or args.dry_run:
@@ -694,12 +713,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 cfg = check_ours_parses(ours)
                 print(f"  ours parses: steps {cfg['train.max_steps']}, lr {cfg['optim.lr']}, te_lr "
-                      f"{cfg['optim.te_lr']}, rank {cfg['network.rank']}, precision {cfg['train.mixed_precision']}")
+                      f"{cfg['optim.te_lr']}, rank {cfg['network.rank']}, precision {cfg['train.mixed_precision']}, "
+                      f"checkpointing {cfg['train.gradient_checkpointing']}")
                 if args.kohya_python and args.kohya_dir:
                     k = check_kohya_parses(kohya, kohya_python, kohya_dir)
                     print(f"  kohya parses: steps {k['max_train_steps']}, lr {k['unet_lr']}, te_lr "
                           f"{k['text_encoder_lr']}, unet only {k['network_train_unet_only']}, rank {k['network_dim']}"
-                          f", precision {k['mixed_precision']}, sdpa {k['sdpa']}")
+                          f", precision {k['mixed_precision']}, sdpa {k['sdpa']}, checkpointing {k['gradient_checkpointing']}"
+                          f", TE outputs cached {k['cache_text_encoder_outputs']}")
                 else:
                     print("  kohya's parser not run: give --kohya-dir and --kohya-python")
         return 0
@@ -713,12 +734,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     work.mkdir(parents=True, exist_ok=True)
-    if not Path(checkpoint).exists():
-        if any(c.family == "sdxl" for c in cases):
-            print(f"error: {checkpoint} does not exist; give an SDXL checkpoint with --checkpoint", file=sys.stderr)
-            return 2
-        print(f"writing the random-weight SD1.5 checkpoint {checkpoint} ...", file=sys.stderr, flush=True)
-        make_checkpoint(Path(checkpoint))
+    for family in sorted({c.family for c in cases}):
+        if not Path(checkpoints[family]).exists():
+            print(f"writing the random-weight {family} checkpoint {checkpoints[family]} ...", file=sys.stderr,
+                  flush=True)
+            make_checkpoint(Path(checkpoints[family]), family, webui_dir=args.webui_dir or None)
     for written in make_kohya_tokenizers(work / "tokenizers", kohya_python):
         print(f"kohya tokenizer written: {written}", file=sys.stderr)
     for res in sorted({c.resolution for c in cases}):
@@ -732,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     results_file = Path(args.json) if args.json else work / "results.json"
     report = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads": args.threads},
               "ours": _versions(args.our_python), "kohya": _versions(kohya_python, kohya_dir),
-              "steps": steps, "warmup_steps": WARMUP_STEPS, "checkpoint": checkpoint,
+              "steps": steps, "warmup_steps": WARMUP_STEPS, "checkpoints": checkpoints,
               "cases": [asdict(c) for c in cases], "runs": [], "summary": []}
     print(f"{len(cases)} case(s) x {args.repeats} repeat(s) x 2 tools, {steps} steps each; ours: "
           f"{report['ours']}, kohya: {report['kohya']}", file=sys.stderr, flush=True)

@@ -60,7 +60,8 @@ def _kohya_value(name: str, args: dict, case: bk.Case):
     simple = {"rank": ("network_dim", int), "alpha": ("network_alpha", float), "optimizer": ("optimizer_type", str),
               "optimizer_args": ("optimizer_args", str), "lr": ("unet_lr", float), "scheduler": ("lr_scheduler", str),
               "warmup_steps": ("lr_warmup_steps", int), "max_steps": ("max_train_steps", int),
-              "batch_size": ("train_batch_size", int), "seed": ("seed", int), "mixed_precision": ("mixed_precision", str),
+              "batch_size": ("train_batch_size", int), "seed": ("seed", int),
+              "mixed_precision": ("mixed_precision", str),
               "max_grad_norm": ("max_grad_norm", float), "noise_offset": ("noise_offset", float),
               "caption_dropout": ("caption_dropout_rate", float), "save_precision": ("save_precision", str)}
     if name in simple:
@@ -230,3 +231,26 @@ def test_a_step_is_stamped_when_its_bar_arrives_not_when_the_next_one_does():
     assert reader.feed(("\r" + second[:half]).encode(), 2.0) == []  # a write split in two
     assert reader.feed(second[half:].encode(), 3.0) == [2]
     assert reader.stamps == {1: 1.0, 2: 3.0}
+
+
+def test_the_checkpoint_file_is_fp16_in_the_ldm_layout_and_loads(tmp_path):
+    """make_checkpoint at the tiny SD1 layout (kohya converts full-size layouts only; the code path is the same):
+    the ldm keys, fp16 weights, the schedule buffers untouched, and our loader reads it back to the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lib_train.models.checkpoint import load_checkpoint
+
+    path = tmp_path / "random.safetensors"
+    bk.make_checkpoint(path, "sd1", tiny=True)
+    sd = load_file(str(path))
+    assert any(k.startswith("model.diffusion_model.") for k in sd)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in sd)
+    assert any(k.startswith("first_stage_model.") for k in sd)
+    weights = {k: v for k, v in sd.items() if k.startswith(bk.WEIGHT_PREFIXES) and v.is_floating_point()}
+    assert weights and all(v.dtype == torch.float16 for v in weights.values())
+    assert sd["alphas_cumprod"].dtype == torch.float32
+    model, _ = load_checkpoint(path)
+    reference = bk.random_model("sd1", tiny=True).state_dict()
+    key = next(k for k in weights if k.endswith("attn1.to_q.weight"))
+    assert torch.equal(model.state_dict()[key].half(), reference[key].half())
