@@ -292,6 +292,30 @@ def lora_modules(tool: str, log: str) -> dict:
     return {m[1]: int(m[2]) for m in pattern.finditer(log)} if pattern else {}
 
 
+def lora_file_counts(path: Path) -> dict | None:
+    """What a run's LoRA file holds: its UNet and text-encoder modules (kohya names, ``lora_down`` keys) and its
+    parameter count, so that both tools can be seen to train the same network. None when there is no file."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    counts = {"unet": 0, "te": 0, "params": 0}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if key.endswith(".lora_down.weight") or key.endswith(".lora_up.weight"):
+                counts["params"] += _numel(f.get_slice(key))
+                if key.endswith(".lora_down.weight"):
+                    counts["unet" if key.startswith("lora_unet") else "te"] += 1
+    return counts
+
+
+def _numel(tensor_slice) -> int:
+    n = 1
+    for d in tensor_slice.get_shape():
+        n *= d
+    return n
+
+
 def step_durations(stamps: dict[int, float]) -> list[float]:
     """Step ``n``'s time for n = 2..N: stamp(n) - stamp(n-1), where both were seen."""
     return [stamps[n] - stamps[n - 1] for n in sorted(stamps) if n - 1 in stamps and n >= 2]
@@ -767,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
                     cmd, cwd = kohya_command(case, p, kohya_python, kohya_dir), kohya_dir
                 r = run_child(cmd, tool=tool, steps=steps, env=env, cwd=cwd, log_path=Path(p.out) / "log.txt",
                               cuda_hook=hook)
-                r.update(case=case.id, repeat=repeat)
+                r.update(case=case.id, repeat=repeat, lora_file=lora_file_counts(Path(p.out) / "bench.safetensors"))
                 report["runs"].append(r)
                 print(f"[{repeat + 1}/{args.repeats}] {case.id} {tool}: s/step {_f(r['s_per_step'], '.3f')}, "
                       f"peak train {_f(r['peak_train_gib'])} GiB, lifetime {_f(r['peak_lifetime_gib'])} GiB, "

@@ -254,3 +254,15 @@ def test_the_checkpoint_file_is_fp16_in_the_ldm_layout_and_loads(tmp_path):
     reference = bk.random_model("sd1", tiny=True).state_dict()
     key = next(k for k in weights if k.endswith("attn1.to_q.weight"))
     assert torch.equal(model.state_dict()[key].half(), reference[key].half())
+
+
+def test_lora_file_counts_modules_by_part_and_parameters(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bench.safetensors"
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(16, 320), "lora_unet_a.lora_up.weight": torch.zeros(320, 16),
+               "lora_unet_a.alpha": torch.tensor(8.0), "lora_te_b.lora_down.weight": torch.zeros(16, 768),
+               "lora_te_b.lora_up.weight": torch.zeros(768, 16)}, str(path))
+    assert bk.lora_file_counts(path) == {"unet": 1, "te": 1, "params": 2 * 16 * 320 + 2 * 16 * 768}
+    assert bk.lora_file_counts(tmp_path / "missing.safetensors") is None
