@@ -743,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
                     k = check_kohya_parses(kohya, kohya_python, kohya_dir)
                     print(f"  kohya parses: steps {k['max_train_steps']}, lr {k['unet_lr']}, te_lr "
                           f"{k['text_encoder_lr']}, unet only {k['network_train_unet_only']}, rank {k['network_dim']}"
-                          f", precision {k['mixed_precision']}, sdpa {k['sdpa']}, checkpointing {k['gradient_checkpointing']}"
+                          f", precision {k['mixed_precision']}, sdpa {k['sdpa']}"
+                          f", checkpointing {k['gradient_checkpointing']}"
                           f", TE outputs cached {k['cache_text_encoder_outputs']}")
                 else:
                     print("  kohya's parser not run: give --kohya-dir and --kohya-python")
