@@ -342,7 +342,7 @@ def summarize(case_id: str, runs: list[dict]) -> dict:
     by_tool = {tool: [r for r in runs if r["case"] == case_id and r["tool"] == tool and r.get("ok")]
                for tool in (OUR_NAME, KOHYA_NAME)}
     out: dict = {"case": case_id, "repeats": {t: len(rs) for t, rs in by_tool.items()}}
-    for key in ("s_per_step", "peak_train_gib", "peak_lifetime_gib", "cuda_peak_train_gib", "cuda_peak_gib",
+    for key in ("s_per_step", "cpu_s_per_step", "peak_train_gib", "peak_lifetime_gib", "cuda_peak_train_gib", "cuda_peak_gib",
                 "first_step_s"):
         ours = median_of([r.get(key) for r in by_tool[OUR_NAME]])
         kohya = median_of([r.get(key) for r in by_tool[KOHYA_NAME]])
@@ -368,6 +368,16 @@ def _read_status_kib(pid: int, field: str) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) the process has used so far, from ``/proc/PID/stat``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _reset_hwm(pid: int) -> bool:
@@ -425,6 +435,7 @@ def run_child(cmd: list[str], *, tool: str, steps: int, env: dict, cwd: str, log
         env[CUDA_PEAK_ENV] = str(peak_file)
     reader = BarReader(tool, steps)
     stamps = reader.stamps
+    cpu_stamps: dict[int, float] = {}  # the child's CPU seconds at each step's stamp
     hwm_train_kib = None
     reset_ok = False
     load_before = os.getloadavg()[0]
@@ -441,6 +452,9 @@ def run_child(cmd: list[str], *, tool: str, steps: int, env: dict, cwd: str, log
                 break
             log.write(chunk)
             for n in reader.feed(chunk, now):
+                cpu = _cpu_seconds(proc.pid)
+                if cpu is not None:
+                    cpu_stamps[n] = cpu
                 if n == 1:  # step 1 holds first-use allocations; the training-phase peak starts after it
                     reset_ok = _reset_hwm(proc.pid)
                     if cuda_hook is not None:
@@ -460,6 +474,7 @@ def run_child(cmd: list[str], *, tool: str, steps: int, env: dict, cwd: str, log
     result = {
         "tool": tool, "ok": proc.returncode == 0 and len(stamps) == steps, "returncode": proc.returncode,
         "steps_seen": len(stamps), "s_per_step": run_median(stamps), "step_seconds": step_durations(stamps),
+        "cpu_s_per_step": run_median(cpu_stamps),  # CPU time, all threads: less moved by other jobs than wall time
         "first_step_s": stamps[1] - start if 1 in stamps else None, "wall_s": wall,
         "peak_train_gib": hwm_train_kib / 2**20 if hwm_train_kib else None,  # KiB -> GiB
         "peak_lifetime_gib": usage.ru_maxrss / 2**20,  # Linux: KiB
@@ -643,7 +658,8 @@ def _f(value, spec=".2f") -> str:
 def format_summary(summaries: list[dict]) -> str:
     from bench_train import text_table
 
-    columns = ("case", "n", "ours s/step", "kohya s/step", "ratio", "pair ratios", "ours peak GiB (train/life)",
+    columns = ("case", "n", "ours s/step", "kohya s/step", "ratio", "pair ratios", "CPU s/step ours/kohya (ratio)",
+               "ours peak GiB (train/life)",
                "kohya peak GiB (train/life)", "peak ratio (train/life)", "CUDA peak ours/kohya")
     rows = []
     for s in summaries:
@@ -653,6 +669,8 @@ def format_summary(summaries: list[dict]) -> str:
             s["case"], f"{s['repeats'][OUR_NAME]}/{s['repeats'][KOHYA_NAME]}", _f(st[OUR_NAME], ".3f"),
             _f(st[KOHYA_NAME], ".3f"), _f(st["ratio"]),
             ("-".join(_f(x) for x in (min(s["pair_ratios"]), max(s["pair_ratios"]))) if s["pair_ratios"] else "-"),
+            f"{_f(s['cpu_s_per_step'][OUR_NAME], '.1f')}/{_f(s['cpu_s_per_step'][KOHYA_NAME], '.1f')} "
+            f"({_f(s['cpu_s_per_step']['ratio'])})",
             f"{_f(pt[OUR_NAME])}/{_f(pl[OUR_NAME])}", f"{_f(pt[KOHYA_NAME])}/{_f(pl[KOHYA_NAME])}",
             f"{_f(pt['ratio'])}/{_f(pl['ratio'])}",
             f"{_f(cu[OUR_NAME])}/{_f(cu[KOHYA_NAME])}" if cu[OUR_NAME] or cu[KOHYA_NAME] else "-",
@@ -794,7 +812,8 @@ def main(argv: list[str] | None = None) -> int:
                               cuda_hook=hook)
                 r.update(case=case.id, repeat=repeat, lora_file=lora_file_counts(Path(p.out) / "bench.safetensors"))
                 report["runs"].append(r)
-                print(f"[{repeat + 1}/{args.repeats}] {case.id} {tool}: s/step {_f(r['s_per_step'], '.3f')}, "
+                print(f"[{repeat + 1}/{args.repeats}] {case.id} {tool}: s/step {_f(r['s_per_step'], '.3f')} "
+                      f"(CPU {_f(r['cpu_s_per_step'], '.1f')} s), "
                       f"peak train {_f(r['peak_train_gib'])} GiB, lifetime {_f(r['peak_lifetime_gib'])} GiB, "
                       f"first step {_f(r['first_step_s'], '.1f')} s, load {r['load'][0]:.1f}/{r['load'][1]:.1f}"
                       + (f"\n  FAILED: {r['error']}" if not r["ok"] else ""), file=sys.stderr, flush=True)

@@ -203,6 +203,7 @@ def test_run_child_stamps_every_step_and_reads_the_peaks(tmp_path, hook):
                      cwd=str(tmp_path), log_path=tmp_path / "log.txt", cuda_hook=hook_dir)
     assert r["ok"] and r["returncode"] == 0 and r["steps_seen"] == 5, r.get("error")
     assert len(r["step_seconds"]) == 4 and r["s_per_step"] is not None and r["first_step_s"] is not None
+    assert r["cpu_s_per_step"] is not None and r["cpu_s_per_step"] >= 0  # read from /proc at each step
     assert r["peak_lifetime_gib"] > 64 / 1024  # the child's own 64 MiB, from wait4
     assert r["peak_train_gib"] is not None and r["peak_train_gib"] <= r["peak_lifetime_gib"]
     assert "caching" in (tmp_path / "log.txt").read_text()
