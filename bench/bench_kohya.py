@@ -451,6 +451,7 @@ def run_child(cmd: list[str], *, tool: str, steps: int, env: dict, cwd: str, log
             if not chunk:
                 break
             log.write(chunk)
+            log.flush()  # the log can be followed while the child runs
             for n in reader.feed(chunk, now):
                 cpu = _cpu_seconds(proc.pid)
                 if cpu is not None:
