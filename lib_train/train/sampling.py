@@ -23,6 +23,7 @@ and Textual Inversion tabs). A sampler sees the run through a :class:`SampleCont
 from __future__ import annotations
 
 import io
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,39 @@ def ddim_denoise(model_out: Callable[[torch.Tensor, int], torch.Tensor], x: torc
     return x
 
 
+class _ResizingTorch:
+    """``torch`` as the UNet's code sees it while sampling, except ``cat``: an upsampled feature map whose size
+    differs from its skip connection's (a latent side that is not a multiple of the UNet's downsampling factor, e.g.
+    a 520-px sample: 65 → 33 → 17 → 9 → 18 ≠ 17) is first resized to it (nearest), as the WebUI's txt2img does, so
+    every multiple of 8 can be sampled headless too."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def cat(tensors, *args, **kwargs) -> torch.Tensor:
+        dim = kwargs.get("dim", args[0] if args else 0)
+        if dim == 1 and len(tensors) == 2 and tensors[0].dim() == 4 and tensors[0].shape[-2:] != tensors[1].shape[-2:]:
+            up, skip = tensors
+            tensors = (torch.nn.functional.interpolate(up, size=skip.shape[-2:], mode="nearest"), skip)
+        return torch.cat(tensors, *args, **kwargs)
+
+
+@contextmanager
+def any_sample_size(unet: torch.nn.Module) -> Iterator[None]:
+    """For the block, the UNet's module (ldm's or sgm's ``openaimodel``, which call ``th.cat`` for the skip
+    connections) sees :class:`_ResizingTorch`; put back afterwards."""
+    module = sys.modules.get(type(unet).__module__)
+    if module is None or getattr(module, "th", None) is not torch:
+        yield
+        return
+    module.th = _ResizingTorch()
+    try:
+        yield
+    finally:
+        module.th = torch
+
+
 @torch.no_grad()
 def ddim_sampler(run: SampleContext, request: SampleRequest) -> list[Image.Image]:
     """Deterministic DDIM with classifier-free guidance on the run's bundle (headless runs), one image per
@@ -246,7 +280,8 @@ def ddim_sampler(run: SampleContext, request: SampleRequest) -> list[Image.Image
                 out_u = bundle.predict(x_t, tt, uncond).float()
             return out_u + scale * (out_c - out_u)
 
-        latents = ddim_denoise(guided, x, ac, ts, bundle.prediction)
+        with any_sample_size(bundle.unet):
+            latents = ddim_denoise(guided, x, ac, ts, bundle.prediction)
         with run.vae_ready():
             image = to_image(bundle.decode_latents(latents)[0])
         image.info["parameters"] = spec.parameters("DDIM")
