@@ -28,9 +28,9 @@ from typing import Any, Callable
 from . import methods
 from .atomic import atomic_write_text, check_output_name
 from .errors import ConfigError, Problem
+from .sample_prompts import parse_prompts, prompt_lines
 from .settings import (NAME_MAX, PATH_MAX, QUOTE_CHARS, Setting, choices_of, coerce, declared, format_default, limit_problem,
                        missing, path_problem, quote, setting)
-from .train.sample_prompts import parse_prompts, prompt_lines
 
 CONFIG_VERSION = 3
 
@@ -247,8 +247,7 @@ class SampleConfig:
             "--n negative prompt (to the next option), --w width, --h height, --s steps, --l CFG scale, --d seed, "
             "--ss sampler (WebUI only), e.g. 'a photo of [name] --n blurry, lowres --w 512 --h 768 --d 42'; "
             "the settings below apply to what a line does not set", flag="--sample-prompts", split=" | ",
-        label="Sample prompts (one per line; [name] = embedding / trigger words; options: --n --w --h --s --l --d)",
-        group="samples", lines=3)
+        label="Sample prompts (one per line; [name] = embedding / trigger words)", group="samples", lines=3)
     every_epochs: int = setting(0, "make samples after every N epochs (0 = off)", flag="--sample-every-epochs",
                                 label="Sample every N epochs", group="samples")
     every_steps: int = setting(
@@ -630,7 +629,7 @@ MAX_SAMPLE_PROMPTS = 16
 
 def sample_prompt_lines(text: str) -> list[str]:
     """The sample prompts of ``sample.prompts``: one per line, blank lines and ``#`` comments skipped (each line with
-    its options: :mod:`lib_train.train.sample_prompts`)."""
+    its options: :mod:`lib_train.sample_prompts`)."""
     return [line for _, line in prompt_lines(text)]
 
 

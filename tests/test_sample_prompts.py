@@ -9,9 +9,9 @@ import torch
 from helpers import make_bundle, make_images, run_cli, tiny_config
 from PIL import Image
 
+from lib_train import sample_prompts as sp
 from lib_train.config import SETTINGS, default_config, from_dict, sample_prompt_lines, validate
 from lib_train.errors import ConfigError
-from lib_train.train import sample_prompts as sp
 from lib_train.train import sampling
 from lib_train.train.lora_trainer import prepare_data, train_lora
 
@@ -142,7 +142,6 @@ def test_the_help_of_the_setting_documents_the_syntax():
     spec = SETTINGS["sample.prompts"]
     for needle in ("--n", "--w", "--h", "--s", "--l", "--d", "--ss"):
         assert needle in spec.help, needle
-    assert "--n" in spec.label and "--d" in spec.label
 
 
 # ---- checked before a run starts

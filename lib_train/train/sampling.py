@@ -12,7 +12,7 @@ file has a picture). What makes them is a :class:`Sampler`:
 
 A set is one image per prompt line; a line may carry its own negative prompt, size, steps, CFG scale, seed and
 (WebUI) sampler in kohya's syntax (``a photo of [name] --n blurry --w 512 --h 768 --s 28 --l 7 --d 42``, parsed by
-:mod:`.sample_prompts`); the ``[sample]`` settings fill in the rest (:func:`request_for`).
+:mod:`lib_train.sample_prompts`); the ``[sample]`` settings fill in the rest (:func:`request_for`).
 
 Images are written atomically as ``samples/<name>-<step:06d>-<i>.png`` (``i``: the line's index) in the output
 folder, with their prompt and settings in the PNG's ``parameters`` text (the WebUI's PNG Info); the run copies the
@@ -36,7 +36,7 @@ from ..atomic import atomic_write_bytes
 from ..config import TrainConfig, sample_prompt_lines
 from ..models.bundle import ModelBundle
 from ..models.conditioning import ImageSize
-from .sample_prompts import parse_prompts_strict
+from ..sample_prompts import parse_prompts_strict
 
 NAME_TAG = "[name]"
 
@@ -127,11 +127,11 @@ def enabled(cfg: TrainConfig) -> bool:
 
 
 def request_for(cfg: TrainConfig, name_text: str) -> SampleRequest:
-    """The run's sample set: one image per prompt line (:mod:`.sample_prompts`), each with the line's own options
+    """The run's sample set: one image per prompt line (:mod:`lib_train.sample_prompts`), each with the line's own options
     and the ``[sample]`` settings for the rest; ``[name]`` in a prompt or negative prompt becomes ``name_text`` (the
     embedding's name, or the LoRA's trigger words). A line without ``--d`` uses ``sample.seed + i`` (i: the line's
     index), as the WebUI numbers a batch's seeds. ``cfg`` is validated (:func:`lib_train.config.validate`): a line
-    with problems here raises :class:`~.sample_prompts.SamplePromptError`."""
+    with problems here raises :class:`~lib_train.sample_prompts.SamplePromptError`."""
     s, res = cfg.sample, cfg.data.resolution
 
     def fill(text: str) -> str:

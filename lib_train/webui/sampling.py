@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..config import TrainConfig
 from ..errors import Problem, TrainerError
-from ..train.sample_prompts import parse_prompts
+from ..sample_prompts import parse_prompts
 from ..train.sampling import SampleContext, SampleImage, SampleRequest
 
 
