@@ -86,7 +86,7 @@ OPTION_LIST = "--n (negative prompt), --w (width), --h (height), --s (steps), --
 # an option: "--" at the start or after white space, then a letter; its name runs to the next white space
 _OPTION_RE = re.compile(r"(?<!\S)--([A-Za-z]\S*)")
 _INT_RE = re.compile(r"[+-]?\d+")
-_EXAMPLES = {"w": "512", "h": "768", "s": "28", "d": "42"}
+_EXAMPLES = {"w": "512", "h": "768", "s": "28", "d": "42", "l": "7", "n": "blurry, lowres", "ss": "Euler a"}
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,7 @@ def parse_line(line: str, number: int = 1) -> tuple[PromptLine, list[str]]:
         seen.add(name)
         value = _unquote(raw_value)
         if not raw_value or (not value and name != "n"):
-            bad(f"--{name} has no value; write the {what} after it (e.g. "
-                f"{'--n blurry, lowres' if name == 'n' else '--ss Euler a' if name == 'ss' else f'--{name} 512'})")
+            bad(f"--{name} has no value; write the {what} after it (e.g. --{name} {_EXAMPLES[name]})")
             continue
         if name == "n":
             values[field] = " ".join(value.split())
