@@ -28,6 +28,7 @@ from typing import Any, Callable
 from . import methods
 from .atomic import atomic_write_text, check_output_name
 from .errors import ConfigError, Problem
+from .sample_prompts import parse_prompts, prompt_lines
 from .settings import (NAME_MAX, PATH_MAX, QUOTE_CHARS, Setting, choices_of, coerce, declared, format_default, limit_problem,
                        missing, path_problem, quote, setting)
 
@@ -242,7 +243,10 @@ class SampleConfig:
 
     prompts: str = setting(
         "", "sample images of these prompts (separate prompts with a new line or ' | '; [name] = the trigger words "
-            "or embedding)", flag="--sample-prompts", split=" | ",
+            "or embedding; # starts a comment line). A line may end with its own options, kohya's syntax: "
+            "--n negative prompt (to the next option), --w width, --h height, --s steps, --l CFG scale, --d seed, "
+            "--ss sampler (WebUI only), e.g. 'a photo of [name] --n blurry, lowres --w 512 --h 768 --d 42'; "
+            "the settings below apply to what a line does not set", flag="--sample-prompts", split=" | ",
         label="Sample prompts (one per line; [name] = embedding / trigger words)", group="samples", lines=3)
     every_epochs: int = setting(0, "make samples after every N epochs (0 = off)", flag="--sample-every-epochs",
                                 label="Sample every N epochs", group="samples")
@@ -624,8 +628,9 @@ MAX_SAMPLE_PROMPTS = 16
 
 
 def sample_prompt_lines(text: str) -> list[str]:
-    """The sample prompts of ``sample.prompts``: one per non-blank line."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    """The sample prompts of ``sample.prompts``: one per line, blank lines and ``#`` comments skipped (each line with
+    its options: :mod:`lib_train.sample_prompts`)."""
+    return [line for _, line in prompt_lines(text)]
 
 
 def _validate_sample(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:
@@ -646,6 +651,8 @@ def _validate_sample(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:
         value = getattr(s, key)
         if value and (value < 64 or value % 8 or value > 2048):
             bad(f"sample.{key}", f"{value} is not a multiple of 8 between 64 and 2048 (0 = data.resolution)")
+    for problem in parse_prompts(s.prompts)[1]:  # each line's own options ("sample prompt line 2: --w 513 …")
+        bad("sample.prompts", problem)
     if not s.sampler.strip():
         bad("sample.sampler", "give a sampler name such as 'Euler a' (headless runs always use DDIM)")
 

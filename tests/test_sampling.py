@@ -72,7 +72,7 @@ def test_request_fills_the_name_and_defaults_the_size():
     cfg.sample.height = 768
     r = sampling.request_for(cfg, "zqchar")
     assert r.prompts == ("a photo of zqchar", "zqchar in a garden, watercolor")
-    assert (r.width, r.height) == (512, 768)
+    assert [(i.width, i.height) for i in r.images] == [(512, 768)] * 2
     assert sampling.request_for(cfg, "").prompts == ("a photo of", "in a garden, watercolor")
 
 

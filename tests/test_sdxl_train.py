@@ -99,7 +99,7 @@ def test_the_loop_passes_each_samples_sizes(tmp_path, monkeypatch):
 
 
 def test_the_headless_sampler_conditions_on_the_samples_size_and_the_negative_prompt(tmp_path):
-    from lib_train.train.sampling import SampleContext, SampleRequest, ddim_sampler
+    from lib_train.train.sampling import SampleContext, SampleImage, SampleRequest, ddim_sampler
 
     bundle, calls = make_bundle("sd1"), []
 
@@ -109,8 +109,8 @@ def test_the_headless_sampler_conditions_on_the_samples_size_and_the_negative_pr
 
     ctx = SampleContext(cfg=tiny_config(tmp_path), bundle=bundle, device=torch.device("cpu"), autocast=None,
                         name_text="", embedding=None, condition=condition)
-    request = SampleRequest(prompts=("a cat",), negative="", steps=2, cfg_scale=5.0, seed=1, width=128, height=64,
-                            sampler="DDIM")
+    request = SampleRequest((SampleImage(prompt="a cat", negative="", steps=2, cfg_scale=5.0, seed=1, width=128,
+                                         height=64, sampler="DDIM"),))
     images = ddim_sampler(ctx, request)
     assert images[0].size == (128, 64)
     assert calls == [(["a cat"], [ImageSize.plain(128, 64)]), ([""], [ImageSize.plain(128, 64)])]

@@ -104,7 +104,7 @@ class LoRASession(TrainingSession):
         texts = [""] + self.prompts([Sample(i, False, 0) for i in range(len(self.prep.items))])
         if sampling.enabled(self.cfg):
             request = sampling.request_for(self.cfg, self.sample_name_text())
-            texts += [*request.prompts, request.negative]
+            texts += request.texts
         return list(dict.fromkeys(texts))
 
     def cache_texts(self, texts: list[str]) -> None:

@@ -10,7 +10,12 @@ file has a picture). What makes them is a :class:`Sampler`:
 - in the WebUI, ``lib_train.webui.sampling`` runs the WebUI's own txt2img processing, with the sampler named by
   ``sample.sampler``.
 
-Images are written atomically as ``samples/<name>-<step:06d>-<i>.png`` in the output folder; the run copies the
+A set is one image per prompt line; a line may carry its own negative prompt, size, steps, CFG scale, seed and
+(WebUI) sampler in kohya's syntax (``a photo of [name] --n blurry --w 512 --h 768 --s 28 --l 7 --d 42``, parsed by
+:mod:`lib_train.sample_prompts`); the ``[sample]`` settings fill in the rest (:func:`request_for`).
+
+Images are written atomically as ``samples/<name>-<step:06d>-<i>.png`` (``i``: the line's index) in the output
+folder, with their prompt and settings in the PNG's ``parameters`` text (the WebUI's PNG Info); the run copies the
 first image of the set made at a save's step to ``<file stem>.preview.png`` (the card picture of the WebUI's Lora
 and Textual Inversion tabs). A sampler sees the run through a :class:`SampleContext` (nothing else of it).
 """
@@ -18,34 +23,58 @@ and Textual Inversion tabs). A sampler sees the run through a :class:`SampleCont
 from __future__ import annotations
 
 import io
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from ..atomic import atomic_write_bytes
 from ..config import TrainConfig, sample_prompt_lines
 from ..models.bundle import ModelBundle
 from ..models.conditioning import ImageSize
+from ..sample_prompts import parse_prompts_strict
 
 NAME_TAG = "[name]"
 
 
 @dataclass(frozen=True)
-class SampleRequest:
-    """One set of samples: a prompt per image, everything else shared."""
+class SampleImage:
+    """One sample: its prompt and its settings (a prompt line's own options, else the ``[sample]`` settings)."""
 
-    prompts: tuple[str, ...]  # ``[name]`` already filled in
+    prompt: str  # ``[name]`` already filled in
     negative: str
     steps: int
     cfg_scale: float
-    seed: int  # image i uses seed + i (as the WebUI numbers a batch's seeds)
+    seed: int
     width: int
     height: int
     sampler: str  # the WebUI's sampler name (headless: always DDIM)
+
+    def parameters(self, sampler: str | None = None) -> str:
+        """The image's settings as the WebUI writes them into a PNG (``parameters``: PNG Info shows them)."""
+        negative = f"\nNegative prompt: {self.negative}" if self.negative else ""
+        return (f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {sampler or self.sampler}, "
+                f"CFG scale: {self.cfg_scale:g}, Seed: {self.seed}, Size: {self.width}x{self.height}")
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One set of samples: one image per prompt line, each with its own settings."""
+
+    images: tuple[SampleImage, ...]
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return tuple(image.prompt for image in self.images)
+
+    @property
+    def texts(self) -> list[str]:
+        """Every prompt and negative prompt of the set, once each (what a text cache encodes up front)."""
+        return list(dict.fromkeys(t for image in self.images for t in (image.prompt, image.negative)))
 
 
 @contextmanager
@@ -98,12 +127,24 @@ def enabled(cfg: TrainConfig) -> bool:
 
 
 def request_for(cfg: TrainConfig, name_text: str) -> SampleRequest:
-    """The run's sample set; ``[name]`` in a prompt becomes ``name_text`` (the embedding's name, or the LoRA's
-    trigger words)."""
+    """The run's sample set: one image per prompt line (:mod:`lib_train.sample_prompts`), each with the line's own options
+    and the ``[sample]`` settings for the rest; ``[name]`` in a prompt or negative prompt becomes ``name_text`` (the
+    embedding's name, or the LoRA's trigger words). A line without ``--d`` uses ``sample.seed + i`` (i: the line's
+    index), as the WebUI numbers a batch's seeds. ``cfg`` is validated (:func:`lib_train.config.validate`): a line
+    with problems here raises :class:`~lib_train.sample_prompts.SamplePromptError`."""
     s, res = cfg.sample, cfg.data.resolution
-    prompts = tuple(" ".join(line.replace(NAME_TAG, name_text).split()) for line in sample_prompt_lines(s.prompts))
-    return SampleRequest(prompts=prompts, negative=s.negative, steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed,
-                         width=s.width or res, height=s.height or res, sampler=s.sampler)
+
+    def fill(text: str) -> str:
+        return " ".join(text.replace(NAME_TAG, name_text).split())
+
+    images = []
+    for i, line in enumerate(parse_prompts_strict(s.prompts)):
+        images.append(SampleImage(
+            prompt=fill(line.prompt), negative=fill(s.negative if line.negative is None else line.negative),
+            steps=line.steps or s.steps, cfg_scale=s.cfg_scale if line.cfg_scale is None else line.cfg_scale,
+            seed=s.seed + i if line.seed is None else line.seed, width=line.width or s.width or res,
+            height=line.height or s.height or res, sampler=line.sampler or s.sampler))
+    return SampleRequest(tuple(images))
 
 
 def due(cfg: TrainConfig, step: int, *, epoch_end: int | None = None, final: bool = False) -> bool:
@@ -120,13 +161,21 @@ def due(cfg: TrainConfig, step: int, *, epoch_end: int | None = None, final: boo
 
 
 def save_samples(out_dir: Path, name: str, step: int, images: list[Image.Image]) -> list[Path]:
-    """Write ``samples/<name>-<step:06d>-<i>.png`` atomically; returns the paths."""
+    """Write ``samples/<name>-<step:06d>-<i>.png`` atomically (``i``: the prompt line's index, so two lines never
+    share a file, whatever their text or seed); an image's ``info["parameters"]`` (its prompt and settings, as the
+    WebUI writes them) goes into the PNG. Returns the paths."""
     folder = Path(out_dir) / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        text = image.info.get("parameters")
+        if isinstance(text, str) and text:
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", text)
+            image.save(buf, format="PNG", pnginfo=info)
+        else:
+            image.save(buf, format="PNG")
         paths.append(atomic_write_bytes(folder / f"{name}-{step:06d}-{i}.png", buf.getvalue()))
     return paths
 
@@ -168,34 +217,73 @@ def ddim_denoise(model_out: Callable[[torch.Tensor, int], torch.Tensor], x: torc
     return x
 
 
+class _ResizingTorch:
+    """``torch`` as the UNet's code sees it while sampling, except ``cat``: an upsampled feature map whose size
+    differs from its skip connection's (a latent side that is not a multiple of the UNet's downsampling factor, e.g.
+    a 520-px sample: 65 → 33 → 17 → 9 → 18 ≠ 17) is first resized to it (nearest), as the WebUI's txt2img does, so
+    every multiple of 8 can be sampled headless too."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def cat(tensors, *args, **kwargs) -> torch.Tensor:
+        dim = kwargs.get("dim", args[0] if args else 0)
+        if dim == 1 and len(tensors) == 2 and tensors[0].dim() == 4 and tensors[0].shape[-2:] != tensors[1].shape[-2:]:
+            up, skip = tensors
+            tensors = (torch.nn.functional.interpolate(up, size=skip.shape[-2:], mode="nearest"), skip)
+        return torch.cat(tensors, *args, **kwargs)
+
+
+@contextmanager
+def any_sample_size(unet: torch.nn.Module) -> Iterator[None]:
+    """For the block, the UNet's module (ldm's or sgm's ``openaimodel``, which call ``th.cat`` for the skip
+    connections) sees :class:`_ResizingTorch`; put back afterwards."""
+    module = sys.modules.get(type(unet).__module__)
+    if module is None or getattr(module, "th", None) is not torch:
+        yield
+        return
+    module.th = _ResizingTorch()
+    try:
+        yield
+    finally:
+        module.th = torch
+
+
 @torch.no_grad()
 def ddim_sampler(run: SampleContext, request: SampleRequest) -> list[Image.Image]:
-    """Deterministic DDIM with classifier-free guidance on the run's bundle (headless runs). The unconditional half
-    is the negative prompt's conditioning (the empty prompt's by default); a size-conditioned family (SDXL) is
-    conditioned on the sample's own size, as the WebUI conditions a generation (:meth:`ImageSize.plain`)."""
+    """Deterministic DDIM with classifier-free guidance on the run's bundle (headless runs), one image per
+    :class:`SampleImage` with its own size, steps, scale, seed and negative prompt (its sampler name is not used:
+    always DDIM). The unconditional half is the negative prompt's conditioning (the empty prompt's by default); a
+    size-conditioned family (SDXL) is conditioned on the sample's own size, as the WebUI conditions a generation
+    (:meth:`ImageSize.plain`). The noise comes from a CPU generator seeded with the image's seed, so a seed gives the
+    same image on any device."""
     bundle, device = run.bundle, run.device
     ac = bundle.alphas_cumprod.to(device)
-    ts = ddim_timesteps(request.steps, ac.shape[0])
     ctx = torch.autocast(device.type, dtype=run.autocast) if run.autocast else nullcontext()
-    sizes = [ImageSize.plain(request.width, request.height)]
     images = []
-    for i, prompt in enumerate(request.prompts):
-        gen = torch.Generator().manual_seed(request.seed + i)
-        x = torch.randn((1, 4, request.height // 8, request.width // 8), generator=gen).to(device)
+    for spec in request.images:
+        ts = ddim_timesteps(spec.steps, ac.shape[0])
+        sizes = [ImageSize.plain(spec.width, spec.height)]
+        gen = torch.Generator().manual_seed(spec.seed)
+        x = torch.randn((1, 4, spec.height // 8, spec.width // 8), generator=gen).to(device)
         with ctx:
-            cond = run.condition([prompt], sizes)
-            uncond = run.condition([request.negative], sizes) if request.cfg_scale != 1 else None
+            cond = run.condition([spec.prompt], sizes)
+            uncond = run.condition([spec.negative], sizes) if spec.cfg_scale != 1 else None
 
-        def guided(x_t: torch.Tensor, t: int) -> torch.Tensor:
+        def guided(x_t: torch.Tensor, t: int, cond=cond, uncond=uncond, scale=spec.cfg_scale) -> torch.Tensor:
             tt = torch.full((1,), t, device=device, dtype=torch.long)
             with ctx:
                 out_c = bundle.predict(x_t, tt, cond).float()
                 if uncond is None:
                     return out_c
                 out_u = bundle.predict(x_t, tt, uncond).float()
-            return out_u + request.cfg_scale * (out_c - out_u)
+            return out_u + scale * (out_c - out_u)
 
-        latents = ddim_denoise(guided, x, ac, ts, bundle.prediction)
+        with any_sample_size(bundle.unet):
+            latents = ddim_denoise(guided, x, ac, ts, bundle.prediction)
         with run.vae_ready():
-            images.append(to_image(bundle.decode_latents(latents)[0]))
+            image = to_image(bundle.decode_latents(latents)[0])
+        image.info["parameters"] = spec.parameters("DDIM")
+        images.append(image)
     return images

@@ -388,11 +388,11 @@ class JobManager:
         if conflict:
             raise ConfigError([Problem("output.name", conflict)])
         if sampling.enabled(cfg):
-            from .sampling import check_sampler_name
+            from .sampling import sampler_problems
 
-            problem = check_sampler_name(cfg.sample.sampler)
-            if problem:
-                raise ConfigError([Problem("sample.sampler", problem)])
+            problems = sampler_problems(cfg)  # sample.sampler and each prompt line's --ss
+            if problems:
+                raise ConfigError(problems)
         report = inspect_host()
         if not report.supported:
             raise TrainerError(report.reason)

@@ -1,6 +1,8 @@
 """Sample images during a WebUI run through the WebUI's own txt2img processing.
 
-The model is the one being trained, in place: a LoRA run's network is attached to the loaded UNet and text encoder,
+Each prompt line is one txt2img call with the line's own size, steps, CFG scale, seed, negative prompt and sampler
+(:class:`~lib_train.train.sampling.SampleImage`; kohya's ``--w --h --s --l --d --n --ss`` options). The model is the
+one being trained, in place: a LoRA run's network is attached to the loaded UNet and text encoder,
 so a plain prompt (no ``<lora:…>`` tag) shows the LoRA as trained so far; an embedding run registers the current
 vectors in the WebUI's embeddings database under the run's name for the duration of the call (and puts back what was
 registered under that name before). Per call:
@@ -21,8 +23,10 @@ from typing import Any
 
 from PIL import Image
 
-from ..errors import TrainerError
-from ..train.sampling import SampleContext, SampleRequest
+from ..config import TrainConfig
+from ..errors import Problem, TrainerError
+from ..sample_prompts import parse_prompts
+from ..train.sampling import SampleContext, SampleImage, SampleRequest
 
 
 def check_sampler_name(name: str) -> str | None:
@@ -33,6 +37,20 @@ def check_sampler_name(name: str) -> str | None:
         return None
     known = ", ".join(sorted(sd_samplers.all_samplers_map)[:12])
     return f"'{name}' is not a sampler of this WebUI; use one of: {known} …"
+
+
+def sampler_problems(cfg: TrainConfig) -> list[Problem]:
+    """The sampler names of a run's samples that this WebUI does not have: ``sample.sampler`` and each prompt line's
+    ``--ss`` (checked before the run starts)."""
+    found = []
+    problem = check_sampler_name(cfg.sample.sampler)
+    if problem:
+        found.append(Problem("sample.sampler", problem))
+    for line in parse_prompts(cfg.sample.prompts)[0]:
+        problem = check_sampler_name(line.sampler) if line.sampler else None
+        if problem:
+            found.append(Problem("sample.prompts", f"sample prompt line {line.line}: --ss {problem}"))
+    return found
 
 
 class _RegisteredEmbedding:
@@ -58,33 +76,52 @@ class _RegisteredEmbedding:
 
 
 def webui_sampler(run: SampleContext, request: SampleRequest) -> list[Image.Image]:
-    """One image per prompt of ``request`` from ``processing.process_images`` (see the module docstring)."""
-    from modules import processing, shared
+    """One image per prompt line of ``request``, each from its own ``processing.process_images`` call with the
+    line's size, steps, CFG scale, seed, negative prompt and sampler (see the module docstring); an Interrupt ends
+    the set early (the images made so far are returned)."""
+    from modules import shared
 
-    problem = check_sampler_name(request.sampler)
-    if problem:
-        raise TrainerError(f"sample.sampler: {problem}")
+    for name in dict.fromkeys(image.sampler for image in request.images):
+        problem = check_sampler_name(name)
+        if problem:
+            raise TrainerError(f"sample.sampler: {problem}")
     registered = _RegisteredEmbedding(*run.embedding) if run.embedding is not None else None
-    p = processing.StableDiffusionProcessingTxt2Img(
-        sd_model=shared.sd_model, prompt=list(request.prompts), negative_prompt=request.negative,
-        seed=request.seed, steps=request.steps, cfg_scale=request.cfg_scale, width=request.width,
-        height=request.height, sampler_name=request.sampler, batch_size=1, n_iter=len(request.prompts),
-        do_not_save_samples=True, do_not_save_grid=True, outpath_samples=str(run.out_dir),
-        outpath_grids=str(run.out_dir))
-    p.do_not_reload_embeddings = True
-    p.cached_c, p.cached_uc = [None, None], [None, None]  # per call: the shared caches ignore changed weights
-    p.scripts = None
     job, job_count, job_no = shared.state.job, shared.state.job_count, shared.state.job_no
+    images: list[Image.Image] = []
     try:
         with run.vae_ready():
-            processed = processing.process_images(p)
+            for spec in request.images:
+                images += _txt2img(run, spec)
+                if shared.state.interrupted:
+                    break
     finally:
-        p.close()
         if registered is not None:
             registered.remove()
         # the run's task name and step count, not the samples' ("Batch 2 out of 2")
         shared.state.job, shared.state.job_count, shared.state.job_no = job, job_count, job_no
-    images = list(processed.images)
     if images:
-        shared.state.assign_current_image(images[0])  # the progress bar's live preview shows the newest sample
+        shared.state.assign_current_image(images[-1])  # the progress bar's live preview shows the newest sample
+    return images
+
+
+def _txt2img(run: SampleContext, spec: SampleImage) -> list[Image.Image]:
+    """``spec`` made by the WebUI's txt2img: its images, each with the WebUI's infotext as ``info["parameters"]``."""
+    from modules import processing, shared
+
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, prompt=spec.prompt, negative_prompt=spec.negative, seed=spec.seed,
+        steps=spec.steps, cfg_scale=spec.cfg_scale, width=spec.width, height=spec.height, sampler_name=spec.sampler,
+        batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True, outpath_samples=str(run.out_dir),
+        outpath_grids=str(run.out_dir))
+    p.do_not_reload_embeddings = True
+    p.cached_c, p.cached_uc = [None, None], [None, None]  # per call: the shared caches ignore changed weights
+    p.scripts = None
+    try:
+        processed = processing.process_images(p)
+    finally:
+        p.close()
+    images = list(processed.images)
+    infotexts = list(getattr(processed, "infotexts", None) or [])
+    for k, image in enumerate(images):
+        image.info["parameters"] = infotexts[k] if k < len(infotexts) and infotexts[k] else spec.parameters()
     return images
