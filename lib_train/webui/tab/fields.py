@@ -1,15 +1,17 @@
 """The Trainer tab's settings, one UI field per config field, and the mapping UI values ↔ config dict.
 
 The fields are generated from the config's declarations (:mod:`lib_train.settings`): every setting with a tab group
-has exactly one :class:`FieldSpec` (label, info = its help with the LoRA defaults, choices); the others are
-:data:`NOT_IN_UI` with the reason. ``method`` is the tab's method radio, ``version`` is written by the config itself.
-Where a field's component sits is :data:`GROUPS` (titles here; each setting names its group). This module does not
-import gradio, so it is usable (and tested) on its own.
+has exactly one :class:`FieldSpec` (label, info = its help with the LoRA defaults, and each method's own info where a
+method words it differently; choices; the number input's range from the setting's declared range); the others are
+:data:`NOT_IN_UI` with the reason. ``method`` is the tab's method radio (:data:`METHOD_CHOICES`), ``version`` is
+written by the config itself. Where a field's component sits is :data:`GROUPS` (titles here; each setting names its
+group), in the rows of :func:`rows_of`. This module does not import gradio, so it is usable (and tested) on its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from ... import methods
@@ -42,6 +44,15 @@ GROUPS: list[tuple[str, str, list[str]]] = [(gid, title, _group_keys(gid)) for g
 # Groups shown only for one method: those holding a method's own section (the other method ignores it).
 METHOD_GROUPS: dict[str, str] = {d.spec.group: owner.name for d in _DECLARED
                                  if (owner := methods.method_of(d.section)) is not None}
+# The method radio's choices: (shown label, value); the value is what the config and the API call the method.
+METHOD_CHOICES: list[tuple[str, str]] = [(m.label, name) for name, m in methods.METHODS.items()]
+
+# Steps of number inputs whose setting must be a multiple of something (what validate() asks of them); other int
+# settings step by 1, float settings by a tenth of their default's order of magnitude.
+MULTIPLE_OF: dict[str, int] = {"data.resolution": 64, "data.min_bucket_side": 8, "data.max_bucket_side": 8,
+                               "data.bucket_step": 8, "sample.width": 8, "sample.height": 8}
+RADIO_MAX_CHOICES = 4  # a closed set of at most this many choices is a radio group, a larger one a dropdown
+SLIDER_MAX_STEPS = 2048  # a closed range of at most this many steps is a slider (the WebUI's Width is 64-2048 by 8)
 
 
 @dataclass(frozen=True)
@@ -50,8 +61,46 @@ class FieldSpec:
     kind: type  # bool | int | float | str: the field's default's type
     default: Any  # the "lora" method's default
     label: str
-    info: str
+    info: str  # the help as the "lora" method words it
     choices: tuple | None = None
+    minimum: float | None = None  # numbers: the setting's declared range (None = open on that side)
+    maximum: float | None = None
+    step: float | None = None  # numbers: the input's step
+    method_info: dict[str, str] = field(default_factory=dict)  # method → its info, where it differs from ``info``
+
+    @property
+    def slider(self) -> bool:
+        """A number with a closed range of a few steps shows as a slider (as the WebUI's sizes and steps do)."""
+        return (self.kind in (int, float) and self.choices is None and self.minimum is not None
+                and self.maximum is not None and (self.maximum - self.minimum) / self.step <= SLIDER_MAX_STEPS)
+
+    @property
+    def radio(self) -> bool:
+        """A closed set of a few choices shows as radio buttons (as the WebUI's own few-choice settings do)."""
+        return self.choices is not None and len(self.choices) <= RADIO_MAX_CHOICES and self.key not in CUSTOM_CHOICE
+
+    @property
+    def wide(self) -> bool:
+        """A free text (a path, a prompt, arguments) that needs a wide box."""
+        return self.kind is str and self.choices is None and self.key not in _SHORT_TEXT
+
+    def info_for(self, method: str) -> str:
+        return self.method_info.get(method, self.info)
+
+
+_SHORT_TEXT = {"data.caption_extension", "sample.sampler"}  # one word
+
+
+def _step(key: str, kind: type, default: Any, low: float | None, high: float | None) -> float | None:
+    if kind not in (int, float):
+        return None
+    if key in MULTIPLE_OF:
+        return MULTIPLE_OF[key]
+    if kind is int:
+        return 1
+    if low is not None and high is not None:  # a closed range: a hundredth of it (0-1 by 0.01, 1-30 by 0.1)
+        return 10.0 ** math.floor(math.log10((high - low) / 100))
+    return 10.0 ** (math.floor(math.log10(abs(default))) - 1) if default else 0.01
 
 
 def _build_specs() -> dict[str, FieldSpec]:
@@ -59,15 +108,55 @@ def _build_specs() -> dict[str, FieldSpec]:
     for d in _DECLARED:
         if not d.spec.group:
             continue
+        infos = {m: d.spec.help_for(m).replace("{default}", format_default(method_default(m, d.key)))
+                 for m in methods.METHODS if d.spec.applies_to(m)}
         default = method_default(methods.DEFAULT_METHOD, d.key)
         info = d.spec.help.replace("{default}", format_default(default))
         label = d.spec.label or d.name.replace("_", " ").capitalize()
-        specs[d.key] = FieldSpec(d.key, d.type, default, label, info, choices_of(d.spec))
+        low, high = d.spec.range or (None, None)
+        low = None if low is None or math.isinf(low) else low
+        high = None if high is None or math.isinf(high) else high
+        specs[d.key] = FieldSpec(d.key, d.type, default, label, info, choices_of(d.spec), low, high,
+                                 _step(d.key, d.type, default, low, high),
+                                 {m: text for m, text in infos.items() if text != info})
     return specs
 
 
 SPECS: dict[str, FieldSpec] = _build_specs()
 KEYS: list[str] = list(SPECS)  # the order of the field components in every handler's inputs/outputs
+
+
+def rows_of(keys: list[str]) -> list[list[str]]:
+    """A group's fields in rows, as the WebUI lays out its forms: wide text boxes two to a row, small inputs
+    (numbers, sliders, dropdowns) up to four to a row and spread evenly over the rows (never one alone at full
+    width: a single one joins a row of wide boxes), and the checkboxes together in rows of their own at the end.
+    The wide rows come first when the group's first field is a wide one."""
+    specs = [SPECS[k] for k in keys]
+    wide = [s.key for s in specs if s.wide]
+    small = [s.key for s in specs if not s.wide and s.kind is not bool]
+    checks = [s.key for s in specs if s.kind is bool]
+    wide_rows = [wide[i:i + 2] for i in range(0, len(wide), 2)]
+    small_rows = _spread(small)
+    if len(small) == 1 and wide_rows:
+        wide_rows[-1] += small
+        small_rows = []
+    first_wide = bool(wide) and specs[0].wide
+    rows = wide_rows + small_rows if first_wide else small_rows + wide_rows
+    return rows + _spread(checks)
+
+
+def _spread(keys: list[str], most: int = 4) -> list[list[str]]:
+    """``keys`` in as few rows of at most ``most`` as can hold them, the rows' lengths differing by one at most."""
+    if not keys:
+        return []
+    n = math.ceil(len(keys) / most)
+    size, extra = divmod(len(keys), n)
+    rows, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        rows.append(keys[start:end])
+        start = end
+    return rows
 
 
 def values_to_dict(method: str, values: list[Any] | tuple[Any, ...]) -> dict[str, Any]:
