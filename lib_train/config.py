@@ -248,10 +248,10 @@ class OutputConfig:
         method_help={"embedding": "folder the embedding files are written to (in the WebUI, empty = a folder "
                                   "NAME in its embeddings folder)"})
     name: str = setting(
-        "", "output name: NAME.safetensors, NAME-000001.safetensors, ...", flag="--name", label="Name",
-        group="output", ui_order=-3,
-        method_help={"embedding": "embedding name = the word prompts use = the file stem: NAME.safetensors, "
-                                  "NAME-000500.safetensors"})
+        "", "name of the run's files: NAME.safetensors, and NAME-000001.safetensors, ... for the saves", flag="--name",
+        label="Name", group="output", ui_order=-3,
+        method_help={"embedding": "the embedding's name: the word prompts use, and its files' name (NAME.safetensors, "
+                                  "and NAME-000500.safetensors, ... for the saves)"})
     save_every_epochs: int = setting(
         1, "save a copy NAME-<epoch>.safetensors after every N epochs (0 = only the final file)",
         flag="--save-every-epochs", label="Save every N epochs", group="output", range=(0, ANY),
@@ -274,7 +274,7 @@ class OutputConfig:
         method_help={"embedding": "replace an existing NAME.safetensors / NAME.pt (off: a run with a taken name "
                                   "stops before training)"})
     trigger_words: str = setting(
-        "", "the words that call up the LoRA in a prompt, stored in its metadata and .json file (comma-separated)",
+        "", "the words that call up the LoRA in a prompt, stored in its metadata and .json file",
         flag="--trigger", label="Trigger words",
         group="output", ui_order=-1, methods=("lora",))
     comment: str = setting("", "free text stored in the file's metadata (ss_training_comment)", no_flag=_IN_A_FILE,
