@@ -196,6 +196,22 @@ def test_each_method_shows_its_own_help(built):
     assert infos["output.output_dir"] == out.info
 
 
+def test_a_setting_of_one_method_shows_for_that_method_only(built):
+    """The settings another method ignores (regularization images, the text-encoder rate, trigger words) hide
+    when it is chosen and show again on the way back; the others keep showing."""
+    _, by_id, _ = built
+    some = {k for k in ui_fields.KEYS if SETTINGS[k].methods is not None}
+    assert {"data.reg_dir", "optim.te_lr", "output.trigger_words"} <= some
+    h = _handlers(FakeBackend())
+    for method in ("embedding", "lora"):
+        updates = h.method_changed(method, *ui_fields.config_to_values(default_config("lora")))
+        shown = {k: u["visible"] for k, u in zip(ui_fields.KEYS, updates[len(ui_fields.METHOD_GROUPS):])
+                 if "visible" in u}
+        assert shown == {k: method in SETTINGS[k].methods for k in some}, method
+    for key in ui_fields.KEYS:
+        assert by_id["sd_trainer_" + key.replace(".", "_")].visible == SETTINGS[key].applies_to("lora"), key
+
+
 def _rows(blocks) -> list[list]:
     """The field components of each row of the tab, in order."""
     found = []

@@ -95,7 +95,8 @@ def config_file_for_run(path: str) -> Path:
 
 def _component(spec: FieldSpec, value: Any) -> gr.components.Component:
     elem_id = "sd_trainer_" + spec.key.replace(".", "_")
-    common = {"label": spec.label, "value": value, "elem_id": elem_id, "info": spec.info}
+    common = {"label": spec.label, "value": value, "elem_id": elem_id, "info": spec.info,
+              "visible": spec.shown_for(methods.DEFAULT_METHOD)}  # the method radio starts at the default
     if spec.kind is bool:
         return gr.Checkbox(elem_classes=["sd-trainer-check"], **common)
     if spec.radio:  # (label, value): a value keeps its type (gradio 3.41's Dropdown makes every choice a string)
@@ -124,12 +125,14 @@ def _unchecked(number: gr.Number) -> Callable[[Any], Any]:
 
 
 def _field_update(key: str, method: str, changes: dict[str, Any]) -> dict[str, Any]:
-    """A field's update on a switch to ``method``: its new value (``changes``) and, where the method words its help
-    differently, that help."""
+    """A field's update on a switch to ``method``: its new value (``changes``); where the method words its help
+    differently, that help; and for a setting of some methods only, whether it shows."""
     spec = SPECS[key]
     update = {"value": changes[key]} if key in changes else {}
-    if any(spec.method_info.values()):
+    if spec.method_info:
         update["info"] = spec.info_for(method)
+    if spec.methods is not None:
+        update["visible"] = spec.shown_for(method)
     return gr.update(**update)
 
 

@@ -67,6 +67,7 @@ class FieldSpec:
     maximum: float | None = None
     step: float | None = None  # numbers: the input's step
     method_info: dict[str, str] = field(default_factory=dict)  # method → its info, where it differs from ``info``
+    methods: tuple[str, ...] | None = None  # the methods it applies to (None = every method); hidden for the others
 
     @property
     def slider(self) -> bool:
@@ -86,6 +87,9 @@ class FieldSpec:
 
     def info_for(self, method: str) -> str:
         return self.method_info.get(method, self.info)
+
+    def shown_for(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
 
 
 _SHORT_TEXT = {"data.caption_extension", "sample.sampler"}  # one word
@@ -118,7 +122,7 @@ def _build_specs() -> dict[str, FieldSpec]:
         high = None if high is None or math.isinf(high) else high
         specs[d.key] = FieldSpec(d.key, d.type, default, label, info, choices_of(d.spec), low, high,
                                  _step(d.key, d.type, default, low, high),
-                                 {m: text for m, text in infos.items() if text != info})
+                                 {m: text for m, text in infos.items() if text != info}, d.spec.methods)
     return specs
 
 
