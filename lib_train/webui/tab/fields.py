@@ -10,6 +10,7 @@ group), in the rows of :func:`rows_of`. This module does not import gradio, so i
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,36 +132,42 @@ KEYS: list[str] = list(SPECS)  # the order of the field components in every hand
 
 
 def rows_of(keys: list[str]) -> list[list[str]]:
-    """A group's fields in rows, as the WebUI lays out its forms: wide text boxes two to a row, small inputs
-    (numbers, sliders, dropdowns) up to four to a row and spread evenly over the rows (never one alone at full
-    width: a single one joins a row of wide boxes), and the checkboxes together in rows of their own at the end.
-    The wide rows come first when the group's first field is a wide one."""
+    """A group's fields in rows, as the WebUI lays out its forms: wide text boxes two to a row; small inputs
+    (numbers, dropdowns, radios; a slider counts twice, it needs the room) in rows of at most four, as even as the
+    order allows and never one alone at full width (a single one joins a row of wide boxes); the checkboxes together
+    in rows of their own at the end. The wide rows come first when the group's first field is a wide one."""
     specs = [SPECS[k] for k in keys]
     wide = [s.key for s in specs if s.wide]
     small = [s.key for s in specs if not s.wide and s.kind is not bool]
     checks = [s.key for s in specs if s.kind is bool]
     wide_rows = [wide[i:i + 2] for i in range(0, len(wide), 2)]
-    small_rows = _spread(small)
+    small_rows = _spread(small, {k: 2 if SPECS[k].slider else 1 for k in small})
     if len(small) == 1 and wide_rows:
         wide_rows[-1] += small
         small_rows = []
     first_wide = bool(wide) and specs[0].wide
     rows = wide_rows + small_rows if first_wide else small_rows + wide_rows
-    return rows + _spread(checks)
+    return rows + _spread(checks, {k: 1 for k in checks})
 
 
-def _spread(keys: list[str], most: int = 4) -> list[list[str]]:
-    """``keys`` in as few rows of at most ``most`` as can hold them, the rows' lengths differing by one at most."""
+def _spread(keys: list[str], weight: dict[str, int], most: int = 4) -> list[list[str]]:
+    """``keys`` in order, cut into the fewest rows of at most ``most`` weight each, none of one field where that can
+    be helped, the rows' weights as even as can be."""
     if not keys:
         return []
-    n = math.ceil(len(keys) / most)
-    size, extra = divmod(len(keys), n)
-    rows, start = [], 0
-    for i in range(n):
-        end = start + size + (1 if i < extra else 0)
-        rows.append(keys[start:end])
-        start = end
-    return rows
+    best: tuple | None = None
+    for n in range(math.ceil(sum(weight.values()) / most), len(keys) + 1):
+        for cuts in itertools.combinations(range(1, len(keys)), n - 1):
+            rows = [keys[a:b] for a, b in zip((0, *cuts), (*cuts, len(keys)))]
+            weights = [sum(weight[k] for k in row) for row in rows]
+            if max(weights) > most:
+                continue
+            score = (sum(len(row) == 1 for row in rows), n, max(weights) - min(weights))
+            if best is None or score < best[0]:
+                best = (score, rows)
+        if best is not None and best[0][0] == 0:
+            break
+    return best[1]
 
 
 def values_to_dict(method: str, values: list[Any] | tuple[Any, ...]) -> dict[str, Any]:
