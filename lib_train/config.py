@@ -46,6 +46,7 @@ MAX_VECTORS = 75  # one prompt chunk holds 75 token slots; an embedding's vector
 OPTIMIZERS_REF = "lib_train.train.optim:OPTIMIZERS"
 SCHEDULERS_REF = "lib_train.train.schedule:SCHEDULERS"
 _IN_A_FILE = "rarely changed: set it in a config file (--config)"
+ANY = math.inf  # an open upper end of a setting's range
 
 
 @dataclass
@@ -58,78 +59,95 @@ class ModelConfig:
             "WebUI this extension is installed in)", flag="--webui-dir", path=True,
         not_in_ui="inside the WebUI its own sgm is loaded already")
     prediction: str = setting(
-        "auto", "prediction type: auto (detect), eps, or v (SD2-768-v, v-prediction SDXL fine-tunes)",
-        flag="--prediction",
+        "auto", "what the model predicts: auto (read from the model), eps, or v (SD2-768-v, v-prediction SDXL "
+                "fine-tunes)", flag="--prediction", label="Prediction type",
         choices=PREDICTIONS, group="training", ui_order=1)
     clip_skip: int = setting(
-        1, "SD1: text-encoder layer from the end (1 = last, 2 = penultimate)", flag="--clip-skip", label="Clip skip",
+        1, "SD1: the text-encoder layer used, counted from the end (1 = last, 2 = penultimate; SD2 and SDXL use fixed "
+           "layers)",
+        flag="--clip-skip", label="Clip skip",
         group="training", ui_order=1, range=(1, 12))
 
 
 @dataclass
 class DataConfig:
     train_dir: str = setting(
-        "", "folder of training images with N_name repeat sub-folders (e.g. data/10_mychar/*.png + .txt captions)",
+        "", "folder holding one sub-folder per concept named N_name, N = repeats per epoch (e.g. data/10_mychar with "
+            "*.png and .txt captions)",
         flag="--data", label="Dataset folder", group="dataset", path=True)
     reg_dir: str = setting(
-        "", "optional folder of regularization images (same folder convention)", flag="--reg-data",
+        "", "class images without your subject, in the same N_name sub-folders (empty = none)", flag="--reg-data",
         label="Regularization folder (optional)", group="dataset", methods=("lora",), path=True)
     caption_extension: str = setting(
-        ".txt", "caption file extension (default .txt)", flag="--caption-extension", group="dataset")
+        ".txt", "extension of the caption file next to each image (default .txt)", flag="--caption-extension",
+        group="dataset", label="Caption extension")
     default_repeats: int = setting(
-        1, "repeats for images in folders without an N_ prefix", flag="--repeats",
-        label="Repeats outside N_name folders", group="dataset")
+        1, "repeats per epoch of images in folders without an N_ prefix (default 1)", flag="--repeats",
+        label="Repeats of unnumbered folders", group="dataset", range=(1, ANY))
     resolution: int = setting(
-        512, "training resolution, a multiple of 64 (512 for SD1, 768 for SD2-768, 1024 for SDXL)", flag="--resolution",
-        group="images")
+        512, "training size in pixels, a multiple of 64: 512 for SD1, 768 for SD2-768, 1024 for SDXL (buckets keep "
+             "about its area)", flag="--resolution", label="Resolution (px)", group="images", range=(64, ANY))
     enable_buckets: bool = setting(
-        True, "aspect-ratio buckets on/off (default on)", flag="--buckets", label="Aspect-ratio buckets",
+        True, "train each image near its own aspect ratio (off: every image is resized and cropped to a square of the "
+              "resolution; default on)",
+        flag="--buckets", label="Aspect-ratio buckets",
         group="images")
     min_bucket_side: int = setting(
         0, "smallest bucket side in pixels (0 = auto: 256, or the resolution if that is smaller)", flag="--min-bucket",
-        group="images")
+        label="Min bucket side (px, 0 = auto)", group="images", range=(0, ANY))
     max_bucket_side: int = setting(
         0, "largest bucket side in pixels (0 = auto: 1024, or the resolution if that is larger)", flag="--max-bucket",
-        group="images")
+        label="Max bucket side (px, 0 = auto)", group="images", range=(0, ANY))
     bucket_step: int = setting(
-        64, "bucket sides are multiples of this", no_flag=_IN_A_FILE, group="images")
+        64, "bucket sides are multiples of this many pixels (a multiple of 8; default 64)", no_flag=_IN_A_FILE,
+        label="Bucket step (px)", group="images", range=(8, ANY))
     bucket_no_upscale: bool = setting(
-        False, "never upscale small images", flag="--bucket-no-upscale", group="images")
+        False, "an image smaller than the resolution gets a bucket of its own size instead of being enlarged",
+        flag="--bucket-no-upscale", label="Don't upscale small images", group="images")
     min_image_side: int = setting(
-        64, "images with a smaller side are reported and skipped", no_flag=_IN_A_FILE, group="dataset")
+        64, "images whose shorter side is below this many pixels are listed by Scan and left out", no_flag=_IN_A_FILE,
+        label="Min image side (px)", group="dataset", range=(8, ANY))
     flip: bool = setting(
-        False, "random horizontal flips (not for asymmetric subjects)", flag="--flip", label="Random horizontal flip",
+        False, "mirror images at random (not for asymmetric subjects: text, a one-sided hair parting)", flag="--flip",
+        label="Random horizontal flip",
         group="images")
     shuffle_caption: bool = setting(
-        False, "shuffle comma-separated tags every step", flag="--shuffle-caption", group="images")
+        False, "shuffle the comma-separated tags of each caption every step", flag="--shuffle-caption",
+        label="Shuffle tags", group="images")
     keep_tokens: int = setting(
-        0, "with shuffle: keep the first N tags in place", flag="--keep-tokens", group="images")
+        0, "with Shuffle tags: the first N tags stay in place (e.g. 1 for a trigger word; 0 = shuffle all)",
+        flag="--keep-tokens", label="Keep first N tags", group="images", range=(0, ANY))
     caption_dropout: float = setting(
-        0.0, "probability of an empty caption for a step", flag="--caption-dropout", group="images")
+        0.0, "chance (0-1) that an image is trained with an empty caption in a step (0 = never)",
+        flag="--caption-dropout", label="Caption dropout", group="images", range=(0.0, 1.0))
     tag_dropout: float = setting(
-        0.0, "probability of dropping each tag", flag="--tag-dropout", group="images")
+        0.0, "chance (0-1) that each tag is left out of a caption in a step (0 = never)", flag="--tag-dropout",
+        label="Tag dropout", group="images", range=(0.0, 1.0))
     max_token_length: int = setting(
-        225, "caption token limit: 75, 150 or 225", flag="--max-token-length", choices=TOKEN_LENGTHS,
-        group="images")
+        225, "captions are cut after this many tokens: 75, 150 or 225 (1-3 prompt chunks)", flag="--max-token-length",
+        choices=TOKEN_LENGTHS, label="Max caption tokens", group="images")
     cache_latents: str = setting(
-        "memory", "cache VAE latents: memory, disk (reused across runs) or off", flag="--cache-latents",
-        choices=CACHE_MODES, group="images")
+        "memory", "encode the images with the VAE once: in memory, on disk (reused by later runs) or off (every "
+                  "step)", flag="--cache-latents", choices=CACHE_MODES, label="Cache latents", group="images")
 
 
 @dataclass
 class NetworkConfig:
-    rank: int = setting(16, "LoRA rank / network dim (default 16)", flag="--rank", label="Rank (dim)",
-                        group="network")
-    alpha: float = setting(8.0, "LoRA alpha; updates are scaled by alpha/rank (default 8)", flag="--alpha",
-                           group="network")
-    conv_rank: int = setting(0, "> 0 also trains 3x3 convs and ResBlocks (LoCon)", flag="--conv-rank",
-                             label="Conv rank (LoCon, 0 = off)", group="network")
-    conv_alpha: float = setting(1.0, "alpha of the conv layers", flag="--conv-alpha", group="network")
-    dropout: float = setting(0.0, "dropout on the LoRA input", flag="--network-dropout", group="network")
-    train_unet: bool = setting(True, "train the UNet (default on)", flag="--train-unet", label="Train the UNet",
-                               group="network")
-    init_from: str = setting("", "continue training from this LoRA file", flag="--init-lora",
-                             label="Continue from LoRA file", group="network", path=True)
+    rank: int = setting(16, "LoRA rank (network dim): higher learns more detail and makes a larger file (1-1024, "
+                            "default 16)", flag="--rank", label="Rank (dim)", group="network", range=(1, 1024))
+    alpha: float = setting(8.0, "LoRA alpha: updates are scaled by alpha/rank (default 8; rank/2 or 1 are common)",
+                           flag="--alpha", label="Alpha", group="network", range=(0.0, ANY))
+    conv_rank: int = setting(0, "rank of the 3x3 convolutions and ResBlocks, trained as well when above 0 (LoCon; "
+                                "0 = off)", flag="--conv-rank", label="Conv rank (LoCon, 0 = off)", group="network",
+                             range=(0, ANY))
+    conv_alpha: float = setting(1.0, "alpha of the conv layers: their updates are scaled by conv alpha/conv rank",
+                                flag="--conv-alpha", label="Conv alpha", group="network", range=(0.0, ANY))
+    dropout: float = setting(0.0, "chance (0-1) that each input value of a LoRA layer is dropped in a step (0 = off)",
+                             flag="--network-dropout", label="Network dropout", group="network", range=(0.0, 1.0))
+    train_unet: bool = setting(True, "train the UNet's LoRA layers (off: the text encoder's only; default on)",
+                               flag="--train-unet", label="Train the UNet", group="network")
+    init_from: str = setting("", "start from the weights of this LoRA file instead of new ones (empty = a new LoRA)",
+                             flag="--init-lora", label="Continue from LoRA file", group="network", path=True)
 
 
 @dataclass
@@ -140,14 +158,14 @@ class EmbeddingConfig:
 
     init_text: str = setting(
         "*", "the vectors start as the token embeddings of this text, e.g. \"man in a leather jacket\" (\"\" = zeros; "
-             "default *)", flag="--init-text", group="embedding")
+             "default *)", flag="--init-text", label="Initialization text", group="embedding")
     vectors: int = setting(
         1, "vectors per token: how many of a prompt's 75 token slots the name takes (1-75, default 1)",
-        flag="--vectors", group="embedding", range=(1, MAX_VECTORS))
+        flag="--vectors", label="Vectors per token", group="embedding", range=(1, MAX_VECTORS))
     template: str = setting(
         "subject", "prompt templates: subject, style, none (the captions alone, which must contain NAME) or a .txt "
                    "file of lines with [name] and [filewords]", flag="--template", metavar="{subject,style,none,FILE}",
-        choices=TEMPLATES, custom=True, group="embedding", path=True)
+        choices=TEMPLATES, custom=True, label="Prompt template", group="embedding", path=True)
     init_from: str = setting(
         "", "continue training from this embedding file (.safetensors/.pt, same --vectors)", flag="--init-embedding",
         label="Continue from embedding file", group="embedding", path=True)
@@ -159,27 +177,36 @@ class EmbeddingConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = setting(
-        "AdamW", "AdamW, AdamW8bit, Lion, Lion8bit, DAdaptAdam, Prodigy, Adafactor", flag="--optimizer",
-        choices=OPTIMIZERS_REF, group="optim")
+        "AdamW", "AdamW, AdamW8bit, Lion, Lion8bit, DAdaptAdam, Prodigy, Adafactor (8bit: less memory; DAdaptAdam "
+                 "and Prodigy find the rate themselves: set the learning rate to 1)", flag="--optimizer",
+        choices=OPTIMIZERS_REF, label="Optimizer", group="optim")
     optimizer_args: str = setting(
-        "", "extra optimizer arguments, e.g. \"weight_decay=0.01 betas=0.9,0.99\"", flag="--optimizer-args",
-        group="optim", check="lib_train.train.optim:parse_optimizer_args")
+        "", "extra optimizer arguments as name=value, e.g. \"weight_decay=0.01 betas=0.9,0.99\" (empty = the "
+            "optimizer's defaults)", flag="--optimizer-args", label="Optimizer arguments", group="optim",
+        check="lib_train.train.optim:parse_optimizer_args")
     lr: float = setting(
         1e-4, "UNet learning rate (default {default}; 1.0 for DAdaptAdam/Prodigy)", flag="--lr", label="Learning rate",
-        group="optim", method_help={"embedding": "learning rate of the embedding vectors (default {default}; 1.0 for "
-                                                 "DAdaptAdam/Prodigy)"})
+        group="optim", range=(0.0, ANY),
+        method_help={"embedding": "learning rate of the embedding vectors (default {default}; 1.0 for "
+                                  "DAdaptAdam/Prodigy)"})
     te_lr: float = setting(
         5e-5, "text-encoder learning rate (default {default}; 0 = UNet only)", flag="--te-lr",
-        label="Text-encoder learning rate (0 = UNet only)", group="optim", methods=("lora",))
+        label="Text-encoder learning rate (0 = UNet only)", group="optim", methods=("lora",), range=(0.0, ANY))
     scheduler: str = setting(
-        "constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
-        flag="--scheduler", choices=SCHEDULERS_REF, group="optim")
-    warmup_steps: int = setting(0, "warmup steps", flag="--warmup", group="optim")
-    num_cycles: int = setting(1, "cosine_with_restarts: number of cycles", flag="--lr-cycles", group="optim")
-    power: float = setting(1.0, "polynomial: decay power", no_flag=_IN_A_FILE, group="optim")
-    grad_accum: int = setting(1, "gradient accumulation steps", flag="--grad-accum",
-                              label="Gradient accumulation steps", group="optim")
-    max_grad_norm: float = setting(1.0, "gradient-norm clipping (0 = off)", flag="--max-grad-norm", group="optim")
+        "constant", "how the learning rate changes during the run: constant, constant_with_warmup, linear, cosine, "
+                    "cosine_with_restarts, polynomial", flag="--scheduler", choices=SCHEDULERS_REF,
+        label="LR scheduler", group="optim")
+    warmup_steps: int = setting(0, "steps over which the learning rate rises from 0 (every scheduler but constant; "
+                                   "0 = none)", flag="--warmup", label="Warmup steps", group="optim", range=(0, ANY))
+    num_cycles: int = setting(1, "cosine_with_restarts: how many times the rate restarts from the top (default 1)",
+                              flag="--lr-cycles", label="Restart cycles", group="optim", range=(1, ANY))
+    power: float = setting(1.0, "polynomial: the decay's power (1 = linear)", no_flag=_IN_A_FILE,
+                           label="Polynomial power", group="optim")
+    grad_accum: int = setting(1, "add up the gradients of N steps before each update: the batch size × N images "
+                                 "per update for the memory of one batch", flag="--grad-accum",
+                              label="Gradient accumulation steps", group="optim", range=(1, ANY))
+    max_grad_norm: float = setting(1.0, "clip the gradients to this norm (default 1; 0 = no clipping)",
+                                   flag="--max-grad-norm", label="Max gradient norm", group="optim", range=(0.0, ANY))
     allow_fallback: bool = setting(
         False, "use AdamW if the optimizer cannot run here", flag="--optimizer-fallback",
         label="Fall back to AdamW if the optimizer cannot run", group="optim")
@@ -187,20 +214,28 @@ class OptimConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = setting(10, "number of epochs (default 10)", flag="--epochs", group="training")
-    max_steps: int = setting(0, "stop after this many steps instead (0 = use epochs)", flag="--steps",
-                             label="Max steps (0 = use epochs)", group="training")
-    batch_size: int = setting(1, "images per step (default 1)", flag="--batch-size", group="training")
-    seed: int = setting(42, "random seed (same seed and settings = same result)", flag="--seed", group="training")
-    mixed_precision: str = setting("auto", "auto, no, fp16 or bf16 (GPU only)", flag="--mixed-precision",
-                                   choices=MIXED_PRECISIONS, group="training")
+    epochs: int = setting(10, "passes over the dataset, each image as often as its folder's repeats (default 10)",
+                          flag="--epochs", label="Epochs", group="training", range=(0, ANY))
+    max_steps: int = setting(0, "stop after this many steps instead of counting epochs (0 = use epochs)",
+                             flag="--steps", label="Max steps (0 = use epochs)", group="training", range=(0, ANY))
+    batch_size: int = setting(1, "images per step: more is faster per image and needs more GPU memory (default 1)",
+                              flag="--batch-size", label="Batch size", group="training", range=(1, ANY))
+    seed: int = setting(42, "random seed: the same seed and settings give the same result", flag="--seed",
+                        label="Seed", group="training")
+    mixed_precision: str = setting("auto", "compute in fp16 or bf16 (GPU only): auto = bf16 where the GPU has it, "
+                                           "else fp16; no = fp32", flag="--mixed-precision",
+                                   choices=MIXED_PRECISIONS, label="Mixed precision", group="training")
     gradient_checkpointing: bool = setting(False, "trade ~25% speed for much less memory (default off; SDXL: on "
-                                                  "unless set)", flag="--gradient-checkpointing", group="training")
-    min_snr_gamma: float = setting(0.0, "min-SNR loss weighting (5 is common; 0 = off)", flag="--min-snr-gamma",
-                                   label="Min-SNR gamma", group="training")
-    noise_offset: float = setting(0.0, "noise offset (0.05-0.1; 0 = off)", flag="--noise-offset", group="training")
-    log_every: int = setting(10, "read the loss back from the device every N steps (each read is a sync)",
-                             no_flag=_IN_A_FILE, group="training")
+                                                  "unless set)", flag="--gradient-checkpointing",
+                                           label="Gradient checkpointing", group="training")
+    min_snr_gamma: float = setting(0.0, "weight each step's loss by min-SNR, which steadies training (5 is "
+                                        "common; 0 = off)", flag="--min-snr-gamma", label="Min-SNR gamma",
+                                   group="training", range=(0.0, ANY))
+    noise_offset: float = setting(0.0, "add this offset to the noise so that very dark or bright images can be "
+                                       "learned (0.05-0.1; 0 = off)", flag="--noise-offset", label="Noise offset",
+                                  group="training", range=(0.0, 1.0))
+    log_every: int = setting(10, "read the loss back from the GPU every N steps (each read waits for the GPU)",
+                             no_flag=_IN_A_FILE, label="Loss read every N steps", group="training", range=(1, ANY))
     offload_vae: bool = setting(True, "GPU: move the VAE to the CPU once latents are cached (default on)",
                                 flag="--offload-vae", label="Move the VAE to the CPU after caching latents",
                                 group="training")
@@ -208,32 +243,43 @@ class TrainingConfig:
 
 @dataclass
 class OutputConfig:
-    output_dir: str = setting("", "output folder", flag="--output", path=True,
-                              label="Output folder (empty = the Lora folder / run name)", group="output", ui_order=-2)
+    output_dir: str = setting(
+        "", "folder the LoRA files are written to (in the WebUI, empty = a folder NAME in its Lora folder)",
+        flag="--output", path=True, label="Output folder", group="output", ui_order=-2,
+        method_help={"embedding": "folder the embedding files are written to (in the WebUI, empty = a folder "
+                                  "NAME in its embeddings folder)"})
     name: str = setting(
-        "", "output name: NAME.safetensors, NAME-000001.safetensors, ...", flag="--name", label="Name",
-        group="output", ui_order=-3,
-        method_help={"embedding": "embedding name = the word prompts use = the file stem: NAME.safetensors, "
-                                  "NAME-000500.safetensors"})
+        "", "name of the run's files: NAME.safetensors, and NAME-000001.safetensors, ... for the saves", flag="--name",
+        label="Name", group="output", ui_order=-3,
+        method_help={"embedding": "the embedding's name: the word prompts use, and its files' name (NAME.safetensors, "
+                                  "and NAME-000500.safetensors, ... for the saves)"})
     save_every_epochs: int = setting(
-        1, "save NAME-<epoch> every N epochs (0 = off)", flag="--save-every-epochs", group="output",
-        method_help={"embedding": "save NAME-<step> at the end of every N epochs (0 = off)"})
+        1, "save a copy NAME-<epoch>.safetensors after every N epochs (0 = only the final file)",
+        flag="--save-every-epochs", label="Save every N epochs", group="output", range=(0, ANY),
+        method_help={"embedding": "save a copy NAME-<step>.safetensors after every N epochs (0 = only the final "
+                                  "file)"})
     save_every_steps: int = setting(
-        0, "also save NAME-step<step> every N steps", flag="--save-every-steps", group="output",
-        method_help={"embedding": "save NAME-<step> every N steps (0 = off)"})
+        0, "also save a copy NAME-step<step>.safetensors every N steps (0 = off)", flag="--save-every-steps",
+        label="Save every N steps", group="output", range=(0, ANY),
+        method_help={"embedding": "save a copy NAME-<step>.safetensors every N steps (0 = off)"})
     save_precision: str = setting(
-        "fp16", "fp16, bf16 or fp32", flag="--save-precision", choices=SAVE_PRECISIONS, group="output",
-        method_help={"embedding": "fp16, bf16 or fp32 (default {default})"})
+        "fp16", "number format of the saved weights: fp16, bf16 or fp32", flag="--save-precision",
+        choices=SAVE_PRECISIONS, label="Save precision", group="output",
+        method_help={"embedding": "number format of the saved vectors: fp16, bf16 or fp32 (default {default})"})
     save_state_every_epochs: int = setting(
         0, "also save the resume state every N epochs (it is always saved on Ctrl-C)",
-        flag="--save-state-every-epochs", label="Save resume state every N epochs", group="output")
+        flag="--save-state-every-epochs", label="Save resume state every N epochs", group="output", range=(0, ANY))
     overwrite: bool = setting(
-        False, "replace an existing NAME.safetensors", flag="--overwrite", group="output",
-        method_help={"embedding": "replace an existing NAME.safetensors / NAME.pt"})
+        False, "replace an existing NAME.safetensors (off: a run with a taken name stops before training)",
+        flag="--overwrite", label="Overwrite existing files", group="output",
+        method_help={"embedding": "replace an existing NAME.safetensors / NAME.pt (off: a run with a taken name "
+                                  "stops before training)"})
     trigger_words: str = setting(
-        "", "trigger words (stored in the metadata and .json sidecar)", flag="--trigger", label="Trigger words",
+        "", "the words that call up the LoRA in a prompt, stored in its metadata and .json file",
+        flag="--trigger", label="Trigger words",
         group="output", ui_order=-1, methods=("lora",))
-    comment: str = setting("", "free text stored as ss_training_comment", no_flag=_IN_A_FILE, group="output")
+    comment: str = setting("", "free text stored in the file's metadata (ss_training_comment)", no_flag=_IN_A_FILE,
+                           label="Comment", group="output")
 
 
 @dataclass
@@ -249,24 +295,25 @@ class SampleConfig:
             "the settings below apply to what a line does not set", flag="--sample-prompts", split=" | ",
         label="Sample prompts (one per line; [name] = embedding / trigger words)", group="samples", lines=3)
     every_epochs: int = setting(0, "make samples after every N epochs (0 = off)", flag="--sample-every-epochs",
-                                label="Sample every N epochs", group="samples")
+                                label="Sample every N epochs", group="samples", range=(0, ANY))
     every_steps: int = setting(
         0, "make samples every N steps (0 = off; with prompts and no interval: one set at the end)",
-        flag="--sample-every-steps", label="Sample every N steps", group="samples")
-    negative: str = setting("", "negative prompt of the samples", flag="--sample-negative", label="Negative prompt",
-                            group="samples")
-    steps: int = setting(20, "DDIM steps per sample (default 20)", flag="--sample-steps", label="Sampling steps",
-                         group="samples", range=(1, 150))
-    cfg_scale: float = setting(7.0, "guidance scale of the samples (default 7)", flag="--sample-cfg",
+        flag="--sample-every-steps", label="Sample every N steps", group="samples", range=(0, ANY))
+    negative: str = setting("", "negative prompt of every sample (empty = none)", flag="--sample-negative",
+                            label="Negative prompt", group="samples")
+    steps: int = setting(20, "sampling steps per image (default 20; headless runs sample with DDIM)",
+                         flag="--sample-steps", label="Sampling steps", group="samples", range=(1, 150))
+    cfg_scale: float = setting(7.0, "how closely the samples follow the prompt (default 7)", flag="--sample-cfg",
                                label="CFG scale", group="samples", range=(1.0, 30.0))
-    seed: int = setting(1234, "seed of the samples (fixed, so sets compare)", flag="--sample-seed", label="Seed",
-                        group="samples")
-    width: int = setting(0, "sample width in pixels (0 = data.resolution)", no_flag=_IN_A_FILE,
-                         label="Width (0 = resolution)", group="samples")
-    height: int = setting(0, "sample height in pixels (0 = data.resolution)", no_flag=_IN_A_FILE,
-                          label="Height (0 = resolution)", group="samples")
-    sampler: str = setting("Euler a", "the WebUI's sampler name; headless runs use DDIM",
-                           no_flag="the WebUI's samplers; headless runs always use DDIM", group="samples")
+    seed: int = setting(1234, "seed of the samples: fixed, so that the sets of a run compare", flag="--sample-seed",
+                        label="Seed", group="samples")
+    width: int = setting(0, "sample width in pixels, a multiple of 8 (0 = the training resolution)",
+                         no_flag=_IN_A_FILE, label="Width (0 = resolution)", group="samples", range=(0, 2048))
+    height: int = setting(0, "sample height in pixels, a multiple of 8 (0 = the training resolution)",
+                          no_flag=_IN_A_FILE, label="Height (0 = resolution)", group="samples", range=(0, 2048))
+    sampler: str = setting("Euler a", "the WebUI's sampler name, e.g. Euler a (headless runs use DDIM)",
+                           no_flag="the WebUI's samplers; headless runs always use DDIM", label="Sampling method",
+                           group="samples")
 
 
 @dataclass
@@ -581,8 +628,9 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
     msg = check_output_name(out.name)
     if msg:
         bad("output.name", msg)
-    if out.save_every_epochs < 0 or out.save_every_steps < 0 or out.save_state_every_epochs < 0:
-        bad("output.save_every_epochs", "save intervals must be 0 (off) or positive")
+    for key in ("save_every_epochs", "save_every_steps", "save_state_every_epochs"):
+        if getattr(out, key) < 0:
+            bad(f"output.{key}", "must be 0 (off) or positive")
     if out.save_precision not in SAVE_PRECISIONS:
         bad("output.save_precision", f"must be one of {', '.join(SAVE_PRECISIONS)}")
     _validate_sample(cfg, bad)
@@ -636,8 +684,9 @@ def sample_prompt_lines(text: str) -> list[str]:
 def _validate_sample(cfg: TrainConfig, bad: Callable[[str, str], None]) -> None:
     s = cfg.sample
     prompts = sample_prompt_lines(s.prompts)
-    if s.every_epochs < 0 or s.every_steps < 0:
-        bad("sample.every_epochs", "sample intervals must be 0 (off) or positive")
+    for key in ("every_epochs", "every_steps"):
+        if getattr(s, key) < 0:
+            bad(f"sample.{key}", "must be 0 (off) or positive")
     if (s.every_epochs or s.every_steps) and not prompts:
         bad("sample.prompts", "give at least one sample prompt (one per line), or set the sample intervals to 0")
     if len(prompts) > MAX_SAMPLE_PROMPTS:

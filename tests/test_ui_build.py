@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ gr = pytest.importorskip("gradio")
 
 from helpers import save_image, write_caption  # noqa: E402
 
-from lib_train.config import SECTIONS, TrainConfig, default_config, from_dict, save_config  # noqa: E402
+from lib_train.config import SECTIONS, SETTINGS, TrainConfig, default_config, from_dict, save_config, \
+    validate  # noqa: E402
 from lib_train.errors import ConfigError, Problem  # noqa: E402
 from lib_train.webui.tab import build as ui  # noqa: E402
 from lib_train.webui.tab import fields as ui_fields  # noqa: E402
@@ -96,9 +98,152 @@ def test_every_config_field_has_exactly_one_component(built):
         spec = ui_fields.SPECS[key]
         assert comp.value == spec.default, key
         assert comp.info, f"{key} has no help text"
-        kind = gr.Checkbox if spec.kind is bool else gr.Dropdown if spec.choices else \
-            gr.Number if spec.kind in (int, float) else gr.Textbox
-        assert isinstance(comp, kind), key
+        kind = gr.Checkbox if spec.kind is bool else gr.Radio if spec.radio else gr.Dropdown if spec.choices else \
+            gr.Slider if spec.slider else gr.Number if spec.kind in (int, float) else gr.Textbox
+        assert type(comp) is kind, key  # the WebUI's ui-config.json keeps values of these exact types only
+        if spec.choices:  # the value is one of the choices as the browser gets them (else it shows an empty box)
+            shown = [value for _, value in comp.choices] if spec.radio else comp.choices
+            assert comp.postprocess(spec.default) in shown, key
+
+
+def _setting_method(key: str) -> str:
+    from lib_train import methods
+
+    owner = methods.method_of(key.split(".")[0])  # a method's own section counts for that method only
+    return owner.name if owner else next(m for m in methods.METHODS if SETTINGS[key].applies_to(m))
+
+
+# Settings checked only when another one makes them count: that one's value while checking them.
+_CHECKED_WHEN = {"network.conv_alpha": ("network.conv_rank", 4)}
+
+
+def _refused(key: str, value) -> list[str]:
+    """The settings validate() names for the defaults of the setting's method with ``key`` = ``value``."""
+    cfg = default_config(_setting_method(key))
+    cfg.data.train_dir, cfg.output.output_dir, cfg.output.name = str(Path(__file__).parent), "/tmp/out", "me"
+    for k, v in [_CHECKED_WHEN.get(key, ("output.name", "me")), (key, value)]:
+        section, name = k.split(".")
+        setattr(getattr(cfg, section), name, v)
+    try:
+        validate(cfg, headless=False)
+    except ConfigError as e:
+        return [p.where.split(" ")[0] for p in e.problems]
+    return []
+
+
+def test_number_inputs_take_their_range_from_the_declared_limits(built):
+    """Every number setting in the tab: its input's minimum/maximum are the setting's declared range (an open end
+    none), a closed range of few steps is a slider as in the WebUI; and the declared range is what validate()
+    enforces: the defaults lie in it, a step past either end is refused, naming that setting."""
+    _, by_id, _ = built
+    numbers = [k for k in ui_fields.KEYS if ui_fields.SPECS[k].kind in (int, float) and not ui_fields.SPECS[k].choices]
+    assert len(numbers) > 30
+    for key in numbers:
+        spec, comp = ui_fields.SPECS[key], by_id["sd_trainer_" + key.replace(".", "_")]
+        low, high = SETTINGS[key].range or (None, None)
+        assert comp.minimum == (None if low is None or math.isinf(low) else low), key
+        assert comp.maximum == (None if high is None or math.isinf(high) else high), key
+        assert comp.step == spec.step and spec.step > 0, key
+        assert isinstance(comp, gr.Slider) == (comp.minimum is not None and comp.maximum is not None), key
+        if SETTINGS[key].range is None:
+            continue
+        assert not _refused(key, spec.default) and low <= spec.default <= high, key
+        assert key in _refused(key, spec.kind(low - spec.step)), key
+        if not math.isinf(high):
+            assert key in _refused(key, spec.kind(high + spec.step)), key
+    unbounded = [k for k in numbers if SETTINGS[k].range is None]
+    assert sorted(unbounded) == ["optim.power", "sample.seed", "train.seed"]  # any value is a valid one
+
+
+def test_a_typed_number_past_its_range_is_named_by_the_validation(built):
+    """The browser's number input only hints its range: a value typed past it reaches the handlers (gradio's own
+    check would fail every event with a message naming no setting) and the validation names it."""
+    _, by_id, _ = built
+    rank = by_id["sd_trainer_network_conv_rank"]
+    assert rank.minimum == 0 and rank.preprocess(-3) == -3 and rank.preprocess(None) is None
+    values = ui_fields.config_to_values(default_config("lora"))
+    values[ui_fields.KEYS.index("network.conv_rank")] = rank.preprocess(-3)
+    html = _handlers(FakeBackend()).estimate(None, "lora", *values)
+    assert "GPU memory" in html or "network.conv_rank" in html  # no exception
+    fake = FakeBackend(create_error=None)
+    values[ui_fields.KEYS.index("output.name")] = "me"
+    cfg = from_dict(ui_fields.values_to_dict("lora", values))
+    with pytest.raises(ConfigError, match=r"network\.conv_rank \(--conv-rank\): must be 0 \(off\)"):
+        validate(cfg, headless=False)
+    assert by_id["sd_trainer_train_batch_size"].preprocess(2.0) == 2  # precision 0: an int, as the config wants
+
+
+def test_method_radio_shows_labels_and_sends_the_method_names(built):
+    _, by_id, _ = built
+    radio = by_id["sd_trainer_method"]
+    assert radio.choices == [("LoRA", "lora"), ("Embedding", "embedding")]
+    assert radio.value == "lora" and radio.preprocess("embedding") == "embedding"
+
+
+def test_each_method_shows_its_own_help(built):
+    """Switching the method rewords the help that differs (where an embedding's files go, its learning rate) and
+    back; fields worded alike get no info update."""
+    _, by_id, _ = built
+    out = by_id["sd_trainer_output_output_dir"]
+    assert "Lora folder" in out.info and out.label == "Output folder"
+    h = _handlers(FakeBackend())
+    updates = h.method_changed("embedding", *ui_fields.config_to_values(default_config("lora")))
+    infos = {k: u["info"] for k, u in zip(ui_fields.KEYS, updates[len(ui_fields.METHOD_GROUPS):]) if "info" in u}
+    assert "embeddings folder" in infos["output.output_dir"] and "embedding vectors" in infos["optim.lr"]
+    assert "network.rank" not in infos and "data.train_dir" not in infos
+    back = h.method_changed("lora", *ui_fields.config_to_values(default_config("embedding")))
+    infos = {k: u["info"] for k, u in zip(ui_fields.KEYS, back[len(ui_fields.METHOD_GROUPS):]) if "info" in u}
+    assert infos["output.output_dir"] == out.info
+
+
+def test_a_setting_of_one_method_shows_for_that_method_only(built):
+    """The settings another method ignores (regularization images, the text-encoder rate, trigger words) hide
+    when it is chosen and show again on the way back; the others keep showing."""
+    _, by_id, _ = built
+    some = {k for k in ui_fields.KEYS if SETTINGS[k].methods is not None}
+    assert {"data.reg_dir", "optim.te_lr", "output.trigger_words"} <= some
+    h = _handlers(FakeBackend())
+    for method in ("embedding", "lora"):
+        updates = h.method_changed(method, *ui_fields.config_to_values(default_config("lora")))
+        shown = {k: u["visible"] for k, u in zip(ui_fields.KEYS, updates[len(ui_fields.METHOD_GROUPS):])
+                 if "visible" in u}
+        assert shown == {k: method in SETTINGS[k].methods for k in some}, method
+    for key in ui_fields.KEYS:
+        assert by_id["sd_trainer_" + key.replace(".", "_")].visible == SETTINGS[key].applies_to("lora"), key
+
+
+def _rows(blocks) -> list[list]:
+    """The field components of each row of the tab, in order."""
+    found = []
+
+    def walk(block):
+        children = getattr(block, "children", None) or []
+        fields = [c for c in children if (getattr(c, "elem_id", None) or "").replace("sd_trainer_", "", 1)
+                  .replace("_", ".", 1) in ui_fields.SPECS]
+        if isinstance(block, gr.Row) and fields:
+            found.append(fields)
+        for c in children:
+            walk(c)
+
+    walk(blocks)
+    return found
+
+
+def test_fields_sit_in_rows_without_a_lone_small_field(built):
+    """Each accordion's fields in rows (the WebUI's form layout): checkboxes in rows of their own; at most four
+    inputs to a row (a slider counts twice); a small input never alone across a row; every field in exactly one
+    row."""
+    blocks, _, _ = built
+    rows = _rows(blocks)
+    keys = [c.elem_id.replace("sd_trainer_", "", 1).replace("_", ".", 1) for row in rows for c in row]
+    assert sorted(keys) == sorted(ui_fields.KEYS)
+    for row in rows:
+        specs = [ui_fields.SPECS[c.elem_id.replace("sd_trainer_", "", 1).replace("_", ".", 1)] for c in row]
+        kinds = {s.kind is bool for s in specs}
+        assert len(kinds) == 1, [s.key for s in specs]  # checkboxes never share a row with boxes
+        assert sum(2 if s.slider else 1 for s in specs) <= 4, [s.key for s in specs]  # a slider needs room
+        if not specs[0].kind is bool and len(row) == 1:
+            assert specs[0].wide, f"{specs[0].key} sits alone across a row"
 
 
 def test_field_defaults_are_the_config_defaults():
@@ -377,3 +522,22 @@ def test_the_preset_list_follows_the_method_on_sdxl():
     assert h.check_host("embedding")[1]["choices"] == emb_presets["choices"]
     emb = ui_fields.config_to_values(default_config("embedding"))
     assert h.method_changed("lora", *emb)[-1]["choices"] == list(ui_presets.presets_for("sdxl"))
+
+
+def test_the_grid_scripts_file_list_shows_once_a_run_is_chosen(tmp_path):
+    """The epoch grid's "Files" list is hidden while no run is chosen (it would be an empty box under its label) and
+    shown with the run's files once one is; the summary then says where runs are looked for, or names the run."""
+    from test_grid import write_safetensors
+
+    from lib_train.grid.runs import discover_runs
+    from lib_train.webui.grid import ui as grid_ui
+
+    files, keep, info = grid_ui._run_updates(gr, None, [])
+    assert files["visible"] is False and files["choices"] == [] and keep["value"] is None
+    assert "No training runs found" in info["value"]
+    for stem in ("me-000001", "me"):
+        write_safetensors(tmp_path / "me" / f"{stem}.safetensors")
+    run = discover_runs(tmp_path, "lora")[0]
+    files, keep, info = grid_ui._run_updates(gr, run, [run])
+    assert files["visible"] is True and files["value"] == ["me-000001", "me"] and keep["value"] == "me"
+    assert [value for _, value in files["choices"]] == ["me-000001", "me"] and "**me**" in info["value"]

@@ -55,7 +55,8 @@ def build_ui(script, is_img2img: bool) -> list:
                              elem_id=script.elem_id("run"))
         refresh = ToolButton(value="\U0001f504", elem_id=script.elem_id("refresh"))
     files = gr.CheckboxGroup(label="Files: the columns (none ticked = all)", choices=_file_choices(first),
-                             value=[f.stem for f in first.files] if first else [], elem_id=script.elem_id("files"))
+                             value=[f.stem for f in first.files] if first else [], visible=first is not None,
+                             elem_id=script.elem_id("files"))
     weights = gr.Textbox(label="Weights: the rows", value=DEFAULT_WEIGHTS, elem_id=script.elem_id("weights"),
                          placeholder="0.2-1.0 (+0.2)  ·  0.2-1.0 [5]  ·  0.4, 0.7, 1")
     with gr.Row():
@@ -133,8 +134,10 @@ def _safe_roots() -> list[tuple[str, str]]:
 
 
 def _run_updates(gr, run: Run | None, runs: list[Run]):
+    """The files (shown only once a run is chosen: without one the list would be an empty box under its label), the
+    file to keep, and the summary (which says where runs are looked for when there is none) for ``run``."""
     stems = [f.stem for f in run.files] if run else []
-    return (gr.update(choices=_file_choices(run), value=stems),
+    return (gr.update(choices=_file_choices(run), value=stems, visible=run is not None),
             gr.update(choices=stems, value=stems[-1] if stems else None),
             gr.update(value=_summary(run, None if runs else _safe_roots())))
 

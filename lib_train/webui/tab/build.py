@@ -31,8 +31,8 @@ from ...models.families import family_or_default, labels_text
 from ...train.metadata import read_lr_history
 from ..gradio_compat import js_kwarg
 from . import render
-from .fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, config_to_values, \
-    method_default_changes, values_to_dict
+from .fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_CHOICES, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, \
+    config_to_values, method_default_changes, rows_of, values_to_dict
 from .presets import preset_fields, presets_for
 from .preprocess_panel import build_preprocess_panel
 from .captions_panel import build_captions_panel
@@ -99,15 +99,45 @@ def config_file_for_run(path: str) -> Path:
 
 def _component(spec: FieldSpec, value: Any) -> gr.components.Component:
     elem_id = "sd_trainer_" + spec.key.replace(".", "_")
-    common = {"label": spec.label, "value": value, "elem_id": elem_id}
+    common = {"label": spec.label, "value": value, "elem_id": elem_id, "info": spec.info,
+              "visible": spec.shown_for(methods.DEFAULT_METHOD)}  # the method radio starts at the default
     if spec.kind is bool:
-        return gr.Checkbox(info=spec.info, **common)
+        return gr.Checkbox(elem_classes=["sd-trainer-check"], **common)
+    if spec.radio:  # (label, value): a value keeps its type (gradio 3.41's Dropdown makes every choice a string)
+        return gr.Radio(choices=[(str(c), c) for c in spec.choices], **common)
     if spec.choices is not None:
-        return gr.Dropdown(choices=list(spec.choices), info=spec.info,
-                           allow_custom_value=spec.key in CUSTOM_CHOICE, **common)
+        return gr.Dropdown(choices=list(spec.choices), allow_custom_value=spec.key in CUSTOM_CHOICE, **common)
+    if spec.slider:
+        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=spec.step, **common)
     if spec.kind in (int, float):
-        return gr.Number(info=spec.info, precision=0 if spec.kind is int else None, **common)
-    return gr.Textbox(info=spec.info, lines=MULTILINE.get(spec.key, 1), **common)
+        number = gr.Number(precision=0 if spec.kind is int else None, minimum=spec.minimum, maximum=spec.maximum,
+                           step=spec.step, **common)
+        number.preprocess = _unchecked(number)
+        return number
+    return gr.Textbox(lines=MULTILINE.get(spec.key, 1), **common)
+
+
+def _unchecked(number: gr.Number) -> Callable[[Any], Any]:
+    """``number``'s preprocess without gradio's range check: the range guides the browser's input, and a value
+    typed past it reaches :func:`lib_train.config.validate`, whose message names the setting and what to do
+    (gradio's own error names neither, and would fail the live estimate on every change)."""
+
+    def preprocess(x: Any) -> Any:
+        return None if x is None else number._round_to_precision(x, number.precision)
+
+    return preprocess
+
+
+def _field_update(key: str, method: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """A field's update on a switch to ``method``: its new value (``changes``); where the method words its help
+    differently, that help; and for a setting of some methods only, whether it shows."""
+    spec = SPECS[key]
+    update = {"value": changes[key]} if key in changes else {}
+    if spec.method_info:
+        update["info"] = spec.info_for(method)
+    if spec.methods is not None:
+        update["visible"] = spec.shown_for(method)
+    return gr.update(**update)
 
 
 class _Handlers:
@@ -128,7 +158,7 @@ class _Handlers:
         fit a run of it on the loaded model's family."""
         shown = [gr.update(visible=METHOD_GROUPS[g] == method) for g in METHOD_GROUPS]
         changes = method_default_changes(method, list(values))
-        return shown + [gr.update(value=changes[k]) if k in changes else gr.update() for k in KEYS] + \
+        return shown + [_field_update(k, method, changes) for k in KEYS] + \
             [gr.update(choices=list(presets_for(self.backend.model_family(), method)), value=None)]
 
     @staticmethod
@@ -292,9 +322,11 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
 
     def fields_of(group: str) -> None:
         keys = next(keys for gid, _, keys in GROUPS if gid == group)
-        with gr.Row(variant="compact"):
-            for key in keys:
-                comps[key] = _component(SPECS[key], info.defaults.get(key, SPECS[key].default))
+        for row in rows_of(keys):
+            checks = all(SPECS[k].kind is bool for k in row)
+            with gr.Row(variant="compact", elem_classes=["sd-trainer-checks"] if checks else None):
+                for key in row:
+                    comps[key] = _component(SPECS[key], info.defaults.get(key, SPECS[key].default))
 
     with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Row():
@@ -306,9 +338,10 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, elem_id="sd_trainer_settings"):
                 with gr.Row():
-                    method = gr.Radio(list(methods.METHODS), value=methods.DEFAULT_METHOD, label="Method",
+                    method = gr.Radio(METHOD_CHOICES, value=methods.DEFAULT_METHOD, label="Method",
                                       elem_id="sd_trainer_method",
-                                      info="lora: a LoRA network; embedding: a textual-inversion embedding")
+                                      info="LoRA: small added layers, a file for the Lora folder; Embedding: new "
+                                           "word vectors (textual inversion)")
                     preset = gr.Dropdown(list(presets_for(None)), label="Preset (subject · GPU memory)",
                                          elem_id="sd_trainer_preset")
                     apply_preset = gr.Button("Apply preset", elem_id="sd_trainer_apply_preset", scale=0)
