@@ -127,3 +127,28 @@ def test_the_v_prediction_probe_runs_on_16_bit_weights(tmp_path, monkeypatch):
     full, info_full = load_checkpoint(path)
     assert calls == [torch.float16, torch.float32]
     assert info_half.prediction == info_full.prediction and info_half.prediction_source == info_full.prediction_source
+
+
+def test_an_sdxl_16_bit_load_never_makes_an_fp32_unet(tmp_path):
+    """The same for SDXL (sgm tier: sgm from the WebUI's checkout): the UNet is made in 16 bits from the file."""
+    from sdxl_models import sgm_root, tiny_sgm_sdxl
+
+    sgm_root()
+    from lib_train.models.sdxl_load import REQUIRED
+
+    original = tiny_sgm_sdxl(seed=11)
+    sd = {k: (t.half() if t.is_floating_point() else t).contiguous() for k, t in original.state_dict().items()
+          if k.startswith(REQUIRED)}
+    path = tmp_path / "tiny-sdxl-fp16.safetensors"
+    save_file(sd, str(path))
+    half = NewFloat32()
+    with half:
+        model, _ = load_checkpoint(path, frozen_dtype=torch.float16)
+    assert {p.dtype for p in model.model.parameters()} == {torch.float16}
+    assert {p.dtype for p in model.first_stage_model.parameters()} == {torch.float32}
+    full = NewFloat32()
+    with full:
+        ref, _ = load_checkpoint(path)
+    # the fp32 tensors made are the VAE's and the text encoders' (built, then cast); the fp32 load makes the UNet too
+    assert half.elements <= 1.01 * (_numel(model.first_stage_model) + _numel(model.conditioner))
+    assert full.elements - half.elements >= _numel(ref.model)
