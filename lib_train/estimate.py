@@ -49,8 +49,8 @@ per step (resolution² × batch) are within :data:`CALIBRATION_REACH` of the run
 optimizer first) corrects the one term fitted from CPU measurements, the activations: the factor that makes the
 estimate's allocator-visible parts (all but :data:`CUDA_RESERVE_GIB`) equal the measured allocation at the point's
 own settings, within :data:`CALIBRATION_FACTOR_RANGE`. The estimate then says "calibrated" and from what
-(:attr:`Estimate.calibration`); without a near point it says "uncalibrated". No GPU measurement exists yet, so the
-table is empty and every estimate is uncalibrated.
+(:attr:`Estimate.calibration`); without a near point it says "uncalibrated". The table stays empty until a task with
+a GPU runs the check and imports it; until then every estimate is uncalibrated.
 """
 
 from __future__ import annotations
