@@ -6,6 +6,7 @@ the model again (not timed: the model is loaded before the click) and makes ``--
 it, each a new call as a Train click is, with the cache on disk. Each click's time from the call to the end of step
 1 is split by the trainer's own status lines and events:
 
+- ``scan``: the dataset scan and plan (``prepare_data``: a Train click in the tab runs it, the CLI before loading);
 - ``setup``: LoRA attach, checkpointing wrappers, optimizer and schedule, the free-space check (call → "Caching
   latents");
 - ``latents``: reading the cached latents (hashing each image file for its key, one small file per latent);
@@ -84,7 +85,9 @@ def run(args: dict) -> dict:
                     torch.cuda.synchronize()
                 ends.append(time.perf_counter())
 
-        prep = prepare(cfg)  # the scan happens before the click (the tab's Scan; the CLI's plan)
+        t_click = time.perf_counter()
+        prep = prepare(cfg)  # a Train click in the tab scans again (the job's prepare)
+        scan_s = time.perf_counter() - t_click
         profiler = None
         if args.get("profile") and n == 0:
             import cProfile
@@ -101,7 +104,8 @@ def run(args: dict) -> dict:
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args["profile"])
             print(text.getvalue(), file=sys.stderr)
-        clicks.append(_phases(start, marks, ends[0]))
+        phases = _phases(start, marks, ends[0])
+        clicks.append({"scan": scan_s, **phases, "total": phases["total"] + scan_s})
     return {"config": asdict(bc), "build_s": build_s, "latent_files_before": cached_before, "clicks": clicks,
             "machine": bt._machine(bc.device)}
 
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{bc.label}; device {device}; latent files on disk before the timed clicks: "
           f"{timed['latent_files_before']}; model build (not timed) {timed['build_s']:.0f} s")
     print(f"cold (cache filled in this click): {fill['clicks'][0]}")
-    cols = ["setup", "latents", "texts", "step 1", "total"]
+    cols = ["scan", "setup", "latents", "texts", "step 1", "total"]
     rows = [[f"click {i + 1}"] + [f"{c[k]:.2f}" if k in c else "-" for k in cols]
             for i, c in enumerate(timed["clicks"])]
     print(bt.text_table(["click (cache on disk)"] + [f"{k} s" for k in cols], rows))
