@@ -12,7 +12,7 @@ it, each a new call as a Train click is, with the cache on disk. Each click's ti
 - ``latents``: reading the cached latents (hashing each image file for its key, one small file per latent);
 - ``texts``: caching text encodings where the text encoders are not trained (else nothing);
 - ``step 1``: the first optimizer step (forward, backward, optimizer; the first click also pays autograd's and
-  the allocator's warm-up).
+  the allocator's warm-up); ``later steps``: the median of the click's further steps (``--steps``), for comparison.
 
 Run from the repository root (asserts nothing)::
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,7 +68,7 @@ def run(args: dict) -> dict:
     if not data.exists():
         bt._make_dataset(data, bc.resolution)
     cfg = bt._train_config(bc, data, work / "out")
-    cfg.train.max_steps = 1
+    cfg.train.max_steps = args.get("steps", 1)
     prepare, train = METHODS[bc.method].entry("prepare"), METHODS[bc.method].entry("train")
     cache_dir = work / "out" / ".latent-cache"
     cached_before = len(list(cache_dir.glob("*.safetensors"))) if cache_dir.is_dir() else 0
@@ -105,7 +106,9 @@ def run(args: dict) -> dict:
             pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args["profile"])
             print(text.getvalue(), file=sys.stderr)
         phases = _phases(start, marks, ends[0])
-        clicks.append({"scan": scan_s, **phases, "total": phases["total"] + scan_s})
+        later = [b - a for a, b in zip(ends, ends[1:])]  # steps 2.. of the same click, for comparison
+        clicks.append({"scan": scan_s, **phases, "total": phases["total"] + scan_s,
+                       **({"later steps": statistics.median(later)} if later else {})})
     return {"config": asdict(bc), "build_s": build_s, "latent_files_before": cached_before, "clicks": clicks,
             "machine": bt._machine(bc.device)}
 
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--clicks", type=int, default=2, help="timed runs in the second process (default 2)")
+    p.add_argument("--steps", type=int, default=3, help="steps per timed click: step 1 is the goal's, the median "
+                                                        "of the later ones shows what a step costs once warm")
     p.add_argument("--te", default="trained", choices=tuple(bt.TE_MODES))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto")
@@ -141,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                         precision=a.precision, te=a.te, tiny=a.tiny)
     with tempfile.TemporaryDirectory(prefix="first-step-") as work:
         fill = _child({"bench": asdict(bc), "work": work, "clicks": 1})
-        timed = _child({"bench": asdict(bc), "work": work, "clicks": a.clicks, "profile": a.profile})
+        timed = _child({"bench": asdict(bc), "work": work, "clicks": a.clicks, "profile": a.profile,
+                        "steps": a.steps})
     print(f"\n{bc.label}; device {device}; latent files on disk before the timed clicks: "
           f"{timed['latent_files_before']}; model build (not timed) {timed['build_s']:.0f} s")
     print(f"cold (cache filled in this click): {fill['clicks'][0]}")
-    cols = ["scan", "setup", "latents", "texts", "step 1", "total"]
+    cols = ["scan", "setup", "latents", "texts", "step 1", "total", "later steps"]
     rows = [[f"click {i + 1}"] + [f"{c[k]:.2f}" if k in c else "-" for k in cols]
             for i, c in enumerate(timed["clicks"])]
     print(bt.text_table(["click (cache on disk)"] + [f"{k} s" for k in cols], rows))
