@@ -296,6 +296,40 @@ def test_apply_preset_updates_only_the_preset_fields():
     assert changed == ui_presets.PRESETS[name]
 
 
+def test_the_preset_dropdown_starts_at_none_and_none_changes_no_field(built):
+    """The dropdown starts at "None" (the WebUI's convention for "nothing chosen", as its Script dropdown), offered
+    first; applying it, an empty choice or an unknown one leaves every field as it is."""
+    blocks, by_id, _ = built
+    dropdown = by_id["sd_trainer_preset"]
+    assert dropdown.value == ui_presets.NO_PRESET and dropdown.choices[0] == ui_presets.NO_PRESET
+    i, dep = _dependency(blocks, by_id["sd_trainer_apply_preset"])
+    assert dep["inputs"] == [dropdown._id, by_id["sd_trainer_method"]._id]
+    for choice in (ui_presets.NO_PRESET, None, "", "no such preset · 8 GB (≈ 1.0 GB)"):
+        for method in ("lora", "embedding"):
+            updates = blocks.fns[i].fn(choice, method)
+            assert len(updates) == len(ui_fields.KEYS) and not any("value" in u for u in updates), (choice, method)
+
+
+def test_a_preset_label_shows_its_predicted_peak_and_applies_the_same_preset(built):
+    """Each choice is "NAME (≈ X GB)" with X the estimate's peak for the family and method; choosing it applies
+    exactly preset NAME (the same fields as choosing it by name)."""
+    from lib_train.estimate import estimate
+
+    _, by_id, _ = built
+    assert by_id["sd_trainer_preset"].choices == ui_presets.preset_choices(None)
+    for family in (None, "sd2", "sdxl"):
+        for method in ("lora", "embedding"):
+            choices = ui_presets.preset_choices(family, method)
+            assert choices[0] == ui_presets.NO_PRESET and len(choices) == len(ui_presets.presets_for(family, method)) + 1
+            for choice in choices[1:]:
+                name = ui_presets.preset_name(choice)
+                gib = estimate(ui_presets.preset_config(name, method), None, family or "sd1").vram_gib
+                assert choice == f"{name} (≈ {gib:.1f} GB)"
+                by_label = ui._Handlers.apply_preset(choice, method)
+                assert by_label == ui._Handlers.apply_preset(name, method)
+                assert any("value" in u for u in by_label)
+
+
 def test_ui_values_round_trip_through_the_components(built):
     """config → each component's postprocess (shown) → preprocess (sent back) → config dict → same config."""
     _, by_id, _ = built
@@ -498,10 +532,11 @@ def test_check_loaded_model_offers_the_family_presets_and_defaults(family, ok):
     fake = FakeBackend()
     backend = dataclasses.replace(fake.backend(), host_status=lambda: (ok, "Loaded: x."), model_family=lambda: family)
     html, presets, *updates = ui._Handlers(ui.WebuiInfo(lora_dir="/loras"), backend).check_host()
-    assert presets["choices"] == list(ui_presets.presets_for(family))
+    assert presets["choices"] == ui_presets.preset_choices(family) and presets["value"] == ui_presets.NO_PRESET
+    assert [ui_presets.preset_name(c) for c in presets["choices"][1:]] == list(ui_presets.presets_for(family))
     changed = {k: u["value"] for k, u in zip(ui_fields.KEYS, updates) if "value" in u}
     if family == "sdxl" and ok:
-        assert all(n.startswith("SDXL") for n in presets["choices"])
+        assert all(n.startswith("SDXL") for n in presets["choices"][1:])
         assert changed == {"train.gradient_checkpointing": True} and "Gradient checkpointing" in html
     else:
         assert changed == {}
@@ -517,11 +552,14 @@ def test_the_preset_list_follows_the_method_on_sdxl():
     h = ui._Handlers(ui.WebuiInfo(lora_dir="/loras"), backend)
     lora = ui_fields.config_to_values(default_config("lora"))
     emb_presets = h.method_changed("embedding", *lora)[-1]
-    assert emb_presets["choices"] == list(ui_presets.presets_for("sdxl", "embedding")) and emb_presets["value"] is None
-    assert emb_presets["choices"] and not any(n.endswith("8 GB") for n in emb_presets["choices"])
+    assert emb_presets["choices"] == ui_presets.preset_choices("sdxl", "embedding")
+    assert emb_presets["value"] == ui_presets.NO_PRESET
+    names = [ui_presets.preset_name(c) for c in emb_presets["choices"][1:]]
+    assert names == list(ui_presets.presets_for("sdxl", "embedding"))
+    assert names and not any(n.endswith("8 GB") for n in names)
     assert h.check_host("embedding")[1]["choices"] == emb_presets["choices"]
     emb = ui_fields.config_to_values(default_config("embedding"))
-    assert h.method_changed("lora", *emb)[-1]["choices"] == list(ui_presets.presets_for("sdxl"))
+    assert h.method_changed("lora", *emb)[-1]["choices"] == ui_presets.preset_choices("sdxl")
 
 
 def test_the_grid_scripts_file_list_shows_once_a_run_is_chosen(tmp_path):

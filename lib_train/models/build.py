@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib
 import io
 import json
 import os
@@ -184,15 +185,33 @@ def ldm_config(spec: ModelSpec, parameterization: str = "eps") -> dict:
     )
 
 
-def build_latent_diffusion(spec: ModelSpec, parameterization: str = "eps"):
-    """A randomly initialised ldm ``LatentDiffusion`` with the architecture of ``spec``, in eval mode.
+def unfilled(target: str, params: dict):
+    """The module ``target(**params)`` (a dotted class path) built on the meta device: no memory, no random
+    initialisation, every weight still to be created from a checkpoint's tensor in the dtype the module is set to
+    (:func:`lib_train.models.checkpoint.load_checkpoint`). Only for parts without buffers (the ldm UNet and VAE)."""
+    module_name, cls = target.rsplit(".", 1)
+    with torch.device("meta"):
+        module = getattr(importlib.import_module(module_name), cls)(**params)
+    if next(module.buffers(), None) is not None:
+        raise ValueError(f"{target} has buffers; build it with its initialisation")
+    return module
+
+
+def build_latent_diffusion(spec: ModelSpec, parameterization: str = "eps", *, init: bool = True):
+    """An ldm ``LatentDiffusion`` with the architecture of ``spec``, in eval mode: randomly initialised, or with
+    ``init=False`` the UNet and VAE left :func:`unfilled` (on the meta device; load a checkpoint's weights next).
 
     ldm prints progress lines while it builds; they are swallowed here.
     """
     from ldm.models.diffusion.ddpm import LatentDiffusion
 
+    config = ldm_config(spec, parameterization)
+    if not init:
+        for part in ("unet_config", "first_stage_config"):
+            config[part] = {"target": f"{__name__}.unfilled", "params": {"target": config[part]["target"],
+                                                                         "params": config[part]["params"]}}
     with contextlib.redirect_stdout(io.StringIO()):
-        model = LatentDiffusion(**ldm_config(spec, parameterization))
+        model = LatentDiffusion(**config)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -103,11 +105,25 @@ def _yaml_prediction(path: str) -> str | None:
 def _probe_v_prediction(unet: torch.nn.Module, context_dim: int) -> bool:
     """The WebUI's heuristic for full-size SD2 weights: on a constant 0.5 latent at t=999 with a constant context,
     a v-prediction UNet's output minus the input averages below -1."""
-    with torch.no_grad():
-        x = torch.full((1, 4, 8, 8), 0.5)
-        ctx = torch.full((1, 2, context_dim), 0.5)
-        out = unet(x, torch.tensor([999]), context=ctx)
-        return float((out - x).mean()) < -1
+    dtype = next(unet.parameters()).dtype
+    norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)] if dtype != torch.float32 else []
+    for m in norms:  # ldm's GroupNorm32 computes in fp32; its weights are 16-bit here (as CUDA autocast does it)
+        m.forward = functools.partial(_fp32_group_norm, m)
+    half = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast("cpu", dtype=dtype)
+    try:
+        with torch.no_grad(), half:  # weights already in their training dtype (a GPU run): compute in it
+            x = torch.full((1, 4, 8, 8), 0.5)
+            ctx = torch.full((1, 2, context_dim), 0.5)
+            out = unet(x, torch.tensor([999]), context=ctx).float()
+            return float((out - x).mean()) < -1
+    finally:
+        for m in norms:
+            del m.forward
+
+
+def _fp32_group_norm(m: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.group_norm(x.float(), m.num_groups, m.weight.float(), m.bias.float(),
+                                          m.eps).type(x.dtype)
 
 
 def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto",
@@ -119,9 +135,12 @@ def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto",
     marker tensor in the file; else, for full-size weights of a family that has one (SD2), the WebUI's probe; else
     the family's default (epsilon).
 
-    ``frozen_dtype`` (SDXL): the dtype the UNet and the text encoders are to train in (frozen, half precision on a
-    GPU); they are created in it and the file's tensors copied straight in, so an fp32 copy of the 2.6 G-parameter
-    UNet is never held (the result equals loading in fp32 and casting afterwards, bit for bit; the VAE stays fp32).
+    ``frozen_dtype``: the dtype the UNet and the text encoder(s) are to train in (frozen, half precision on a GPU;
+    None: fp32). The UNet and the VAE are built unfilled (meta device) and each weight is created from the file's
+    tensor in its part's dtype (the VAE stays fp32), one at a time, the file's copy dropped as it goes; the text
+    encoders are cast before their weights are copied in. So an fp32 copy of the UNet is never held when it trains in
+    16 bits (the result equals loading in fp32 and casting afterwards, bit for bit), and the load needs no random
+    initialisation of the UNet or VAE.
     """
     path = str(path)
     sd = read_state_dict(path)
@@ -147,22 +166,50 @@ def load_checkpoint(path: str | os.PathLike, *, prediction: str = "auto",
         del sd
         return model, CheckpointInfo(path=path, name=os.path.basename(path), spec=spec, prediction=prediction,
                                      prediction_source=source)
-    model = build_latent_diffusion(spec, "v" if prediction == "v" else "eps")
-    dtype_sd = {k: v for k, v in sd.items() if k.startswith(_REQUIRED)}
-    missing, _unexpected = model.load_state_dict(dtype_sd, strict=False)
-    missing = [k for k in missing if k.startswith(_REQUIRED) and not k.endswith("position_ids")]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise TrainerError(f"{path} is missing weights this model needs: {shown}. The file may be truncated or "
-                           "not a full SD checkpoint.")
+    model = build_latent_diffusion(spec, "v" if prediction == "v" else "eps", init=False)
+    if frozen_dtype is not None:
+        model.model.to(frozen_dtype)  # still on the meta device: only the dtype its weights will be made in
+        model.cond_stage_model.to(frozen_dtype)
+    own = model.state_dict()  # the model's tensors (sharing their storage; the UNet's and VAE's on meta)
+    missing = [k for k in own if k.startswith(_REQUIRED) and k not in sd and not k.endswith("position_ids")]
+    mismatched = [f"{k} is {list(sd[k].shape)}, expected {list(own[k].shape)}" for k in own
+                  if k in sd and k.startswith(_REQUIRED) and tuple(sd[k].shape) != tuple(own[k].shape) and not k.endswith("position_ids")]
+    for problem, keys in (("is missing weights this model needs", missing),
+                          ("has tensors of another shape than the layout read from it", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise TrainerError(f"{path} {problem}: {shown}. The file may be truncated or not a full SD checkpoint.")
+    _fill(model, sd, own)
     if (source == "default" and family.probe_v_prediction and spec.is_full_size
             and _probe_v_prediction(model.model.diffusion_model, spec.unet.context_dim)):
         prediction, source = "v", f"the WebUI's {family.short} v-prediction probe"
         model.parameterization = "v"
     info = CheckpointInfo(path=path, name=os.path.basename(path), spec=spec, prediction=prediction,
                           prediction_source=source)
-    del sd, dtype_sd
+    del sd
     return model, info
+
+
+def _fill(model: torch.nn.Module, sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Set ``model``'s tensors ``own`` from the file's ``sd`` (shapes checked): a tensor still on the meta device is
+    created from the file's tensor in its dtype, any other is copied into. Each file tensor is removed from ``sd``
+    once used (the caller holds no other reference), so the file's copy shrinks as the model fills."""
+    from .sdxl_load import _materialize
+
+    with torch.no_grad():
+        for k in [k for k in sd if k in own and k.startswith(_REQUIRED)]:  # not the file's schedule buffers
+            t = sd.pop(k)
+            target = own[k]
+            if target.is_meta:
+                _materialize(model, k, t.to(target.dtype))
+            elif k.endswith("position_ids") and tuple(target.shape) != tuple(t.shape):
+                continue  # transformers versions differ on whether and how it is saved: the model's own stands
+            else:
+                target.copy_(t)
+            del t
+    left = [k for k, t in model.state_dict().items() if t.is_meta]
+    if left:  # the missing check before filling names them; a loud error rather than a model with empty weights
+        raise TrainerError(f"weights left unset: {', '.join(left[:5])}")
 
 
 __all__ = ["CheckpointInfo", "load_checkpoint", "read_state_dict", "UNET_PREFIX"]

@@ -24,6 +24,7 @@ import gradio as gr
 from ... import methods
 from ...atomic import is_within
 from ...config import TrainConfig, from_dict, load_config, save_config
+from ...estimate import INPUTS as _ESTIMATE_INPUTS
 from ...settings import format_default
 from ...data import scan_dataset
 from ...errors import ConfigError, DatasetError, Problem, TrainerError
@@ -33,15 +34,15 @@ from ..gradio_compat import js_kwarg
 from . import render
 from .fields import CUSTOM_CHOICE, GROUPS, KEYS, METHOD_CHOICES, METHOD_GROUPS, MULTILINE, SPECS, FieldSpec, \
     config_to_values, method_default_changes, rows_of, values_to_dict
-from .presets import preset_fields, presets_for
+from .presets import NO_PRESET, preset_choices, preset_fields
 from .preprocess_panel import build_preprocess_panel
 from .captions_panel import build_captions_panel
 
 GALLERY_IMAGES = 24  # images shown after a scan
-# Settings the live estimate depends on (a change of any of them refreshes it).
-ESTIMATE_KEYS = ("data.resolution", "data.enable_buckets", "data.cache_latents", "train.batch_size", "train.epochs",
-                 "train.max_steps", "train.gradient_checkpointing", "train.mixed_precision", "optim.optimizer",
-                 "optim.grad_accum", "optim.te_lr", "network.rank", "network.conv_rank", "network.train_unet")
+# Settings the live estimate depends on (a change of any of them refreshes it): what the estimate reads, and what the
+# step count reads besides.
+ESTIMATE_KEYS = tuple(k for k in dict.fromkeys(_ESTIMATE_INPUTS + ("data.enable_buckets", "train.epochs",
+                                                                   "train.max_steps")) if k in KEYS)
 _RUN_FILE = re.compile(r"^(?P<name>.+?)(-step\d+|-\d+)?$")  # NAME, NAME-000003, NAME-step00000020
 
 
@@ -148,8 +149,9 @@ class _Handlers:
 
     # ---- settings
     @staticmethod
-    def apply_preset(name: str, method: str = methods.DEFAULT_METHOD) -> list[Any]:
-        """The fields the preset sets for ``method`` (:func:`.presets.preset_fields`)."""
+    def apply_preset(name: str | None, method: str = methods.DEFAULT_METHOD) -> list[Any]:
+        """The fields the preset sets for ``method`` (:func:`.presets.preset_fields`; ``name``: a dropdown choice);
+        "None", no choice or an unknown one changes no field."""
         preset = preset_fields(name, method)
         return [gr.update(value=preset[k]) if k in preset else gr.update() for k in KEYS]
 
@@ -159,7 +161,7 @@ class _Handlers:
         shown = [gr.update(visible=METHOD_GROUPS[g] == method) for g in METHOD_GROUPS]
         changes = method_default_changes(method, list(values))
         return shown + [_field_update(k, method, changes) for k in KEYS] + \
-            [gr.update(choices=list(presets_for(self.backend.model_family(), method)), value=None)]
+            [gr.update(choices=preset_choices(self.backend.model_family(), method), value=NO_PRESET)]
 
     @staticmethod
     def _filled(cfg: TrainConfig, note: str) -> list[Any]:
@@ -310,7 +312,7 @@ class _Handlers:
             text += " " + "; ".join(f"{SPECS[k].label}: {format_default(v)}" for k, v in defaults.items()) + \
                 f" (the {family.label} default)."
         return [render.message(text, "ok" if ok else "error"),
-                gr.update(choices=list(presets_for(family_name, method)), value=None),
+                gr.update(choices=preset_choices(family_name, method), value=NO_PRESET),
                 *[gr.update(value=defaults[k]) if k in defaults else gr.update() for k in KEYS]]
 
 
@@ -342,8 +344,10 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
                                       elem_id="sd_trainer_method",
                                       info="LoRA: small added layers, a file for the Lora folder; Embedding: new "
                                            "word vectors (textual inversion)")
-                    preset = gr.Dropdown(list(presets_for(None)), label="Preset (subject · GPU memory)",
-                                         elem_id="sd_trainer_preset")
+                    preset = gr.Dropdown(preset_choices(None, methods.DEFAULT_METHOD), value=NO_PRESET,
+                                         label="Preset (subject · GPU memory)", elem_id="sd_trainer_preset",
+                                         info="≈: the estimated peak for the loaded model (Check loaded model) and "
+                                              "this method; None keeps the settings")
                     apply_preset = gr.Button("Apply preset", elem_id="sd_trainer_apply_preset", scale=0)
                 with gr.Accordion("Dataset", open=True, elem_id="sd_trainer_group_dataset"):
                     fields_of("dataset")

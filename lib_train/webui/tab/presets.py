@@ -25,10 +25,16 @@ under :data:`FIT_SHARE` of its tier. Every LoRA preset fits (tests/test_ui_build
 tests/test_sdxl_estimate.py for SDXL); an SDXL embedding keeps both text encoders on the GPU (its vectors train
 through them), so the SDXL 8 GB tier is not offered for embeddings. All presets use min-SNR weighting (γ = 5) and a cosine schedule; the learning
 rates are the usual ones for LoRA at batch 1-4 (1e-4 UNet). They are starting points, not guarantees.
+
+The tab's dropdown (:func:`preset_choices`) starts at :data:`NO_PRESET` ("None", as the WebUI's own Script dropdown
+starts: nothing applied) and labels every preset with its predicted peak for the loaded family and the chosen method
+(``"character · 12 GB (≈ 5.3 GB)"``, :func:`choice_label`); such a label maps back to its preset
+(:func:`preset_name`), and "None", an empty choice or anything unknown sets no field.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -123,11 +129,28 @@ def set_for(family: str | None) -> str:
 FIT_SHARE = 0.9  # a preset's estimate stays under this share of its tier (the desktop and the estimate's error)
 
 
-def preset_fields(name: str, method: str = PRESET_METHOD) -> dict[str, Any]:
-    """The fields preset ``name`` sets for a run of ``method``: all of them for the presets' own method; for another
-    (an embedding run) only the settings that apply to it and have no default of its own — its memory and data
-    settings (a LoRA's learning rates and network would be wrong for the vectors)."""
-    preset = dict(ALL_PRESETS.get(name or "", {}))
+NO_PRESET = "None"  # the dropdown's first choice and starting value: no preset, the fields stay as they are
+_PEAK_SUFFIX = re.compile(r" \(≈ [0-9.]+ GB\)$")
+
+
+def choice_label(name: str, gib: float) -> str:
+    """A preset's dropdown label: its name and predicted peak ("character · 12 GB (≈ 5.3 GB)")."""
+    return f"{name} (≈ {gib:.1f} GB)"
+
+
+def preset_name(choice: str | None) -> str | None:
+    """The preset a dropdown choice stands for (its name, or its label with the predicted peak); None for
+    :data:`NO_PRESET`, an empty choice or anything that is not a preset."""
+    name = _PEAK_SUFFIX.sub("", (choice or "").strip())
+    return name if name in ALL_PRESETS else None
+
+
+def preset_fields(name: str | None, method: str = PRESET_METHOD) -> dict[str, Any]:
+    """The fields preset ``name`` (a name or a dropdown label, :func:`preset_name`) sets for a run of ``method``:
+    all of them for the presets' own method; for another (an embedding run) only the settings that apply to it and
+    have no default of its own — its memory and data settings (a LoRA's learning rates and network would be wrong
+    for the vectors). Nothing for :data:`NO_PRESET` or a choice that is not a preset."""
+    preset = dict(ALL_PRESETS.get(preset_name(name) or "", {}))
     if method != PRESET_METHOD and method in methods.METHODS:
         m = methods.METHODS[method]
         preset = {k: v for k, v in preset.items() if SETTINGS[k].applies_to(method) and k not in m.defaults
@@ -145,12 +168,28 @@ def preset_config(name: str, method: str = PRESET_METHOD) -> TrainConfig:
 
 
 @lru_cache(maxsize=None)
+def predicted_peaks(family: str | None, method: str = PRESET_METHOD) -> dict[str, float]:
+    """Every preset of ``family``'s set (offered or not) → the estimate's peak in GiB for a run of ``method`` on
+    that family (``family``: a name as ``Backend.model_family`` gives it; None: the default family)."""
+    family_name = family_or_default(family).name
+    return {name: estimate(preset_config(name, method), None, family_name).vram_gib
+            for name in PRESETS_BY_SET[set_for(family)]}
+
+
+@lru_cache(maxsize=None)
 def presets_for(family: str | None, method: str = PRESET_METHOD) -> dict[str, dict[str, Any]]:
     """The presets of the loaded model's family (``family``: its name, as ``Backend.model_family`` gives it) that a
     run of ``method`` fits within :data:`FIT_SHARE` of their tier by the estimate."""
-    family_name = family_or_default(family).name
+    peaks = predicted_peaks(family, method)
     return {name: fields for name, fields in PRESETS_BY_SET[set_for(family)].items()
-            if estimate(preset_config(name, method), None, family_name).vram_gib < FIT_SHARE * tier_gib(name)}
+            if peaks[name] < FIT_SHARE * tier_gib(name)}
+
+
+def preset_choices(family: str | None, method: str = PRESET_METHOD) -> list[str]:
+    """The dropdown's choices: :data:`NO_PRESET`, then each preset offered (:func:`presets_for`) labelled with its
+    predicted peak (:func:`choice_label`)."""
+    peaks = predicted_peaks(family, method)
+    return [NO_PRESET] + [choice_label(name, peaks[name]) for name in presets_for(family, method)]
 
 
 def tier_gib(name: str) -> float:

@@ -275,14 +275,18 @@ def run_lr(history: LRHistory | None, finished: bool) -> str:
 
 
 def estimate_html(est, steps: int | None, formula: str | None) -> str:
-    """The live estimate (:class:`lib_train.estimate.Estimate`) with the step count when the dataset is scanned."""
+    """The live estimate (:class:`lib_train.estimate.Estimate`) with the step count when the dataset is scanned; the
+    memory figure says next to it whether a GPU measurement calibrated it, and from what."""
     parts = []
     if formula:
         parts.append(f"<p class='sd-trainer-ok'>Steps: {_e(formula)}</p>")
     else:
         parts.append("<p>Steps: press Scan to count the dataset's images.</p>")
     breakdown = ", ".join(f"{_e(k)} {v:.1f}" for k, v in est.parts.items())
-    parts.append(f"<p>GPU memory ≈ <b>{est.vram_gib:.1f} GB</b> ({breakdown})</p>")
+    state = "calibrated" if est.calibrated else "uncalibrated"
+    parts.append(f"<p>GPU memory ≈ <b>{est.vram_gib:.1f} GB</b> <span class='sd-trainer-{state}' "
+                 f"title='{_e(est.calibration_label)}'>({state})</span> ({breakdown})</p>"
+                 f"<p class='sd-trainer-note'>{_e(est.calibration_label)}</p>")
     if est.seconds is not None:
         parts.append(f"<p>Time ≈ <b>{_duration(est.seconds)}</b> for {steps} steps</p>")
     parts.append(f"<p class='sd-trainer-note'>{_e(est.note)}</p>")
