@@ -38,7 +38,9 @@ def use_sdpa(model: torch.nn.Module) -> int:
     count = 0
     for m in model.modules():
         if type(m).__name__ == "CrossAttention" and hasattr(m, "to_q") and hasattr(m, "heads") and not _installed(m):
-            m.forward = _sdpa_forward(m)
+            forward = _sdpa_forward(m)
+            forward._lib_train_before = vars(m).get("forward")  # an instance forward someone else set, if any
+            m.forward = forward
             count += 1
     return count
 
@@ -48,12 +50,17 @@ def _installed(m: torch.nn.Module) -> bool:
 
 
 def restore_attention(model: torch.nn.Module) -> int:
-    """Undo :func:`use_sdpa`: every ``CrossAttention`` in ``model`` that has the fused forward gets its class's (or
-    what the host installed on the class, such as the WebUI's optimisation) back; returns how many."""
+    """Undo :func:`use_sdpa`: every ``CrossAttention`` in ``model`` that has the fused forward gets back what it had
+    before (an instance forward set by someone else, else its class's, such as the WebUI's optimisation, which the
+    WebUI installs on the class); returns how many."""
     count = 0
     for m in model.modules():
         if _installed(m):
-            del m.forward
+            before = m.forward._lib_train_before
+            if before is None:
+                del m.forward
+            else:
+                m.forward = before
             count += 1
     return count
 

@@ -263,6 +263,16 @@ class _MeanLoss:
         return value
 
 
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor of ``tensors`` is finite, with one read from each device (not one per
+    tensor)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
 class SaveFault(Exception):
     """Writing into the output folder failed (or would: too little room); the run stops and rescues its weights
     (:meth:`Run.rescue`)."""
@@ -373,15 +383,12 @@ class Run:
         """Raise the divergence error when a trained tensor (``tensors``: :meth:`TrainingSession.state_tensors`) or,
         with ``optim``, an optimizer state tensor is not finite, or would not be in the save precision."""
         dtype = SAVE_DTYPES[self.cfg.output.save_precision]
-        bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
-        if bad:
+        if not all_finite(tensors.values()):  # one read from the device; the names only when something is not
+            bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
             raise self.diverged(f"{len(bad)} of the {len(tensors)} trained tensors hold inf/nan ({bad[0]}, ...)")
-        if optim is not None:
-            for st in optim.optimizer.state.values():
-                for t in st.values():
-                    if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        raise self.diverged("the optimizer's state holds inf/nan")
-        if dtype != torch.float32:
+        if optim is not None and not all_finite(t for st in optim.optimizer.state.values() for t in st.values()):
+            raise self.diverged("the optimizer's state holds inf/nan")
+        if dtype != torch.float32 and not all_finite(t.to(dtype) for t in tensors.values()):
             big = [k for k, t in tensors.items() if not bool(torch.isfinite(t.to(dtype)).all())]
             if big:
                 raise self.diverged(f"{len(big)} of the {len(tensors)} trained tensors ({big[0]}, ...) hold values "

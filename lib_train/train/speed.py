@@ -120,12 +120,14 @@ def fused_problem(device: torch.device | str) -> str | None:
 
 
 def plan_speed(cfg: Any, device: torch.device | str, *, latents_cached: bool, optimizer: str,
-               problem: Callable[[str], str | None] = compile_problem,
-               fused_problem: Callable[[torch.device | str], str | None] = fused_problem) -> SpeedPlan:
+               problem: Callable[[str], str | None] | None = None,
+               fused_problem: Callable[[torch.device | str], str | None] | None = None) -> SpeedPlan:
     """The switches of a run of ``cfg`` on ``device``: ``latents_cached`` (whether every latent is cached before
     step 1), ``optimizer`` (the one used, after a fallback), ``problem`` (:func:`compile_problem`),
     ``fused_problem`` (:func:`fused_problem`)."""
     kind = torch.device(device).type
+    problem = problem or globals()["compile_problem"]
+    fused_problem = fused_problem or globals()["fused_problem"]
     notices = []
     compile_on = switch_on(cfg.train.compile, "train.compile", kind)
     if compile_on:
