@@ -189,7 +189,8 @@ class OptimConfig:
         False, "use AdamW if the optimizer cannot run here", flag="--optimizer-fallback",
         label="Fall back to AdamW if the optimizer cannot run", group="optim")
     fused: str = setting(
-        "auto", "AdamW: one fused kernel for the whole update (auto = on CUDA; on, off)", flag="--fused-optimizer",
+        "auto", "AdamW: one fused kernel for the whole update (auto = on where torch has it: CUDA, and the CPU with "
+                "torch 2.4+; on, off)", flag="--fused-optimizer",
         choices=SPEED_SWITCH, label="Fused AdamW", group="optim")
 
 

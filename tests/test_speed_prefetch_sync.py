@@ -91,7 +91,7 @@ def test_a_run_with_prefetch_resumes_to_the_uninterrupted_weights(tmp_path, accu
     commands = Commands()
     rec = Recorder(stop_at=3, commands=commands)
     first = train_lora(cfg, make_bundle("sd1"), prepare_data(cfg), events=rec, commands=commands)
-    assert first.status == "interrupted" and "Speed switches on: prefetch" in rec.statuses
+    assert first.status == "interrupted" and "Speed switches on: fused, prefetch" in rec.statuses
     assert not [t for t in threading.enumerate() if t.name == "lib_train-prefetch"]  # the worker ended with the run
     resumed = train_lora(cfg, make_bundle("sd1"), prepare_data(cfg), resume=load_state(first.state_dir))
     assert resumed.status == "finished" and resumed.step == ref.step

@@ -36,9 +36,13 @@ def _no_problem(device_type):
 # ------------------------------------------------------------------------------------------------- decisions
 
 def test_auto_is_on_only_where_it_wins():
-    cpu = plan_speed(_cfg(), "cpu", latents_cached=True, optimizer="AdamW", problem=_no_problem)
-    assert (cpu.compile, cpu.channels_last, cpu.fused, cpu.prefetch) == (False, False, False, False)
-    assert cpu.summary() == "none" and cpu.notices == ()
+    cpu = plan_speed(_cfg(), "cpu", latents_cached=True, optimizer="AdamW", problem=_no_problem,
+                     fused_problem=lambda d: None)
+    assert (cpu.compile, cpu.channels_last, cpu.fused, cpu.prefetch) == (False, False, True, False)
+    assert cpu.summary() == "fused" and cpu.notices == ()
+    old_torch = plan_speed(_cfg(), "cpu", latents_cached=True, optimizer="AdamW", problem=_no_problem,
+                           fused_problem=lambda d: "torch 2.1 has no fused AdamW for cpu")
+    assert not old_torch.fused and old_torch.notices == () and old_torch.summary() == "none"
     cuda = plan_speed(_cfg(), "cuda", latents_cached=True, optimizer="AdamW", problem=_no_problem,
                       fused_problem=lambda d: None)
     assert (cuda.compile, cuda.channels_last, cuda.fused, cuda.prefetch) == (False, True, True, False)
