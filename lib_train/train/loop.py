@@ -19,6 +19,13 @@ at after the step.
 
 Exact resume: all randomness of micro-batch ``i`` comes from ``step_seed(seed, i)`` and the sample seeds of the
 epoch plan (seeded by (seed, epoch)), so a run resumed at (epoch, batch) draws what the uninterrupted run would.
+
+Speed (issue 13): the run's speed switches (:mod:`~lib_train.train.speed`: regional ``torch.compile``, channels-last,
+fused AdamW, background image prefetch) are planned with the optimizer and applied to the UNet for the loop only,
+removed however it ends. The steps never wait for the device except once per optimizer step, when the step's summed
+loss is read back (:class:`_MeanLoss`): that read is the divergence check and the logged value. Inputs go to the
+device as asynchronous copies (noise and timesteps are drawn on the CPU, cached latents are pinned), and a save
+checks its tensors with one read per device (:func:`all_finite`).
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ def build_optimizer(
     """Construct optimizer ``name`` over ``param_groups`` with base ``lr`` and user ``args`` (over the defaults).
 
     ``fused``: torch's fused kernel (``fused=True``, the ``optim.fused`` speed switch), for an optimizer that takes
-    it (AdamW) unless ``args`` set ``fused`` themselves. Missing libraries, bad args and constructor refusals (e.g.
+    it (AdamW) unless ``args`` set ``fused`` or ``foreach`` themselves. Missing libraries, bad args and constructor refusals (e.g.
     Adafactor's "Cannot combine manual `lr` and `relative_step=True`") raise :class:`TrainerError`. A low lr for an
     adaptive optimizer is logged as a warning.
     """
@@ -210,7 +210,7 @@ def build_optimizer(
     warning = adaptive_lr_warning(spec.name, [lr, *group_lrs])
     if warning:
         log.warning(warning)
-    if fused and "fused" not in args and "fused" in inspect.signature(cls.__init__).parameters:
+    if fused and not {"fused", "foreach"} & set(args) and "fused" in inspect.signature(cls.__init__).parameters:
         args = {**args, "fused": True}
     try:
         return cls(groups, lr=lr, **{**spec.defaults, **args})
