@@ -54,3 +54,30 @@ def test_inside_the_webui_ours_replaces_only_slower_attention():
                                                                 "installs none on sgm's attention)")
     which, what = choose_attention("sub-quadratic", sdpa_available=False)
     assert which == "webui" and "no fused scaled_dot_product_attention" in what
+
+
+def test_a_webui_run_installs_ours_only_over_slower_attention_and_takes_it_out(monkeypatch):
+    """lib_train.webui.model.webui_attention on a real (tiny) ldm model, with the WebUI's choice as its
+    ``sd_hijack.model_hijack.optimization_method`` reports it (the WebUI itself: tests/webui)."""
+    import sys
+    import types
+
+    from lib_train.webui.model import webui_attention
+
+    model = make_tiny_model("sd1")
+    unet = model.model.diffusion_model
+    attn = [m for m in unet.modules() if type(m).__name__ == "CrossAttention"]
+    hijack = types.SimpleNamespace(optimization_method="Doggettx")
+    package = types.ModuleType("modules")
+    package.sd_hijack = types.SimpleNamespace(model_hijack=hijack)
+    monkeypatch.setitem(sys.modules, "modules", package)
+    monkeypatch.setitem(sys.modules, "modules.sd_hijack", package.sd_hijack)
+    notes = []
+    with webui_attention(model, "sd1", notes.append) as what:
+        assert all(getattr(vars(m).get("forward"), "_lib_train_sdpa", False) for m in attn)
+    assert notes == [f"Attention: {what}."] and "faster than WebUI's Doggettx attention" in what
+    assert not any("forward" in vars(m) for m in attn)
+    hijack.optimization_method = "sdp"
+    with webui_attention(model, "sd1", notes.append) as what:
+        assert not any("forward" in vars(m) for m in attn)
+    assert notes[-1] == "Attention: the WebUI's sdp attention."
