@@ -7,8 +7,9 @@ install PyTorch's ``scaled_dot_product_attention`` (flash / memory-efficient ker
 them works unchanged. ldm's UNet never passes an attention mask, so none is supported here.
 :func:`restore_attention` takes it out again.
 
-Inside the WebUI the loaded model runs the WebUI's own optimisation (Settings → Optimizations); :func:`choose_attention`
-decides whether ours replaces it for a run (only where ours is faster) and names the one that runs.
+Inside the WebUI the loaded model runs the WebUI's own optimisation (Settings → Optimizations);
+:func:`choose_attention` decides whether ours replaces it for a run (only where ours is faster) and names the one
+that runs.
 """
 
 from __future__ import annotations

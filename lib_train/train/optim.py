@@ -198,9 +198,9 @@ def build_optimizer(
     """Construct optimizer ``name`` over ``param_groups`` with base ``lr`` and user ``args`` (over the defaults).
 
     ``fused``: torch's fused kernel (``fused=True``, the ``optim.fused`` speed switch), for an optimizer that takes
-    it (AdamW) unless ``args`` set ``fused`` or ``foreach`` themselves. Missing libraries, bad args and constructor refusals (e.g.
-    Adafactor's "Cannot combine manual `lr` and `relative_step=True`") raise :class:`TrainerError`. A low lr for an
-    adaptive optimizer is logged as a warning.
+    it (AdamW) unless ``args`` set ``fused`` or ``foreach`` themselves. Missing libraries, bad args and constructor
+    refusals (e.g. Adafactor's "Cannot combine manual `lr` and `relative_step=True`") raise :class:`TrainerError`.
+    A low lr for an adaptive optimizer is logged as a warning.
     """
     spec = get_optimizer_spec(name)
     cls = spec.load_class()

@@ -73,7 +73,7 @@ def switch_on(value: str, key: str, device_type: str) -> bool:
 
 
 def compile_problem(device_type: str, *, platform: str | None = None, has_triton: bool | None = None,
-                    compiler: str | None | type(_MISSING) = _MISSING, dynamo_ok: bool | None = None) -> str | None:
+                    compiler: Any = _MISSING, dynamo_ok: bool | None = None) -> str | None:
     """Why ``torch.compile`` cannot run for ``device_type`` here, or None. The keyword arguments stand in for what
     the host offers (tests); by default they are looked up."""
     platform = sys.platform if platform is None else platform
