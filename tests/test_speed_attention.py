@@ -73,11 +73,11 @@ def test_a_webui_run_installs_ours_only_over_slower_attention_and_takes_it_out(m
     monkeypatch.setitem(sys.modules, "modules", package)
     monkeypatch.setitem(sys.modules, "modules.sd_hijack", package.sd_hijack)
     notes = []
-    with webui_attention(model, "sd1", notes.append) as what:
+    with webui_attention(model, notes.append) as what:
         assert all(getattr(vars(m).get("forward"), "_lib_train_sdpa", False) for m in attn)
     assert notes == [f"Attention: {what}."] and "faster than WebUI's Doggettx attention" in what
     assert not any("forward" in vars(m) for m in attn)
     hijack.optimization_method = "sdp"
-    with webui_attention(model, "sd1", notes.append) as what:
+    with webui_attention(model, notes.append) as what:
         assert not any("forward" in vars(m) for m in attn)
     assert notes[-1] == "Attention: the WebUI's sdp attention."
