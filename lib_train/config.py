@@ -116,7 +116,7 @@ class DataConfig:
         choices=CACHE_MODES, group="images")
     prefetch: str = setting(
         "auto", "uncached latents: decode and augment the next images in a background thread while a step runs "
-                "(auto = on whenever latents are not cached; on, off)", flag="--prefetch", choices=SPEED_SWITCH,
+                "(auto = on a GPU whenever latents are not cached; on, off)", flag="--prefetch", choices=SPEED_SWITCH,
         label="Prefetch images in the background (uncached latents)",
         group="images")
 

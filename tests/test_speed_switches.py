@@ -47,9 +47,10 @@ def test_auto_is_on_only_where_it_wins():
                       fused_problem=lambda d: None)
     assert (cuda.compile, cuda.channels_last, cuda.fused, cuda.prefetch) == (False, True, True, False)
     assert cuda.summary() == "channels_last, fused"
-    uncached = plan_speed(_cfg(), "cpu", latents_cached=False, optimizer="AdamW", problem=_no_problem)
-    assert uncached.prefetch and not plan_speed(_cfg(data__prefetch="off"), "cpu", latents_cached=False,
-                                                optimizer="AdamW").prefetch
+    assert plan_speed(_cfg(), "cuda", latents_cached=False, optimizer="AdamW", problem=_no_problem).prefetch
+    assert not plan_speed(_cfg(), "cpu", latents_cached=False, optimizer="AdamW", problem=_no_problem).prefetch
+    assert plan_speed(_cfg(data__prefetch="on"), "cpu", latents_cached=False, optimizer="AdamW").prefetch
+    assert not plan_speed(_cfg(data__prefetch="off"), "cuda", latents_cached=False, optimizer="AdamW").prefetch
     # prefetch has nothing to do when every latent is cached, even when asked for
     assert not plan_speed(_cfg(data__prefetch="on"), "cpu", latents_cached=True, optimizer="AdamW").prefetch
 

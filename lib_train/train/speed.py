@@ -18,7 +18,8 @@ where the switch was measured (or is known) to win, which :data:`AUTO_ON` holds 
   implementation, and on the CPU where torch has it (2.4 and later; the optimizer step measured 0.5-0.6× of the
   default foreach one here). A torch without it for the device (the WebUI's 2.1 on the CPU) runs unfused.
 - ``data.prefetch``: with latents not cached, the next micro-batches' images are decoded and augmented by a
-  background thread while a step runs (:mod:`lib_train.data.prefetch`); ``auto`` = on whenever latents are not cached.
+  background thread while a step runs (:mod:`lib_train.data.prefetch`); ``auto`` = on a GPU whenever latents are not
+  cached; off on the CPU, where the thread only takes its time from the cores the step runs on (measured no faster).
 
 :func:`plan_speed` turns the settings into a :class:`SpeedPlan` (pure: the device and what the host offers are its
 arguments), with a notice for each switch asked for but not possible here.
@@ -148,7 +149,8 @@ def plan_speed(cfg: Any, device: torch.device | str, *, latents_cached: bool, op
             fused = False
             if cfg.optim.fused == "on":
                 notices.append(f"optim.fused (--fused-optimizer) is off for this run: {why}.")
-    prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and not latents_cached)
+    # auto: on a GPU only: on the CPU the decoding thread takes its time from the same cores the step runs on
+    prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and kind != "cpu")
     return SpeedPlan(compile=compile_on, channels_last=switch_on(cfg.train.channels_last, "train.channels_last", kind),
                      fused=fused, prefetch=prefetch and not latents_cached, notices=tuple(notices))
 
