@@ -114,6 +114,7 @@ class BenchConfig:
     tiny: bool = False  # the family's small test layout instead of the full size (a check of the script)
     webui_dir: str | None = None  # SDXL: the WebUI folder holding repositories/generative-models (sgm)
     batch_size: int = 1  # images per step (at most N_IMAGES)
+    switches: tuple = ()  # speed switches set away from their default: ((setting key, value), ...) (SPEED_SWITCHES)
 
     @property
     def label(self) -> str:
@@ -122,7 +123,15 @@ class BenchConfig:
         what = method.row.format(vectors=self.vectors)
         te = f" te={self.te}" if method.varies_te else ""
         batch = f" batch {self.batch_size}" if self.batch_size != 1 else ""
-        return f"{family}{what} {self.resolution}²{batch} ckpt={'on' if self.checkpointing else 'off'} cache={self.cache}{te}"
+        speed = "".join(f" {SPEED_SWITCHES[key]}={value}" for key, value in self.switches)
+        return (f"{family}{what} {self.resolution}²{batch} ckpt={'on' if self.checkpointing else 'off'} "
+                f"cache={self.cache}{te}{speed}")
+
+
+# The speed switches (issue 13) as benchmark axes: setting key → the command-line option and a row's label. Each is
+# auto/on/off (lib_train.config.SPEED_SWITCH); --compile on,off gives one row per value.
+SPEED_SWITCHES = {"train.compile": "compile", "train.channels_last": "channels-last", "optim.fused": "fused",
+                  "data.prefetch": "prefetch"}
 
 
 # --------------------------------------------------------------------------------------------- child process
@@ -294,6 +303,9 @@ def _train_config(bc: BenchConfig, data_dir: Path, out_dir: Path):
     if BENCH_METHODS[bc.method].varies_vectors:
         cfg.embedding.vectors = bc.vectors
     cfg.train.batch_size = bc.batch_size
+    for key, value in bc.switches:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
     cfg.train.max_steps = bc.steps
     cfg.train.mixed_precision = bc.precision
     cfg.train.gradient_checkpointing = bc.checkpointing
@@ -381,6 +393,8 @@ def run_one(bc: BenchConfig) -> dict:
         "frozen_dtype": str(bundle.dtype).replace("torch.", ""),
         "model_params": n_params,
         "texts_cached": any(s.startswith("Caching text encodings") for s in timer.statuses),
+        "speed_switches_on": next((s.split(": ", 1)[1] for s in timer.statuses if s.startswith("Speed switches on")),
+                                  None),
         "last_loss": result.last_loss,
         "machine": _machine(bc.device),
     }
@@ -428,8 +442,13 @@ COLUMNS = ("configuration", "s/step", "min-max", "CPU s/step", "first step s", "
            "build s", "load")
 
 
+def bench_config(d: dict) -> BenchConfig:
+    """A :class:`BenchConfig` from its JSON form (the switches come back as lists)."""
+    return BenchConfig(**{**d, "switches": tuple(tuple(s) for s in d.get("switches", ()))})
+
+
 def _row(r: dict) -> list[str]:
-    bc = BenchConfig(**r["config"])
+    bc = bench_config(r["config"])
     if r.get("s_per_step_median") is None:
         return [bc.label, r.get("status", "?")] + [""] * (len(COLUMNS) - 2)
     rss = _fmt(r["peak_rss_gib"]) + ("" if r["peak_rss_since_model"] else " (lifetime)")
@@ -450,6 +469,22 @@ def text_table(columns, rows: list[list[str]]) -> str:
 
 def format_table(results: list[dict]) -> str:
     return text_table(COLUMNS, [_row(r) for r in results])
+
+
+def repeat_table(results: list[dict]) -> str:
+    """One row per configuration over its repeats: the median of the per-run medians, their spread, and the ratio
+    to the first configuration (the runs interleave, so a drift of the host's speed touches each alike)."""
+    by_label: dict[str, list[float]] = {}
+    for r in results:
+        if r.get("s_per_step_median") is not None:
+            by_label.setdefault(bench_config(r["config"]).label, []).append(r["s_per_step_median"])
+    rows, first = [], None
+    for label, values in by_label.items():
+        med = statistics.median(values)
+        first = first or med
+        rows.append([label, f"{med:.3f}", f"{min(values):.3f}-{max(values):.3f}", str(len(values)),
+                     f"{med / first:.3f}"])
+    return text_table(("configuration", "median s/step", "spread", "runs", "vs first"), rows)
 
 
 def _csv(text: str, allowed: dict) -> list:
@@ -485,6 +520,10 @@ def _te(text: str) -> list[str]:
     return _csv(text, {mode: mode for mode in TE_MODES})
 
 
+def _switch(text: str) -> list[str]:
+    return _csv(text, {v: v for v in ("auto", "on", "off")})
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Training benchmark (LoRA or embedding) on a random-weight full-size "
                                             "SD1.5 or SDXL model.")
@@ -512,6 +551,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--te", default=None, type=_te,
                    help="LoRA: text encoders trained (te_lr 5e-5) or cached (te_lr 0, outputs computed once): "
                         "trained, cached or both (default sd1 trained; sdxl cached,trained)")
+    for key, option in SPEED_SWITCHES.items():
+        p.add_argument(f"--{option}", default=None, type=_switch, metavar="VALUES",
+                       help=f"speed switch {key}: auto, on, off or a comma list (one row per value; default: the "
+                            "setting's default, auto)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole matrix this many times, interleaved (A B A B ...), for medians over repeats")
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     p.add_argument("--one", metavar="CONFIG_JSON", help=argparse.SUPPRESS)  # internal: run one configuration
     return p
@@ -520,7 +565,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.one:
-        print(RESULT_PREFIX + json.dumps(run_one(BenchConfig(**json.loads(args.one)))), flush=True)
+        print(RESULT_PREFIX + json.dumps(run_one(bench_config(json.loads(args.one)))), flush=True)
         return 0
     import torch
 
@@ -551,11 +596,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --vectors {args.vectors!r}: give comma-separated integers, e.g. 1,8", file=sys.stderr)
         return 2
+    if args.repeat < 1:
+        print("error: --repeat must be at least 1", file=sys.stderr)
+        return 2
     webui_dir = str(Path(args.webui_dir).resolve()) if args.webui_dir else None  # the subprocess runs in REPO
+    import itertools
+
+    axes = [[(key, v) for v in getattr(args, option.replace("-", "_"))] for key, option in SPEED_SWITCHES.items()
+            if getattr(args, option.replace("-", "_"))]
+    combos = [tuple(c) for c in itertools.product(*axes)] if axes else [()]
     matrix = [BenchConfig(res, ckpt, cache, steps, device, args.precision, args.method, vec, args.family, te,
-                          args.tiny, webui_dir)
+                          args.tiny, webui_dir, switches=sw)
               for res in resolutions for vec in vectors for ckpt in checkpointing for cache in caches
-              for te in te_modes]
+              for te in te_modes for sw in combos] * max(1, args.repeat)
     print(f"{len(matrix)} configurations, {steps} steps each, device {device}, precision {args.precision}",
           file=sys.stderr, flush=True)
     results = []
@@ -578,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
           f"total {time.perf_counter() - t0:.0f}s")
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
     print(format_table(results))
+    if args.repeat > 1:
+        print(f"\nover the {args.repeat} interleaved repeats (median of the rows' medians; spread = min-max):")
+        print(repeat_table(results))
     if args.json:
         from lib_train.atomic import atomic_write_text
 

@@ -132,21 +132,20 @@ class Switch:
 
 
 def _ldm_attention(bundle) -> None:
-    """Undo the fused attention ``bundle_from_ldm`` installs (``lib_train.models.attention.use_sdpa`` sets an
-    instance ``forward`` on each ldm ``CrossAttention``): ldm's own einsum attention, with the fp32 q·k and softmax
-    it keeps for backward (what the WebUI's built-in trainer runs)."""
-    restored = 0
-    for module in bundle.unet.modules():
-        if type(module).__name__ == "CrossAttention" and "forward" in vars(module):
-            del module.forward
-            restored += 1
+    """Undo the fused attention ``bundle_from_ldm`` installs (``lib_train.models.attention.restore_attention``):
+    ldm's own einsum attention, with the fp32 q·k and softmax it keeps for backward (what the WebUI's built-in
+    trainer runs)."""
+    from lib_train.models.attention import restore_attention
+
+    restored = restore_attention(bundle.unet)
     if not restored:
         raise RuntimeError("attention=ldm: no fused CrossAttention found to restore (lib_train.models.attention "
                            "changed how it installs SDPA?)")
 
 
-# The speed switches that exist in lib_train today. A new one (torch.compile, channels-last, fused AdamW: issue 13
-# item 2) is one more entry here, plus rows in MATRIX that turn it.
+# The speed switches that exist in lib_train today. A new one is one more entry here (and a value in each base of
+# BASES), plus rows in MATRIX that turn it. Issue 13's switches: compile, cl (channels-last), fused, prefetch; the
+# bases hold the values "auto" gives on CUDA (lib_train.train.speed.AUTO_ON), so each row turns one the other way.
 SWITCHES: dict[str, Switch] = {
     "ckpt": Switch("gradient checkpointing (train.gradient_checkpointing)",
                    {"off": {"train.gradient_checkpointing": False}, "on": {"train.gradient_checkpointing": True}}),
@@ -156,7 +155,16 @@ SWITCHES: dict[str, Switch] = {
                  "UNet + text-encoder LoRA (te_lr 5e-5)", dict(bt.TE_MODES), methods=("lora",)),
     "attn": Switch("attention of the SD1 UNet: sdpa = the fused kernel lib_train installs headless, ldm = ldm's own",
                    {"sdpa": {}, "ldm": {}}, hooks={"ldm": _ldm_attention}, families=("sd1",)),
+    "compile": Switch("torch.compile of the UNet's ResBlock / SpatialTransformer instances (train.compile)",
+                      {"off": {"train.compile": "off"}, "on": {"train.compile": "on"}}),
+    "cl": Switch("channels-last memory format of the UNet's convolutions (train.channels_last)",
+                 {"on": {"train.channels_last": "on"}, "off": {"train.channels_last": "off"}}),
+    "fused": Switch("fused AdamW kernel (optim.fused)", {"on": {"optim.fused": "on"}, "off": {"optim.fused": "off"}}),
+    "prefetch": Switch("uncached latents: images decoded in a background thread while a step runs (data.prefetch); "
+                       "only matters with latents=off", {"on": {"data.prefetch": "on"},
+                                                         "off": {"data.prefetch": "off"}}),
 }
+SPEED_DEFAULTS = {"compile": "off", "cl": "on", "fused": "on", "prefetch": "on"}  # what auto gives on CUDA
 
 
 @dataclass(frozen=True)
@@ -172,13 +180,15 @@ class Base:
 
 BASES: dict[str, Base] = {
     "sd1-lora-512-b1": Base("sd1", "lora", 512, 1, {"ckpt": "off", "latents": "memory", "te": "trained",
-                                                     "attn": "sdpa"}),
+                                                     "attn": "sdpa", **SPEED_DEFAULTS}),
     "sd1-lora-512-b4": Base("sd1", "lora", 512, 4, {"ckpt": "off", "latents": "memory", "te": "trained",
-                                                     "attn": "sdpa"}),
+                                                     "attn": "sdpa", **SPEED_DEFAULTS}),
     # the SDXL "12 GB" character preset's memory-relevant settings: 1024², batch 1, rank 16, AdamW, checkpointing,
     # cached text outputs and latents
-    "sdxl-lora-1024-b1": Base("sdxl", "lora", 1024, 1, {"ckpt": "on", "latents": "memory", "te": "cached"}),
-    "sd1-embedding-512-b1": Base("sd1", "embedding", 512, 1, {"ckpt": "off", "latents": "memory", "attn": "sdpa"}),
+    "sdxl-lora-1024-b1": Base("sdxl", "lora", 1024, 1, {"ckpt": "on", "latents": "memory", "te": "cached",
+                                                         **SPEED_DEFAULTS}),
+    "sd1-embedding-512-b1": Base("sd1", "embedding", 512, 1, {"ckpt": "off", "latents": "memory", "attn": "sdpa",
+                                                               **SPEED_DEFAULTS}),
 }
 
 # (base, precision, switches turned from the base's values), most important first: the budget skips from the end.
@@ -191,11 +201,18 @@ MATRIX: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("sd1-lora-512-b1", "fp16", {}),
     ("sdxl-lora-1024-b1", "fp16", {}),
     ("sd1-lora-512-b1", "bf16", {"te": "cached"}),
+    ("sd1-lora-512-b1", "bf16", {"compile": "on"}),
+    ("sd1-lora-512-b1", "bf16", {"cl": "off"}),
+    ("sd1-lora-512-b1", "bf16", {"fused": "off"}),
+    ("sd1-lora-512-b1", "bf16", {"latents": "off", "prefetch": "off"}),  # against the latents=off row below
     ("sd1-lora-512-b1", "bf16", {"attn": "ldm"}),
     ("sd1-lora-512-b1", "bf16", {"ckpt": "on"}),
     ("sd1-lora-512-b1", "bf16", {"latents": "off"}),
     ("sd1-lora-512-b4", "bf16", {"ckpt": "on"}),
     ("sdxl-lora-1024-b1", "bf16", {"ckpt": "off"}),
+    ("sd1-lora-512-b4", "bf16", {"compile": "on"}),
+    ("sdxl-lora-1024-b1", "bf16", {"compile": "on"}),
+    ("sdxl-lora-1024-b1", "bf16", {"cl": "off"}),
 )
 
 

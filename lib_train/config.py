@@ -40,6 +40,7 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 CACHE_MODES = ("memory", "disk", "off")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 TEMPLATES = ("subject", "style", "none")
+SPEED_SWITCH = ("auto", "on", "off")  # a speed switch: auto = on only where it was measured (or is known) to win
 DEFAULT_BUCKET_SIDES = (256, 1024)  # kohya's smallest and largest bucket side; data.*_bucket_side = 0 means these
 TOKEN_LENGTHS = (75, 150, 225)  # 1-3 chunks of 75 tokens, as the WebUI encodes long prompts
 MAX_VECTORS = 75  # one prompt chunk holds 75 token slots; an embedding's vectors must fit in one
@@ -129,6 +130,11 @@ class DataConfig:
     cache_latents: str = setting(
         "memory", "encode the images with the VAE once: in memory, on disk (reused by later runs) or off (every "
                   "step)", flag="--cache-latents", choices=CACHE_MODES, label="Cache latents", group="images")
+    prefetch: str = setting(
+        "auto", "uncached latents: decode and augment the next images in a background thread while a step runs "
+                "(auto = on a GPU whenever latents are not cached; on, off)", flag="--prefetch", choices=SPEED_SWITCH,
+        label="Prefetch images in the background (uncached latents)",
+        group="images")
 
 
 @dataclass
@@ -210,6 +216,10 @@ class OptimConfig:
     allow_fallback: bool = setting(
         False, "use AdamW if the optimizer cannot run here", flag="--optimizer-fallback",
         label="Fall back to AdamW if the optimizer cannot run", group="optim")
+    fused: str = setting(
+        "auto", "AdamW: one fused kernel for the whole update (auto = on where torch has it: CUDA, and the CPU with "
+                "torch 2.4+; on, off)", flag="--fused-optimizer",
+        choices=SPEED_SWITCH, label="Fused AdamW", group="optim")
 
 
 @dataclass
@@ -239,6 +249,13 @@ class TrainingConfig:
     offload_vae: bool = setting(True, "GPU: move the VAE to the CPU once latents are cached (default on)",
                                 flag="--offload-vae", label="Move the VAE to the CPU after caching latents",
                                 group="training")
+    compile: str = setting(
+        "auto", "torch.compile of the UNet's repeated blocks (ResBlock, SpatialTransformer) for the run (auto = off "
+                "until measured faster on a GPU; on, off); off with a notice where it cannot run", flag="--compile",
+        choices=SPEED_SWITCH, label="torch.compile the UNet blocks", group="training")
+    channels_last: str = setting(
+        "auto", "channels-last memory format for the UNet's convolutions during the run (auto = on CUDA; on, off)",
+        flag="--channels-last", choices=SPEED_SWITCH, label="Channels-last convolutions", group="training")
 
 
 @dataclass
@@ -619,6 +636,10 @@ def validate(cfg: TrainConfig, *, headless: bool = True) -> None:
         bad("train.noise_offset", "must be between 0 and 1 (0.05-0.1 is typical)")
     if t.log_every < 1:
         bad("train.log_every", "must be at least 1")
+    for key in ("data.prefetch", "optim.fused", "train.compile", "train.channels_last"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) not in SPEED_SWITCH:
+            bad(key, f"must be one of {', '.join(SPEED_SWITCH)} (auto = on where it is faster)")
 
     if not out.output_dir:
         bad("output.output_dir", f"give the folder where the {method.noun if method else 'output'} files are "

@@ -71,7 +71,7 @@ def test_tiny_cpu_matrix_writes_every_field(tmp_path):
     if webui:
         sdxl = by_id[SDXL_LORA]
         assert sdxl["texts_cached"]  # te=cached: the captions were encoded once before step 1
-        assert sdxl["config"]["switches"] == {"ckpt": "on", "latents": "memory", "te": "cached"}
+        assert sdxl["config"]["switches"] == {"ckpt": "on", "latents": "memory", "te": "cached", **gc.SPEED_DEFAULTS}
     assert SD1_LORA in proc.stdout and "TFLOP/step" in proc.stdout  # the printed table
 
 

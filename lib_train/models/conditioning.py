@@ -220,7 +220,7 @@ class TextConditioner:
         wrapper does: the same rows in the same call give the WebUI's numbers bit for bit in a batch too (one call over
         all ``B·k`` rows differs in the last bits)."""
         b, k, n = ids.shape
-        ids = ids.to(self._device())
+        ids = ids.to(self._device(), non_blocking=True)  # no wait for the device's queued work
         if fixes and any(fixes) and self.placeholders is None:
             raise ValueError("fixes given but no placeholders are registered")
         zs, pools = [], []

@@ -67,7 +67,7 @@ def text_root(conditioner, family: Family = SDXL) -> TextRoot:
 
 def _pairs(values, batch: int, device) -> torch.Tensor:
     """(h, w)-style pairs → ``[B, 2]``: one pair for the whole batch, one per caption, or a tensor."""
-    t = torch.as_tensor(values, device=device)
+    t = torch.as_tensor(values).to(device, non_blocking=True)  # a pageable copy that does not wait for the device
     if t.ndim == 1:
         t = t[None].expand(batch, -1)
     if tuple(t.shape) != (batch, 2):

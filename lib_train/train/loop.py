@@ -19,11 +19,19 @@ at after the step.
 
 Exact resume: all randomness of micro-batch ``i`` comes from ``step_seed(seed, i)`` and the sample seeds of the
 epoch plan (seeded by (seed, epoch)), so a run resumed at (epoch, batch) draws what the uninterrupted run would.
+
+Speed (issue 13): the run's speed switches (:mod:`~lib_train.train.speed`: regional ``torch.compile``, channels-last,
+fused AdamW, background image prefetch) are planned with the optimizer and applied to the UNet for the loop only,
+removed however it ends. The steps never wait for the device except once per optimizer step, when the step's summed
+loss is read back (:class:`_MeanLoss`): that read is the divergence check and the logged value. Inputs go to the
+device as asynchronous copies (noise and timesteps are drawn on the CPU, cached latents are pinned), and a save
+checks its tensors with one read per device (:func:`all_finite`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 import warnings
@@ -54,6 +62,7 @@ from .prepare import PreparedData
 from .sampling import SampleContext, Sampler, ddim_sampler
 from .schedule import make_scheduler
 from .session import SAVE_DTYPES, RunInfo, TrainingSession
+from .speed import ChannelsLast, RegionalCompile, SpeedPlan, plan_speed
 from .state import RunState, save_state, state_dir_for
 
 
@@ -228,26 +237,44 @@ class _Clock:
 
 
 class _MeanLoss:
-    """The mean loss of the micro-batches since the last read (kept on the device until read)."""
+    """The losses of a step's micro-batches, summed on the device and read back once per step (:meth:`read`: the
+    loop's one host-device synchronisation, which is also its finiteness check); the mean since the last
+    :meth:`take` is kept on the host."""
 
     def __init__(self) -> None:
-        self.sum: torch.Tensor | None = None
-        self.n = 0
+        self.step_sum: torch.Tensor | None = None
+        self.step_n = 0
+        self.total, self.n = 0.0, 0
 
     def add(self, loss: torch.Tensor) -> None:
-        self.sum = loss if self.sum is None else self.sum + loss
-        self.n += 1
+        self.step_sum = loss if self.step_sum is None else self.step_sum + loss
+        self.step_n += 1
 
-    def take(self) -> float:
-        value = float(self.sum) / self.n
-        self.sum, self.n = None, 0
+    def read(self) -> float | None:
+        """The step's mean loss (one read from the device); None when no micro-batch was added."""
+        if self.step_sum is None:
+            return None
+        value = self.step_sum.item() / self.step_n
+        self.total += value * self.step_n
+        self.n += self.step_n
+        self.step_sum, self.step_n = None, 0
         return value
 
-    def bad(self) -> float | None:
-        """The mean so far when it is not finite (one small read from the device every step), else None."""
-        if self.sum is None or bool(torch.isfinite(self.sum)):
-            return None
-        return float(self.sum) / self.n
+    def take(self) -> float | None:
+        """The mean of the micro-batches read since the last take."""
+        value = self.total / self.n if self.n else None
+        self.total, self.n = 0.0, 0
+        return value
+
+
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor of ``tensors`` is finite, with one read from each device (not one per
+    tensor)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 class SaveFault(Exception):
@@ -274,7 +301,8 @@ class Run:
         self.loss: float | None = None
         self.info: RunInfo | None = None
         self.autocast: torch.dtype | None = None  # the run's autocast dtype
-        self.latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self.latents: dict[tuple[int, bool], torch.Tensor] = {}  # cached latents, on the CPU (pinned on CUDA)
+        self.speed = SpeedPlan()  # the run's speed switches (:func:`make_optim` plans them)
         self.last_save: tuple[str, int, str] | None = None  # (stem, step, path): a stem is written once per step
         self.last_samples: tuple[int, list[Path]] | None = None  # (step, paths) of the newest sample set
         self.parked_text_encoders = False  # the text encoders wait on the CPU (their outputs are cached)
@@ -363,15 +391,12 @@ class Run:
         """Raise the divergence error when a trained tensor (``tensors``: :meth:`TrainingSession.state_tensors`) or,
         with ``optim``, an optimizer state tensor is not finite, or would not be in the save precision."""
         dtype = SAVE_DTYPES[self.cfg.output.save_precision]
-        bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
-        if bad:
+        if not all_finite(tensors.values()):  # one read from the device; the names only when something is not
+            bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
             raise self.diverged(f"{len(bad)} of the {len(tensors)} trained tensors hold inf/nan ({bad[0]}, ...)")
-        if optim is not None:
-            for st in optim.optimizer.state.values():
-                for t in st.values():
-                    if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        raise self.diverged("the optimizer's state holds inf/nan")
-        if dtype != torch.float32:
+        if optim is not None and not all_finite(t for st in optim.optimizer.state.values() for t in st.values()):
+            raise self.diverged("the optimizer's state holds inf/nan")
+        if dtype != torch.float32 and not all_finite(t.to(dtype) for t in tensors.values()):
             big = [k for k, t in tensors.items() if not bool(torch.isfinite(t.to(dtype)).all())]
             if big:
                 raise self.diverged(f"{len(big)} of the {len(tensors)} trained tensors ({big[0]}, ...) hold values "
@@ -484,12 +509,18 @@ def make_optim(run: Run) -> Optim:
     if note:
         run.warn(note)
         args = {}
-    optimizer = build_optimizer(used, s.param_groups(), o.lr, args)
+    run.speed = plan_speed(cfg, s.device, latents_cached=cfg.data.cache_latents != "off", optimizer=used)
+    for notice in run.speed.notices:
+        run.warn(notice)
+    optimizer = build_optimizer(used, s.param_groups(), o.lr, args, fused=run.speed.fused)
     scheduler = make_scheduler(optimizer, total_steps=run.prep.total_steps, kind=o.scheduler,
                                warmup_steps=o.warmup_steps, num_cycles=o.num_cycles, power=o.power)
     if resume:
         optimizer.load_state_dict(resume.optimizer)
         scheduler.load_state_dict(resume.scheduler)
+        for group in optimizer.param_groups:  # a state saved by a fused run resumes as this run plans it
+            if "fused" in group:
+                group["fused"] = optimizer.defaults.get("fused")
     run.autocast = autocast_dtype(cfg.train.mixed_precision, s.device, run.events)
     scaler = make_scaler(run.autocast == torch.float16)
     if resume is not None and resume.scaler is not None and scaler.is_enabled():
@@ -517,8 +548,8 @@ def cache_latents(run: Run) -> None:
             raise Stopped()
         item, plan = prep.items[i], prep.plans[i]
         key = cache.key_for(item.path, plan.bucket, plan.crop, flip)
-        run.latents[(i, flip)] = cache.get_or_compute(
-            key, lambda: bundle.encode_pixels(load_pixels(item.path, plan, flip)[None])[0])
+        latents = cache.get_or_compute(key, lambda: bundle.encode_pixels(load_pixels(item.path, plan, flip)[None])[0])
+        run.latents[(i, flip)] = latents.pin_memory() if run.session.device.type == "cuda" else latents
         if (n + 1) % 10 == 0 or n + 1 == len(todo):
             run.events.status(f"Caching latents {n + 1}/{len(todo)}")
 
@@ -539,29 +570,64 @@ def cache_text(run: Run) -> bool:
     return True
 
 
-def latents_for(run: Run, index: int, flip: bool) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without waiting for the device: a CPU tensor goes to CUDA from pinned memory, as an
+    asynchronous copy (a copy from pageable memory waits for every queued kernel first)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+Pixels = dict  # (item index, flip) → its image as load_pixels returns it (pinned on CUDA)
+
+
+def load_batch_pixels(run: Run, mb: MicroBatch) -> Pixels:
+    """The decoded, resized, cropped and flipped images of ``mb``'s samples whose latents are not cached (what the
+    prefetch thread does while a step runs)."""
+    from ..data.latent_cache import load_pixels
+
+    cuda = run.session.device.type == "cuda"
+    out: Pixels = {}
+    for x in mb.samples:
+        key = (x.index, x.flip)
+        if key not in run.latents and key not in out:
+            pixels = load_pixels(run.prep.items[x.index].path, run.prep.plans[x.index], x.flip)
+            out[key] = pixels.pin_memory() if cuda else pixels
+    return out
+
+
+def latents_for(run: Run, index: int, flip: bool, pixels: Pixels | None = None) -> torch.Tensor:
+    """The latents of an image: cached (on the CPU), or encoded now on the device (from ``pixels`` when the
+    prefetch thread loaded them)."""
     cached = run.latents.get((index, flip))
     if cached is not None:
         return cached
-    from ..data.latent_cache import load_pixels
+    loaded = (pixels or {}).get((index, flip))
+    if loaded is None:
+        from ..data.latent_cache import load_pixels
 
-    item, plan = run.prep.items[index], run.prep.plans[index]
-    return run.session.bundle.encode_pixels(load_pixels(item.path, plan, flip)[None])[0].cpu()
+        loaded = load_pixels(run.prep.items[index].path, run.prep.plans[index], flip)
+    return run.session.bundle.encode_pixels(to_device(loaded, run.session.device)[None])[0]
 
 
-def micro_step(run: Run, mb: MicroBatch, ac: torch.Tensor, scaler) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns the (detached) loss. A loss that does not depend on the
-    trained parameters (e.g. no sample's prompt holds the embedding) is not back-propagated."""
+def micro_step(run: Run, mb: MicroBatch, ac: torch.Tensor, scaler, pixels: Pixels | None = None) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns the (detached) loss, left on the device. A loss that does
+    not depend on the trained parameters (e.g. no sample's prompt holds the embedding) is not back-propagated.
+    Nothing here waits for the device: the noise and timesteps are drawn on the CPU and copied asynchronously."""
     s, t_cfg = run.session, run.cfg.train
     bundle, device = s.bundle, s.device
     seed = step_seed(t_cfg.seed, mb.index)
     torch.manual_seed(seed)  # dropout, if any
     gen = torch.Generator().manual_seed(seed)
-    x0 = torch.stack([latents_for(run, x.index, x.flip) for x in mb.samples]).to(device)
+    parts = [latents_for(run, x.index, x.flip, pixels) for x in mb.samples]
+    on_cpu = all(p.device.type == "cpu" for p in parts)
+    x0_cpu = torch.stack(parts) if on_cpu else None
+    x0 = to_device(x0_cpu, device) if on_cpu else torch.stack([to_device(p, device) for p in parts])
     prompts = s.prompts(mb.samples)
     sizes = [run.prep.image_size(x.index, x.flip) for x in mb.samples]  # for families with size conditioning
-    noise = L.make_noise(x0, gen, noise_offset=t_cfg.noise_offset)
-    t = L.sample_timesteps(len(mb.samples), gen, device)
+    noise = to_device(L.make_noise(x0_cpu if on_cpu else x0.new_empty(x0.shape, device="cpu"), gen,
+                                   noise_offset=t_cfg.noise_offset), device)  # the same draws on every device
+    t = to_device(L.sample_timesteps(len(mb.samples), gen, "cpu"), device)
     x_t = L.add_noise(x0, noise, t, ac)
     with torch.autocast(device.type, dtype=run.autocast) if run.autocast else nullcontext():
         cond = s.condition(prompts, sizes)
@@ -600,6 +666,8 @@ def _run_session(run: Run) -> RunResult:
     guard = ModelGuard(bundle.model)
     placement = Placement(bundle.model)  # the run may move the VAE and text encoders to the CPU
     ckpt: GradientCheckpointing | None = None
+    channels_last: ChannelsLast | None = None
+    compiled: RegionalCompile | None = None
     try:
         for warning in session.attach():
             run.warn(warning)
@@ -622,11 +690,20 @@ def _run_session(run: Run) -> RunResult:
                 bundle.text_encoder.to("cpu")  # nor the text encoders (back for sampling, and at the end)
                 run.parked_text_encoders = True
             torch.cuda.empty_cache()
+        if run.speed.channels_last:
+            channels_last = ChannelsLast(bundle.unet)
+        if run.speed.compile:
+            compiled = RegionalCompile(bundle.unet, run.warn)
+        run.events.status(f"Speed switches on: {run.speed.summary()}")
         session.start(run.info)
         return _loop(run, optim)
     except _oom_types() as e:
         raise TrainerError(out_of_memory_message(e, cfg, session.device)) from None
     finally:
+        if compiled is not None:
+            compiled.remove()
+        if channels_last is not None:
+            channels_last.restore()
         if ckpt is not None:
             ckpt.remove()
         session.detach()
@@ -677,24 +754,40 @@ def _loop(run: Run, optim: Optim) -> RunResult:
 
 def _steps(run: Run, optim: Optim, position: list[tuple[int, int]]) -> RunResult:
     """The steps; ``position[0]`` follows where a resumed run would start."""
+    cfg, prep, s = run.cfg, run.prep, run.session
+    batches = micro_batches(cfg, prep, *position[0])
+    if run.speed.prefetch:  # the next micro-batches' images are decoded while a step runs
+        from ..data.prefetch import Prefetcher
+
+        feed = Prefetcher(batches, lambda mb: load_batch_pixels(run, mb), depth=2)
+    else:
+        feed = None
+    try:
+        return _step_loop(run, optim, position, feed if feed is not None else ((mb, None) for mb in batches))
+    finally:
+        if feed is not None:
+            feed.close()
+
+
+def _step_loop(run: Run, optim: Optim, position: list[tuple[int, int]], feed) -> RunResult:
     cfg, prep, s, commands = run.cfg, run.prep, run.session, run.commands
     ac = s.bundle.alphas_cumprod.to(s.device)
     log_every = 1 if s.device.type == "cpu" else cfg.train.log_every
     clock, losses = _Clock(), _MeanLoss()
     run.lr_history.optimizer = optim.name
     run.events.status(f"Training: {prep.total_steps} steps")
-    for mb in micro_batches(cfg, prep, *position[0]):
-        losses.add(micro_step(run, mb, ac, optim.scaler))
+    for mb, pixels in feed:
+        losses.add(micro_step(run, mb, ac, optim.scaler, pixels))
         if not mb.ends_step(cfg.optim.grad_accum):
             continue  # accumulate more micro-batches before stepping
-        bad = losses.bad()  # checked every step: a diverged step must not reach a save
         rates = read_rates(optim.optimizer, s.noun.lower())  # the rates this step uses (floats: no device sync)
         optim.step(cfg.optim.max_grad_norm)
         run.step += 1
         run.lr_history.add(run.step, rates)
         position[0] = mb.next
-        if bad is not None:
-            raise run.diverged(f"the loss became {bad}")
+        loss = losses.read()  # the step's one wait for the device: a diverged step must not reach a save
+        if loss is not None and not math.isfinite(loss):
+            raise run.diverged(f"the loss became {loss}")
         clock.tick()
         at = Point(run.step, mb.epoch + 1, mb.epoch_end, run.step >= prep.total_steps)
         if log_due(at, log_every, prep.total_steps):

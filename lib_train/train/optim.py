@@ -192,12 +192,15 @@ def adaptive_lr_warning(name: str, lrs: Iterable[float]) -> str | None:
 
 
 def build_optimizer(
-    name: str, param_groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor], lr: float, args: dict[str, Any]
+    name: str, param_groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor], lr: float, args: dict[str, Any],
+    *, fused: bool = False,
 ) -> torch.optim.Optimizer:
     """Construct optimizer ``name`` over ``param_groups`` with base ``lr`` and user ``args`` (over the defaults).
 
-    Missing libraries, bad args and constructor refusals (e.g. Adafactor's "Cannot combine manual `lr` and
-    `relative_step=True`") raise :class:`TrainerError`. A low lr for an adaptive optimizer is logged as a warning.
+    ``fused``: torch's fused kernel (``fused=True``, the ``optim.fused`` speed switch), for an optimizer that takes
+    it (AdamW) unless ``args`` set ``fused`` or ``foreach`` themselves. Missing libraries, bad args and constructor
+    refusals (e.g. Adafactor's "Cannot combine manual `lr` and `relative_step=True`") raise :class:`TrainerError`.
+    A low lr for an adaptive optimizer is logged as a warning.
     """
     spec = get_optimizer_spec(name)
     cls = spec.load_class()
@@ -207,6 +210,8 @@ def build_optimizer(
     warning = adaptive_lr_warning(spec.name, [lr, *group_lrs])
     if warning:
         log.warning(warning)
+    if fused and not {"fused", "foreach"} & set(args) and "fused" in inspect.signature(cls.__init__).parameters:
+        args = {**args, "fused": True}
     try:
         return cls(groups, lr=lr, **{**spec.defaults, **args})
     except (TypeError, ValueError) as err:

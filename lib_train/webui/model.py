@@ -203,6 +203,27 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def webui_attention(model: Any, note: Callable[[str], None]) -> Iterator[str]:
+    """The attention the run uses (:func:`~lib_train.models.attention.choose_attention`: the WebUI's optimisation
+    where it is as fast as ours, else ours installed on the UNet for the run and taken out afterwards), named in a
+    note; yields its description."""
+    from modules import sd_hijack
+
+    from ..models.attention import choose_attention, restore_attention, use_sdpa
+
+    unet = model.model.diffusion_model
+    ldm = any(type(m).__name__ == "CrossAttention" and type(m).__module__.startswith("ldm.") for m in unet.modules())
+    which, what = choose_attention(getattr(sd_hijack.model_hijack, "optimization_method", None), ldm=ldm)
+    installed = use_sdpa(unet) if which == "ours" else 0
+    note(f"Attention: {what}.")
+    try:
+        yield what
+    finally:
+        if installed:
+            restore_attention(unet)
+
+
+@contextmanager
 def loaded_model_bundle(cfg: TrainConfig, note: Callable[[str], None] = lambda text: None
                         ) -> Iterator[WebUIModelBundle]:
     """The loaded checkpoint, prepared for a run of ``cfg`` (see the module docstring); restores on exit.
@@ -228,7 +249,7 @@ def loaded_model_bundle(cfg: TrainConfig, note: Callable[[str], None] = lambda t
         if prediction_note:
             note(prediction_note)
         with pinned_options(conditioning_options(cfg.model.clip_skip)), frozen(model), \
-                out_of_lowvram_hooks(model, note):
+                out_of_lowvram_hooks(model, note), webui_attention(model, note):
             yield bundle
     finally:
         shared.loaded_hypernetworks = hypernetworks
