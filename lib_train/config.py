@@ -191,12 +191,14 @@ class OptimConfig:
             "optimizer's defaults)", flag="--optimizer-args", label="Optimizer arguments", group="optim",
         check="lib_train.train.optim:parse_optimizer_args")
     lr: float = setting(
-        1e-4, "UNet learning rate (default {default}; 1.0 for DAdaptAdam/Prodigy)", flag="--lr", label="Learning rate",
+        1e-4, "UNet learning rate (default {default}; DAdaptAdam/Prodigy: 1.0 unless set)", flag="--lr",
+        label="Learning rate",
         group="optim", range=(0.0, ANY),
-        method_help={"embedding": "learning rate of the embedding vectors (default {default}; 1.0 for "
-                                  "DAdaptAdam/Prodigy)"})
+        method_help={"embedding": "learning rate of the embedding vectors (default {default}; DAdaptAdam/Prodigy: "
+                                  "1.0 unless set)"})
     te_lr: float = setting(
-        5e-5, "text-encoder learning rate (default {default}; 0 = UNet only)", flag="--te-lr",
+        5e-5, "text-encoder learning rate (default {default}; 0 = UNet only; DAdaptAdam/Prodigy: the learning rate "
+              "unless set)", flag="--te-lr",
         label="Text-encoder learning rate (0 = UNet only)", group="optim", methods=("lora",), range=(0.0, ANY))
     scheduler: str = setting(
         "constant", "how the learning rate changes during the run: constant, constant_with_warmup, linear, cosine, "
@@ -443,7 +445,28 @@ def from_dict(data: dict[str, Any], *, default_method: str = methods.DEFAULT_MET
                 problems.append(Problem(label(name), str(e)))
     if problems:
         raise ConfigError(problems)
+    optim_given = data.get("optim")
+    adaptive_rates(cfg, set(optim_given) if isinstance(optim_given, dict) else set())
     return cfg
+
+
+ADAPTIVE_LR = 1.0  # the usual learning rate of DAdaptation / Prodigy: a multiplier of the step size they estimate
+
+
+def adaptive_rates(cfg: TrainConfig, given: set[str]) -> dict[str, float]:
+    """DAdaptation and Prodigy take a learning rate near :data:`ADAPTIVE_LR` and one rate for every part they train:
+    with one of them chosen, a rate not in ``given`` (the ``optim`` keys the user set) is set to that — the learning
+    rate to 1.0, a trained text encoder's rate to the learning rate. Returns the ``"optim.*"`` values it changed (the
+    tab applies the same rule when the optimizer is switched)."""
+    if not methods.adaptive_optimizer(cfg.optim.optimizer):
+        return {}
+    changed: dict[str, float] = {}
+    if "lr" not in given and cfg.optim.lr != ADAPTIVE_LR:
+        cfg.optim.lr = changed["optim.lr"] = ADAPTIVE_LR
+    if SETTINGS["optim.te_lr"].applies_to(cfg.method) and "te_lr" not in given and cfg.optim.te_lr not in (
+            0, cfg.optim.lr):
+        cfg.optim.te_lr = changed["optim.te_lr"] = cfg.optim.lr
+    return changed
 
 
 def _short(key: str) -> str:

@@ -53,7 +53,7 @@ class Method:
         return resolve(getattr(self, which))
 
 
-def _adaptive(optimizer: str) -> bool:
+def adaptive_optimizer(optimizer: str) -> bool:
     """Whether ``optimizer`` estimates its own step size (DAdaptation, Prodigy); False for an unknown name (the
     optimizer check reports that)."""
     from .train.optim import OPTIMIZERS
@@ -81,7 +81,7 @@ def _validate_network(cfg: "TrainConfig", bad: Bad) -> None:
         bad("network.train_unet", "nothing to train: the UNet is off and the text-encoder learning rate is 0")
     if o.te_lr < 0 or not math.isfinite(o.te_lr):
         bad("optim.te_lr", "must be 0 (UNet only) or a positive number")
-    elif n.train_unet and o.te_lr not in (0, o.lr) and _adaptive(o.optimizer):
+    elif n.train_unet and o.te_lr not in (0, o.lr) and adaptive_optimizer(o.optimizer):
         # DAdaptation and Prodigy estimate one step size for all groups and refuse, at their first step, groups
         # whose learning rates differ (other than 0): say so now, with the two values that work.
         bad("optim.te_lr", f"{o.optimizer} uses one learning rate for every part it trains: set the text-encoder "

@@ -252,3 +252,34 @@ def _problems_or_none(data: dict) -> dict[str, str]:
     except ConfigError as e:
         return {p.where: p.message for p in e.problems}
     return {}
+
+
+def test_adaptive_optimizers_get_their_rates_by_default_and_given_rates_stay():
+    """`--optimizer Prodigy` alone is a valid command: the rates not given become 1.0 (the text encoder's the learning
+    rate); rates the user gives are kept, and `--te-lr 0` still trains the UNet only."""
+    from lib_train.config import adaptive_rates
+
+    cfg = from_dict({}, overrides={"optim.optimizer": "Prodigy"})
+    assert (cfg.optim.lr, cfg.optim.te_lr) == (1.0, 1.0)
+    cfg = from_dict({}, overrides={"optim.optimizer": "DAdaptAdam", "optim.lr": 0.5})
+    assert (cfg.optim.lr, cfg.optim.te_lr) == (0.5, 0.5)
+    cfg = from_dict({"optim": {"optimizer": "Prodigy", "te_lr": 0}})
+    assert (cfg.optim.lr, cfg.optim.te_lr) == (1.0, 0.0)
+    emb = from_dict({"method": "embedding", "optim": {"optimizer": "Prodigy"}})
+    assert emb.optim.lr == 1.0
+    assert from_dict({}, overrides={"optim.optimizer": "AdamW"}).optim.lr == 1e-4  # others keep their defaults
+    # a config that sets both (a saved run, a resume state) is taken as written
+    cfg = from_dict({"optim": {"optimizer": "Prodigy", "lr": 1e-4, "te_lr": 5e-5}})
+    assert (cfg.optim.lr, cfg.optim.te_lr) == (1e-4, 5e-5) and adaptive_rates(cfg, {"lr", "te_lr"}) == {}
+
+
+def test_the_tab_sets_the_rates_when_the_optimizer_switches():
+    from lib_train.webui.tab.build import _Handlers
+
+    to_prodigy = _Handlers.optimizer_changed("lora", "Prodigy", 1e-4, 5e-5)
+    assert [u.get("value") for u in to_prodigy] == [1.0, 1.0]
+    assert "value" not in _Handlers.optimizer_changed("lora", "Prodigy", 1e-4, 0)[1]  # UNet only stays
+    assert not any("value" in u for u in _Handlers.optimizer_changed("lora", "Prodigy", 0.5, 0.5))  # typed: kept
+    back = _Handlers.optimizer_changed("lora", "AdamW", 1.0, 1.0)
+    assert [u.get("value") for u in back] == [1e-4, 5e-5]
+    assert _Handlers.optimizer_changed("embedding", "AdamW", 1.0, 5e-5)[0]["value"] == 5e-3

@@ -10,6 +10,7 @@ gradients reach every parameter used inside it, including LoRA's. Removal restor
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -20,27 +21,19 @@ BLOCK_CLASSES = ("BasicTransformerBlock", "ResBlock", "CLIPEncoderLayer", "Resid
 _MISSING = object()
 
 
-class GradientCheckpointing:
-    def __init__(self, *roots: torch.nn.Module | None):
+class ForwardWrappers:
+    """Per-run wrappers of some modules' instance ``forward``: :meth:`_install` wraps one module, :meth:`remove` puts
+    every instance state back exactly (an earlier instance ``forward`` is restored, none is left where there was none)."""
+
+    def __init__(self) -> None:
         self._patched: list[tuple[torch.nn.Module, object]] = []
-        for root in roots:
-            if root is None:
-                continue
-            for m in root.modules():
-                if type(m).__name__ in BLOCK_CLASSES:
-                    self._wrap(m)
 
-    def _wrap(self, m: torch.nn.Module) -> None:
+    def _install(self, m: torch.nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        """Wrap ``m``: ``make(inner)`` → the new forward, where ``inner`` is the forward ``m`` has now (bound method or
+        an earlier instance override)."""
         before = m.__dict__.get("forward", _MISSING)
-        inner = m.forward  # bound method (or an earlier instance override)
-
-        @functools.wraps(inner)
-        def forward(*args, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-            return inner(*args, **kwargs)
-
-        m.forward = forward
+        inner = m.forward
+        m.forward = functools.wraps(inner)(make(inner))
         self._patched.append((m, before))
 
     @property
@@ -54,3 +47,23 @@ class GradientCheckpointing:
             else:
                 m.__dict__["forward"] = before
         self._patched.clear()
+
+
+class GradientCheckpointing(ForwardWrappers):
+    def __init__(self, *roots: torch.nn.Module | None):
+        super().__init__()
+        for root in roots:
+            if root is None:
+                continue
+            for m in root.modules():
+                if type(m).__name__ in BLOCK_CLASSES:
+                    self._install(m, _checkpointed)
+
+
+def _checkpointed(inner: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return inner(*args, **kwargs)
+
+    return forward

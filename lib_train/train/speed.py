@@ -27,7 +27,6 @@ arguments), with a notice for each switch asked for but not possible here.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import shutil
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from .checkpointing import ForwardWrappers
 
 # Where ``auto`` turns a switch on: device types ("cuda", "cpu", "mps"). Change an entry only with a measurement
 # (bench/bench_train.py on the CPU, bench/gpu_check.py on a GPU) that shows the switch faster there.
@@ -195,7 +196,7 @@ def _dynamo_config():
         return None
 
 
-class RegionalCompile:
+class RegionalCompile(ForwardWrappers):
     """``torch.compile`` of each ``ResBlock`` / ``SpatialTransformer`` instance under ``root``, as a per-run wrapper
     of the instance's ``forward`` (its earlier instance ``forward``, if any, is put back by :meth:`remove`). Dynamo's
     recompile limit is raised for the run (one graph per block shape) and restored afterwards. A block whose compile
@@ -203,8 +204,8 @@ class RegionalCompile:
 
     def __init__(self, root: torch.nn.Module, notice: Callable[[str], None], *,
                  classes: tuple[str, ...] = COMPILE_CLASSES, backend: str | None = None):
+        super().__init__()
         self._backend = backend or COMPILE_BACKEND
-        self._patched: list[tuple[torch.nn.Module, object]] = []
         self._notice = notice
         self.failed: str | None = None
         self._limits: list[tuple[str, Any]] = []
@@ -219,16 +220,12 @@ class RegionalCompile:
             if type(m).__name__ in classes:
                 self._wrap(m)
 
-    @property
-    def count(self) -> int:
-        return len(self._patched)
-
     def _wrap(self, m: torch.nn.Module) -> None:
-        before = m.__dict__.get("forward", _MISSING)
-        inner = m.forward
+        self._install(m, self._compiled)
+
+    def _compiled(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         compiled = torch.compile(inner, backend=self._backend, dynamic=False)
 
-        @functools.wraps(inner)
         def forward(*args, **kwargs):
             if self.failed is None:
                 try:
@@ -241,16 +238,10 @@ class RegionalCompile:
                                  "UNet runs uncompiled.")
             return inner(*args, **kwargs)
 
-        m.forward = forward
-        self._patched.append((m, before))
+        return forward
 
     def remove(self) -> None:
-        for m, before in reversed(self._patched):
-            if before is _MISSING:
-                m.__dict__.pop("forward", None)
-            else:
-                m.__dict__["forward"] = before
-        self._patched.clear()
+        super().remove()
         config = _dynamo_config()
         for name, value in self._limits:
             setattr(config, name, value)

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 from secrets import compare_digest
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -104,17 +104,24 @@ def _field_loc(where: str) -> list[str]:
     return ["body", *where.split(" ", 1)[0].split(".")]
 
 
+def _trainer_refusal(e: TrainerError, loc: Callable[[str], list[str]], config_type: str) -> JSONResponse:
+    """A refusal of the library as an answer: bad settings (``loc`` places each field) or a bad dataset (the file
+    named) → 422 with one entry per problem; anything else it refused (a job already running, an Undo that cannot be
+    done) → 409 saying why."""
+    if isinstance(e, ConfigError):
+        return _unprocessable([{"loc": loc(p.where), "msg": p.message, "type": config_type} for p in e.problems],
+                              str(e))
+    if isinstance(e, DatasetError):
+        return _unprocessable([{"loc": ["dataset", p.where], "msg": p.message, "type": "value_error.dataset"}
+                               for p in e.problems], str(e))
+    return JSONResponse(status_code=409, content={"detail": str(e)})
+
+
 def _job_response(create_kwargs: dict[str, Any]) -> JSONResponse:
     try:
         job = manager.create(**create_kwargs)
-    except ConfigError as e:
-        return _unprocessable([{"loc": _field_loc(p.where), "msg": p.message, "type": "value_error.config"}
-                               for p in e.problems], str(e))
-    except DatasetError as e:
-        return _unprocessable([{"loc": ["dataset", p.where], "msg": p.message, "type": "value_error.dataset"}
-                               for p in e.problems], str(e))
     except TrainerError as e:
-        return JSONResponse(status_code=409, content={"detail": str(e)})
+        return _trainer_refusal(e, _field_loc, "value_error.config")
     created = job.snapshot()  # as created ("queued"), before the job's thread can change it
     manager.start(job)
     return JSONResponse(created)
@@ -276,14 +283,8 @@ def caption_action(action: str, body: dict[str, Any]) -> JSONResponse:
             return JSONResponse({**captions.summary(), "tags": captions.tag_table()})
         result = ce.preview(captions, plan) if action == "preview" else ce.apply_plan(captions, plan)
         return JSONResponse(result)
-    except ConfigError as e:
-        return _unprocessable([{"loc": ["body", p.where], "msg": p.message, "type": "value_error.captions"}
-                               for p in e.problems], str(e))
-    except DatasetError as e:
-        return _unprocessable([{"loc": ["dataset", p.where], "msg": p.message, "type": "value_error.dataset"}
-                               for p in e.problems], str(e))
     except TrainerError as e:
-        return JSONResponse(status_code=409, content={"detail": str(e)})
+        return _trainer_refusal(e, lambda where: ["body", where], "value_error.captions")
 
 
 async def caption_tags(request: Request) -> JSONResponse:

@@ -23,7 +23,7 @@ import gradio as gr
 
 from ... import methods
 from ...atomic import is_within
-from ...config import TrainConfig, from_dict, load_config, save_config
+from ...config import ADAPTIVE_LR, TrainConfig, from_dict, load_config, method_default, save_config
 from ...estimate import INPUTS as _ESTIMATE_INPUTS
 from ...settings import format_default
 from ...data import scan_dataset
@@ -162,6 +162,33 @@ class _Handlers:
         changes = method_default_changes(method, list(values))
         return shown + [_field_update(k, method, changes) for k in KEYS] + \
             [gr.update(choices=preset_choices(self.backend.model_family(), method), value=NO_PRESET)]
+
+    @staticmethod
+    def optimizer_changed(method: str, optimizer: str, lr: Any, te_lr: Any) -> list[Any]:
+        """The learning rates a switch of optimizer needs: to DAdaptation/Prodigy a rate below 0.1 becomes 1.0 and a
+        trained text encoder's rate the learning rate (they refuse two rates; :func:`lib_train.config.adaptive_rates`
+        is the same rule for configs); back to another optimizer, rates of 0.1 or more become the method's
+        defaults. Anything else the user typed stays."""
+        def num(v: Any) -> float | None:
+            try:
+                return float(v)
+            except (TypeError, ValueError):
+                return None
+
+        lr_v, te_v = num(lr), num(te_lr)
+        new_lr, new_te = lr_v, te_v
+        if methods.adaptive_optimizer(optimizer or ""):
+            if lr_v is not None and lr_v < 0.1:
+                new_lr = ADAPTIVE_LR
+            if te_v and new_lr is not None:
+                new_te = new_lr
+        else:
+            if lr_v is not None and lr_v >= 0.1:
+                new_lr = method_default(method, "optim.lr")
+            if te_v is not None and te_v >= 0.1:
+                new_te = method_default("lora", "optim.te_lr")
+        return [gr.update(value=new_lr) if new_lr != lr_v else gr.update(),
+                gr.update(value=new_te) if new_te != te_v else gr.update()]
 
     @staticmethod
     def _filled(cfg: TrainConfig, note: str) -> list[Any]:
@@ -406,6 +433,9 @@ def build_ui(info: WebuiInfo, backend: Backend) -> gr.Blocks:
         check.click(fn=h.check_host, inputs=[method], outputs=[host, preset, *fields])
         apply_preset.click(fn=h.apply_preset, inputs=[preset, method], outputs=fields)
         method.change(fn=h.method_changed, inputs=[method, *fields], outputs=method_groups + fields + [preset])
+        rates = [comps["optim.lr"], comps["optim.te_lr"]]
+        comps["optim.optimizer"].input(fn=h.optimizer_changed, inputs=[method, comps["optim.optimizer"], *rates],
+                                       outputs=rates)
         scan.click(fn=h.scan, inputs=[method, *fields], outputs=[report, gallery, scan_state, estimate_box])
         for event in captions.changed:  # Apply / Undo: the scan and the step formula again
             event.then(fn=h.scan, inputs=[method, *fields], outputs=[report, gallery, scan_state, estimate_box])
