@@ -302,7 +302,7 @@ class _Handlers:
             job = create()
         except TrainerError as e:
             return (render.error(e),)
-        return (render.job_status(self.backend.run_job(job)),)
+        return (render.job_outcome(self.backend.run_job(job)),)  # the details are in the job panel below
 
     def train(self, task_id: str, method: str, *values: Any) -> tuple[str]:
         return self._run(lambda: self.backend.create_job(self._request(method, values)))

@@ -81,6 +81,21 @@ def _duration(seconds: float | None) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def job_outcome(s: dict[str, Any]) -> str:
+    """What a Train / Resume click ended with, in one line under the buttons (the job panel below has the details: it
+    is not repeated here): the file written, where to resume from, or the error."""
+    state, name = s.get("state"), f"{s.get('method', '')} run {s.get('name', '')}".strip()
+    if state == "finished":
+        written = s.get("final_file") or (s.get("saved") or ["no file"])[-1]
+        return message(f"Finished the {name}: {written}", "ok")
+    if state == "interrupted":
+        where = f"; resume from {s['state_dir']}" if s.get("state_dir") else ""
+        return message(f"Interrupted the {name} at step {s.get('step', 0)}{where}", "info")
+    if state == "error":
+        return message(f"The {name} failed: {s.get('error') or s.get('phase') or 'see the job panel'}", "error")
+    return message(f"The {name} is {state}", "info")
+
+
 def job_status(s: dict[str, Any]) -> str:
     """A job's status (a :class:`~lib_train.webui.jobs.JobStatus` as a dict): state, progress, loss, files, notes,
     error, and what to do with an interrupted run."""
