@@ -21,9 +21,11 @@ downloaded). Its log is kept in the session's temporary folder and printed in fa
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import secrets
+import select
 import shlex
 import signal
 import socket
@@ -39,6 +41,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+LARGE_BODY = 1 << 20  # request bodies over this (the API's limit) are sent headers first (WebuiServer._send_large)
+EARLY_ANSWER_WAIT = 30.0  # seconds a large body waits for the server's answer to its headers before it is sent
 SERVER_FLAGS = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--no-half",
                 "--use-cpu", "all", "--precision", "full", "--api", "--do-not-download-clip",
                 "--no-download-sd-model"]
@@ -70,15 +74,39 @@ class WebUI:
         if auth:
             token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
             req.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                status, text = r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            status, text = e.code, e.read().decode()
+        if data is not None and len(data) > LARGE_BODY:
+            status, text = self._send_large(method, path, data, dict(req.header_items()), timeout)
+        else:
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    status, text = r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                status, text = e.code, e.read().decode()
         try:
             return Response(status, json.loads(text))
         except ValueError:
             return Response(status, text)
+
+    def _send_large(self, method: str, path: str, data: bytes, headers: dict[str, str],
+                    timeout: float) -> tuple[int, str]:
+        """Send a body over :data:`LARGE_BODY` bytes the way a client that honours an early answer does: the headers
+        first, then — unless the server has already answered (a 413 from the declared length, which it sends without
+        reading the body and then closes) — the body. Writing into the closed connection would fail with a broken
+        pipe, or a reset that can take the answer with it, depending on timing."""
+        host, port = self.url.split("//", 1)[1].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            conn.putrequest(method, path)
+            for name, value in {**headers, "Content-Length": str(len(data))}.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+            answered, _, _ = select.select([conn.sock], [], [], EARLY_ANSWER_WAIT)
+            if not answered:
+                conn.send(data)
+            r = conn.getresponse()
+            return r.status, r.read().decode()
+        finally:
+            conn.close()
 
     def get(self, path: str, **kw) -> Any:
         return self._ok(self.request("GET", path, **kw), path)
