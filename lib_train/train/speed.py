@@ -44,6 +44,8 @@ AUTO_ON: dict[str, frozenset[str]] = {
     "train.compile": frozenset(),  # not measured on a GPU yet; slower on the CPU here
     "train.channels_last": frozenset({"cuda"}),
     "optim.fused": frozenset({"cuda", "cpu"}),  # the CPU: torch >= 2.4 (fused_problem finds out); 0.5-0.6x step
+    # a GPU only: on the CPU the decoding thread takes its time from the same cores the step runs on
+    "data.prefetch": frozenset({"cuda", "mps"}),
 }
 
 COMPILE_CLASSES = ("ResBlock", "SpatialTransformer")  # ldm's and sgm's repeated UNet blocks (sgm keeps ldm's names)
@@ -131,27 +133,25 @@ def plan_speed(cfg: Any, device: torch.device | str, *, latents_cached: bool, op
     kind = torch.device(device).type
     problem = problem or globals()["compile_problem"]
     fused_problem = fused_problem or globals()["fused_problem"]
-    notices = []
+    notices: list[str] = []
+
+    def unless(on: bool, value: str, what: str, why: str | None) -> bool:
+        """``on``, unless there is a reason (``why``) it cannot be; then off, with a notice when asked for explicitly."""
+        if on and why:
+            if value == "on":
+                notices.append(f"{what} {why}.")
+            return False
+        return on
+
     compile_on = switch_on(cfg.train.compile, "train.compile", kind)
-    if compile_on:
-        why = problem(kind)
-        if why:
-            compile_on = False
-            if cfg.train.compile == "on":
-                notices.append(f"train.compile (--compile) is off for this run: {why}.")
+    compile_on = unless(compile_on, cfg.train.compile, "train.compile (--compile) is off for this run:",
+                        problem(kind) if compile_on else None)
     fused = switch_on(cfg.optim.fused, "optim.fused", kind)
-    if fused and optimizer != "AdamW":
-        fused = False
-        if cfg.optim.fused == "on":
-            notices.append(f"optim.fused (--fused-optimizer) applies to AdamW only; {optimizer} runs unfused.")
-    if fused:
-        why = fused_problem(device)
-        if why:
-            fused = False
-            if cfg.optim.fused == "on":
-                notices.append(f"optim.fused (--fused-optimizer) is off for this run: {why}.")
-    # auto: on a GPU only: on the CPU the decoding thread takes its time from the same cores the step runs on
-    prefetch = cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and kind != "cpu")
+    fused = unless(fused, cfg.optim.fused, "optim.fused (--fused-optimizer) applies to AdamW only;",
+                   f"{optimizer} runs unfused" if optimizer != "AdamW" else None)
+    fused = unless(fused, cfg.optim.fused, "optim.fused (--fused-optimizer) is off for this run:",
+                   fused_problem(device) if fused else None)
+    prefetch = switch_on(cfg.data.prefetch, "data.prefetch", kind)
     return SpeedPlan(compile=compile_on, channels_last=switch_on(cfg.train.channels_last, "train.channels_last", kind),
                      fused=fused, prefetch=prefetch and not latents_cached, notices=tuple(notices))
 
