@@ -54,6 +54,8 @@ for _p in (str(REPO), str(BENCH)):
 WARMUP_STEPS = 2  # steps 1..2 are left out of a run's median
 OUR_NAME, KOHYA_NAME = "ours", "kohya"
 CUDA_PEAK_ENV = "BENCH_KOHYA_CUDA_PEAK"  # the sitecustomize hook writes its counters to this file
+PROFILE_ENV = "BENCH_KOHYA_PROFILE"  # ... and its profile of steps PROFILE_STEPS to this one
+PROFILE_STEPS = (3, 5)  # --profile: from the end of step 3 to the end of step 5 (steps 4 and 5)
 KOHYA_TOKENIZERS = {  # kohya's --tokenizer_cache_dir holds a saved CLIPTokenizer per hub id ("/" -> "_")
     "openai_clip-vit-large-patch14": {},  # SD1, and SDXL's first encoder
     "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k": {"pad_token": "!"},  # SDXL's second encoder (open_clip pads with 0)
@@ -390,7 +392,8 @@ def _reset_hwm(pid: int) -> bool:
 
 
 SITECUSTOMIZE = '''\
-"""Written by bench/bench_kohya.py: CUDA peak-memory counters of this process, for the benchmark only."""
+"""Written by bench/bench_kohya.py: CUDA peak-memory counters of this process, and (--profile) a torch.profiler
+window over some of its steps, for the benchmark only."""
 import atexit, json, os, signal, sys
 
 _OUT = os.environ.get("BENCH_KOHYA_CUDA_PEAK")
@@ -420,19 +423,52 @@ if _OUT:
             _STATE["peak_reserved"] = torch.cuda.max_memory_reserved()
         with open(_OUT, "w") as f:
             json.dump(_STATE, f)
+
+_PROFILE = os.environ.get("BENCH_KOHYA_PROFILE")
+if _PROFILE:
+    _PROF = {}
+
+    # two signals, not one sent twice: two pending deliveries of one signal merge into one (real-time ones do not,
+    # and a lower number's handler runs first when both are pending)
+    def _start(signum, frame):  # profile the CPU ops from here ...
+        import torch
+        if "prof" not in _PROF:
+            _PROF["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            _PROF["prof"].start()
+
+    def _stop(signum, frame):  # ... to here, and write the per-op totals
+        prof = _PROF.pop("prof", None)
+        if prof is None:
+            return
+        prof.stop()
+        rows = [{"name": e.key, "count": e.count, "self_us": e.self_cpu_time_total, "total_us": e.cpu_time_total}
+                for e in prof.key_averages()]
+        with open(_PROFILE + ".part", "w") as f:
+            json.dump(rows, f)
+        os.replace(_PROFILE + ".part", _PROFILE)
+
+    signal.signal(signal.SIGRTMIN + 1, _start)
+    signal.signal(signal.SIGRTMIN + 2, _stop)
 '''
 
 
 def run_child(cmd: list[str], *, tool: str, steps: int, env: dict, cwd: str, log_path: Path,
-              cuda_hook: Path | None = None, timeout: float = 3600) -> dict:
-    """Run one training child, stamping each training-bar step as its output arrives; return its measurements."""
+              cuda_hook: Path | None = None, timeout: float = 3600,
+              profile: tuple[int, int] | None = None) -> dict:
+    """Run one training child, stamping each training-bar step as its output arrives; return its measurements.
+    ``cuda_hook``: the folder holding the sitecustomize hook (CUDA counters; needed for ``profile`` too).
+    ``profile`` = (a, b): the child's CPU ops are profiled from the end of step a to the end of step b."""
     env = dict(env)
-    peak_file = None
+    peak_file = profile_file = None
     if cuda_hook is not None:
         peak_file = log_path.with_suffix(".cuda.json")
         peak_file.unlink(missing_ok=True)
         env["PYTHONPATH"] = os.pathsep.join([str(cuda_hook), *filter(None, [env.get("PYTHONPATH")])])
         env[CUDA_PEAK_ENV] = str(peak_file)
+        if profile is not None:
+            profile_file = log_path.with_suffix(".profile.json")
+            profile_file.unlink(missing_ok=True)
+            env[PROFILE_ENV] = str(profile_file)
     reader = BarReader(tool, steps)
     stamps = reader.stamps
     cpu_stamps: dict[int, float] = {}  # the child's CPU seconds at each step's stamp
@@ -460,6 +496,8 @@ def run_child(cmd: list[str], *, tool: str, steps: int, env: dict, cwd: str, log
                     reset_ok = _reset_hwm(proc.pid)
                     if cuda_hook is not None:
                         os.kill(proc.pid, signal.SIGUSR1)
+                if profile_file is not None and n in profile:
+                    os.kill(proc.pid, signal.SIGRTMIN + (1 if n == profile[0] else 2))
                 if reset_ok:
                     hwm_train_kib = _read_status_kib(proc.pid, "VmHWM")
             if now - start > timeout:
@@ -486,6 +524,9 @@ def run_child(cmd: list[str], *, tool: str, steps: int, env: dict, cwd: str, log
         result["cuda_peak_train_gib"] = cuda["peak_allocated"] / GIB if cuda.get("reset") else None
         result["cuda_peak_gib"] = max(cuda["peak_allocated"], cuda.get("lifetime_before_reset", 0)) / GIB
         result["cuda_reserved_gib"] = cuda.get("peak_reserved", 0) / GIB
+    if profile_file is not None:
+        result["profile"] = str(profile_file) if profile_file.exists() else None
+        result["profile_steps"] = list(profile)
     if not result["ok"]:
         tail = "\n".join(text.replace("\r", "\n").splitlines()[-15:])
         result["error"] = f"exit code {proc.returncode}, {len(stamps)}/{steps} steps seen; log {log_path}:\n{tail}"
@@ -679,6 +720,43 @@ def format_summary(summaries: list[dict]) -> str:
     return text_table(columns, rows)
 
 
+def profile_table(runs: list[dict], top: int = 30) -> list[tuple[str, float | None, float | None]]:
+    """(op, ours, kohya): each op's self CPU time per profiled step (median over the runs that have a profile),
+    the ``top`` ops by their larger figure, then a row for all others and the total."""
+    per_tool: dict[str, dict[str, list[float]]] = {OUR_NAME: {}, KOHYA_NAME: {}}
+    counts = {OUR_NAME: 0, KOHYA_NAME: 0}
+    for r in runs:
+        if not r.get("profile"):
+            continue
+        steps = r["profile_steps"][1] - r["profile_steps"][0]
+        counts[r["tool"]] += 1
+        seen = per_tool[r["tool"]]
+        for row in json.loads(Path(r["profile"]).read_text()):
+            seen.setdefault(row["name"], []).append(row["self_us"] / 1e6 / steps)
+    med = {tool: {name: statistics.median(v + [0.0] * (counts[tool] - len(v))) for name, v in ops.items()}
+           for tool, ops in per_tool.items()}
+    names = sorted(set(med[OUR_NAME]) | set(med[KOHYA_NAME]),
+                   key=lambda n: -max(med[OUR_NAME].get(n, 0.0), med[KOHYA_NAME].get(n, 0.0)))
+    rows = [(n, med[OUR_NAME].get(n, 0.0) if counts[OUR_NAME] else None,
+             med[KOHYA_NAME].get(n, 0.0) if counts[KOHYA_NAME] else None) for n in names[:top]]
+
+    def total(tool: str, only=None) -> float | None:
+        return sum(v for n, v in med[tool].items() if only is None or n in only) if counts[tool] else None
+
+    rest = set(names[top:])
+    rows.append(("(all other ops)", total(OUR_NAME, rest), total(KOHYA_NAME, rest)))
+    rows.append(("(total self time)", total(OUR_NAME), total(KOHYA_NAME)))
+    return rows
+
+
+def format_profile(rows: list[tuple[str, float | None, float | None]]) -> str:
+    from bench_train import text_table
+
+    return text_table(("op", "ours s", "kohya s", "ours - kohya"),
+                      [[n, _f(a, ".3f"), _f(b, ".3f"), _f(a - b if a is not None and b is not None else None, "+.3f")]
+                       for n, a, b in rows])
+
+
 # --------------------------------------------------------------------------------------------- main
 
 def _csv(text: str, allowed: Sequence[str]) -> list[str]:
@@ -724,14 +802,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check each case's command lines with both tools' own "
                                                           "argument parsers (kohya's needs --kohya-python) and exit")
     p.add_argument("--json", help="results file (default WORK/results.json)")
+    p.add_argument("--profile", action="store_true",
+                   help=f"profile each run's CPU ops (torch.profiler, started and stopped from outside by signals) "
+                        f"over steps {PROFILE_STEPS[0] + 1}-{PROFILE_STEPS[1]} and print the ops' per-step self time, "
+                        f"ours vs kohya; those runs' step times include the profiler's overhead")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     steps = args.steps or (30 if args.device == "cuda" else 8)
-    if steps < WARMUP_STEPS + 2:
-        print(f"error: --steps must be at least {WARMUP_STEPS + 2}", file=sys.stderr)
+    least = PROFILE_STEPS[1] + 1 if args.profile else WARMUP_STEPS + 2
+    if steps < least:
+        print(f"error: --steps must be at least {least}{' with --profile' if args.profile else ''}", file=sys.stderr)
         return 2
     ckpt_flag = None if args.checkpointing is None else args.checkpointing == "on"
     cases = build_cases(args.device, args.family, args.resolutions, args.te, steps, args.precision, ckpt_flag)
@@ -788,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     for res in sorted({c.resolution for c in cases}):
         make_dataset(work / f"data-{res}", res)
     hook = None
-    if args.device == "cuda":
+    if args.device == "cuda" or args.profile:
         hook = work / "hook"
         hook.mkdir(exist_ok=True)
         (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -810,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cmd, cwd = kohya_command(case, p, kohya_python, kohya_dir), kohya_dir
                 r = run_child(cmd, tool=tool, steps=steps, env=env, cwd=cwd, log_path=Path(p.out) / "log.txt",
-                              cuda_hook=hook)
+                              cuda_hook=hook, profile=PROFILE_STEPS if args.profile else None)
                 r.update(case=case.id, repeat=repeat, lora_file=lora_file_counts(Path(p.out) / "bench.safetensors"))
                 report["runs"].append(r)
                 print(f"[{repeat + 1}/{args.repeats}] {case.id} {tool}: s/step {_f(r['s_per_step'], '.3f')} "
@@ -821,6 +904,11 @@ def main(argv: list[str] | None = None) -> int:
                 report["summary"] = [summarize(c.id, report["runs"]) for c in cases]
                 results_file.write_text(json.dumps(report, indent=1))
     print(format_summary(report["summary"]))
+    if args.profile:
+        for case in cases:
+            print(f"\n# {case.id}: CPU ops, self time per step (s), steps {PROFILE_STEPS[0] + 1}-{PROFILE_STEPS[1]}, "
+                  f"median over the repeats")
+            print(format_profile(profile_table([r for r in report["runs"] if r["case"] == case.id])))
     print(f"results: {results_file}", file=sys.stderr)
     return 0 if all(r["ok"] for r in report["runs"]) else 1
 

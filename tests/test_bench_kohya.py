@@ -267,3 +267,51 @@ def test_lora_file_counts_modules_by_part_and_parameters(tmp_path):
                "lora_te_b.lora_up.weight": torch.zeros(768, 16)}, str(path))
     assert bk.lora_file_counts(path) == {"unet": 1, "te": 1, "params": 2 * 16 * 320 + 2 * 16 * 768}
     assert bk.lora_file_counts(tmp_path / "missing.safetensors") is None
+
+
+PROFILED_CHILD = textwrap.dedent("""
+    import os, sys
+    import torch
+    from tqdm import tqdm
+    out = os.environ["BENCH_KOHYA_PROFILE"]
+    a = torch.randn(64, 64)
+    for step in tqdm(range(1, 7), desc="steps", mininterval=0):  # the bar shows step n when step n has ended
+        if step == 4:  # the start signal is sent when step 3's bar is read: wait until it has landed
+            while not torch._C._autograd._profiler_enabled():
+                a = torch.tanh(a)
+        if step == 6:  # the stop signal is sent when step 5's bar is read: wait until it has landed
+            while not os.path.exists(out):
+                a = torch.tanh(a)
+        for _ in range(20):
+            a = torch.mm(a, a).tanh()
+""")
+
+
+def test_the_profile_window_is_opened_and_closed_by_signals_at_the_given_steps(tmp_path):
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(bk.SITECUSTOMIZE)
+    r = bk.run_child([sys.executable, "-c", PROFILED_CHILD], tool="kohya", steps=6, env=bk.child_env("cpu", 1),
+                     cwd=str(tmp_path), log_path=tmp_path / "log.txt", cuda_hook=hook_dir, profile=(3, 5))
+    assert r["ok"], r.get("error")
+    assert r["profile"] == str(tmp_path / "log.profile.json") and r["profile_steps"] == [3, 5]
+    rows = {row["name"]: row for row in json.loads(Path(r["profile"]).read_text())}
+    assert rows["aten::mm"]["count"] == 40  # steps 4 and 5's 20 products each, none of the others
+    assert rows["aten::mm"]["self_us"] > 0 and rows["aten::tanh"]["count"] >= 40
+
+
+def test_profile_table_puts_both_tools_per_step_side_by_side(tmp_path):
+    def run(tool, repeat, ops):
+        path = tmp_path / f"{tool}{repeat}.json"
+        path.write_text(json.dumps([{"name": n, "count": 1, "self_us": us, "total_us": us} for n, us in ops.items()]))
+        return {"tool": tool, "profile": str(path), "profile_steps": [3, 5]}
+
+    runs = [run("ours", 0, {"aten::mm": 4e6, "aten::add": 1e6}), run("ours", 1, {"aten::mm": 6e6}),
+            run("kohya", 0, {"aten::mm": 2e6, "aten::mul": 2e6, "aten::add": 2e5}), {"tool": "kohya", "profile": None}]
+    rows = bk.profile_table(runs, top=2)
+    table = {name: (ours, kohya) for name, ours, kohya in rows}
+    assert table["aten::mm"] == (2.5, 1.0)  # per step (2 profiled steps): median of 2.0 and 3.0 s; kohya 1.0 s
+    assert table["aten::mul"] == (0.0, 1.0)
+    assert table["(all other ops)"] == pytest.approx((0.25, 0.1))  # add: median(0.5, 0.0 in the repeat without it)
+    assert table["(total self time)"] == pytest.approx((2.75, 2.1))
+    assert "+1.500" in bk.format_profile(rows)
