@@ -691,6 +691,19 @@ def check_kohya_parses(cmd: list[str], kohya_python: str, kohya_dir: str) -> dic
     raise RuntimeError(f"kohya's parser refused the command (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+KOHYA_PARSE_FIELDS = (("steps", "max_train_steps"), ("lr", "unet_lr"), ("te_lr", "text_encoder_lr"),
+                      ("unet only", "network_train_unet_only"), ("rank", "network_dim"),
+                      ("precision", "mixed_precision"), ("sdpa", "sdpa"),
+                      ("checkpointing", "gradient_checkpointing"), ("TE outputs cached", "cache_text_encoder_outputs"))
+
+
+def describe_kohya_parse(parsed: dict) -> str:
+    """One line of what kohya's own parser made of our command. A field its script does not define (the SD1
+    ``train_network.py`` has no ``--cache_text_encoder_outputs``) is said to be absent, not a KeyError."""
+    return ", ".join(f"{label} {parsed[key] if key in parsed else '(no such flag in this script)'}"
+                     for label, key in KOHYA_PARSE_FIELDS)
+
+
 # --------------------------------------------------------------------------------------------- report
 
 def _f(value, spec=".2f") -> str:
@@ -842,12 +855,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{cfg['optim.te_lr']}, rank {cfg['network.rank']}, precision {cfg['train.mixed_precision']}, "
                       f"checkpointing {cfg['train.gradient_checkpointing']}")
                 if args.kohya_python and args.kohya_dir:
-                    k = check_kohya_parses(kohya, kohya_python, kohya_dir)
-                    print(f"  kohya parses: steps {k['max_train_steps']}, lr {k['unet_lr']}, te_lr "
-                          f"{k['text_encoder_lr']}, unet only {k['network_train_unet_only']}, rank {k['network_dim']}"
-                          f", precision {k['mixed_precision']}, sdpa {k['sdpa']}"
-                          f", checkpointing {k['gradient_checkpointing']}"
-                          f", TE outputs cached {k['cache_text_encoder_outputs']}")
+                    print("  kohya parses: " + describe_kohya_parse(check_kohya_parses(kohya, kohya_python,
+                                                                                       kohya_dir)))
                 else:
                     print("  kohya's parser not run: give --kohya-dir and --kohya-python")
         return 0

@@ -315,3 +315,23 @@ def test_profile_table_puts_both_tools_per_step_side_by_side(tmp_path):
     assert table["(all other ops)"] == pytest.approx((0.25, 0.1))  # add: median(0.5, 0.0 in the repeat without it)
     assert table["(total self time)"] == pytest.approx((2.75, 2.1))
     assert "+1.500" in bk.format_profile(rows)
+
+
+def test_dry_run_reads_kohyas_sd1_parser_which_lacks_the_te_cache_flag(monkeypatch, capsys, tmp_path):
+    # kohya's SD1 train_network.py defines no --cache_text_encoder_outputs (only its SDXL script does): the dry run
+    # must say so, not die with a KeyError after our own parser has passed.
+    seen = []
+
+    def fake_kohya_parse(argv, python, kohya_dir):
+        seen.append(argv)
+        return {"max_train_steps": 8, "unet_lr": 1e-4, "text_encoder_lr": None, "network_train_unet_only": True,
+                "network_dim": 16, "mixed_precision": "no", "sdpa": True, "gradient_checkpointing": False}
+
+    monkeypatch.setattr(bk, "check_kohya_parses", fake_kohya_parse)
+    rc = bk.main(["--dry-run", "--kohya-dir", str(tmp_path), "--kohya-python", sys.executable, "--work",
+                  str(tmp_path), "--resolutions", "256", "--te", "unet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and len(seen) == 1
+    assert "kohya parses: steps 8, lr 0.0001, te_lr None, unet only True, rank 16" in out
+    assert "TE outputs cached (no such flag in this script)" in out
+    assert bk.describe_kohya_parse({"cache_text_encoder_outputs": True}).endswith("TE outputs cached True")
