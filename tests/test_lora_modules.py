@@ -519,3 +519,52 @@ def test_full_size_counts_and_worked_example_shapes(family):
         assert not any("layers_23_" in s for s in locon.stems())
     assert {stem: _shapes(locon, stem) for stem in expected} == expected
     assert all(_shapes(locon, s) == _shapes(plain, s) for s in plain.stems())
+
+
+@pytest.mark.parametrize("kind", ["linear2d", "linear3d", "conv1x1", "conv3x3", "host16"])
+def test_add_to_is_the_host_output_plus_the_branch_with_the_same_gradients(kind):
+    # add_to folds the scale and the sum into the up projection's kernel (addmm / add with alpha); it must give what
+    # org(x) + pair(x) gives, values and gradients, for every host shape and a 16-bit host under a fp32 branch.
+    torch.manual_seed(0)
+    if kind.startswith("conv"):
+        k = 3 if kind == "conv3x3" else 1
+        host = nn.Conv2d(6, 10, k, padding=k // 2)
+        pair = LoRAPair.for_conv(host, rank=4, alpha=2.0, dropout=0.0)
+        x = torch.randn(2, 6, 5, 5)
+    else:
+        host = nn.Linear(6, 10)
+        pair = LoRAPair.for_linear(6, 10, rank=4, alpha=2.0, dropout=0.0, device=torch.device("cpu"))
+        x = torch.randn(3, 6) if kind == "linear2d" else torch.randn(2, 3, 6)
+    nn.init.normal_(pair.lora_up.weight)
+    pair.multiplier = 0.7
+    host.requires_grad_(False)
+    if kind == "host16":
+        host = host.to(torch.bfloat16)
+
+    def run(fold: bool):
+        xi = x.clone().requires_grad_(True)
+        out = host(xi.to(host.weight.dtype))
+        y = pair.add_to(out, xi) if fold else out + pair(xi).to(out.dtype)
+        grads = torch.autograd.grad(y.float().square().sum(), [xi, pair.lora_down.weight, pair.lora_up.weight])
+        return y, grads
+
+    (y, grads), (ref, ref_grads) = run(True), run(False)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the branch really is in the result: without it the output differs
+        assert not torch.allclose(y.float(), host(x.to(host.weight.dtype)).float(), atol=1e-3)
+
+
+def test_add_to_drops_the_rank_activations_like_forward():
+    pair = LoRAPair.for_linear(8, 8, rank=4, alpha=None, dropout=0.5, device=torch.device("cpu"))
+    nn.init.normal_(pair.lora_up.weight)
+    x, out = torch.randn(64, 8), torch.zeros(64, 8)
+    torch.manual_seed(3)
+    y = pair.add_to(out, x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(y, pair(x))
+    pair.eval()
+    torch.testing.assert_close(pair.add_to(out, x), pair(x))
+    assert not torch.allclose(y, pair(x))

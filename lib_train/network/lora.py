@@ -12,7 +12,8 @@ Three layers:
 Math (§0.3, §A.1): ``scale = alpha / rank`` (alpha 0/None ⇒ alpha = rank);
 ``ΔW = multiplier · scale · (up.flatten(1) @ down.flatten(1)).reshape(W.shape)``; the forward of a Linear/Conv2d
 target is ``org_forward(x) + multiplier · scale · up(dropout(down(x)))``, computed in the LoRA's dtype (fp32) and cast
-back to the host output's dtype.
+back to the host output's dtype; where both dtypes agree the scale and the sum run inside the up projection's kernel
+(:meth:`LoRAPair.add_to`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,26 @@ class LoRAPair(nn.Module):
             h = F.dropout(h, p=self.dropout)
         return _layer(self.lora_up, h) * (self.multiplier * self.scale)
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + forward(x)``, the host's output plus the branch, with fewer full-size operations.
+
+        When ``out`` has the branch's dtype the scale and the sum go into the up projection's own kernel: one
+        ``addmm`` for a Linear (``out + s·h·upᵀ``), ``add(..., alpha=s)`` for a Conv2d. That saves a full-size
+        multiply and its backward per layer and step (the same sum; the last bit may round differently). Otherwise
+        (a 16-bit host under a fp32 branch) the branch is computed as :meth:`forward` does and cast to ``out``'s dtype.
+        """
+        h = _layer(self.lora_down, x.to(self.lora_down.weight.dtype))
+        if self.dropout > 0 and self.training:
+            h = F.dropout(h, p=self.dropout)
+        s = self.multiplier * self.scale
+        if out.dtype != h.dtype:
+            return out + (_layer(self.lora_up, h) * s).to(out.dtype)
+        if isinstance(self.lora_up, nn.Linear):
+            n = out.shape[-1]
+            return torch.addmm(out.reshape(-1, n), h.reshape(-1, h.shape[-1]), self.lora_up.weight.t(),
+                               alpha=s).view(out.shape)
+        return out.add(_layer(self.lora_up, h), alpha=s)
+
     def delta_weight(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """ΔW = multiplier · scale · (up.flatten(1) @ down.flatten(1)), reshaped to the target weight ``shape``."""
         w = self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)
@@ -155,8 +176,7 @@ class _LinearConvAdapter:
 
         def make(org: Callable) -> Callable:
             def forward(input: torch.Tensor) -> torch.Tensor:
-                out = org(input)
-                return out + pair(input).to(out.dtype)
+                return pair.add_to(org(input), input)
 
             return forward
 
