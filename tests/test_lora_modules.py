@@ -568,3 +568,23 @@ def test_add_to_drops_the_rank_activations_like_forward():
     pair.eval()
     torch.testing.assert_close(pair.add_to(out, x), pair(x))
     assert not torch.allclose(y, pair(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_to_under_autocast_stays_in_the_autocast_dtype(dtype):
+    # Under autocast (CUDA training, CPU here) the host's output and the branch are both 16-bit: add_to takes the
+    # folded path, whose addmm autocast casts like the host's own linear; result and gradients match the plain sum.
+    torch.manual_seed(0)
+    host = nn.Linear(8, 6).requires_grad_(False)
+    pair = LoRAPair.for_linear(8, 6, rank=4, alpha=None, dropout=0.0, device=torch.device("cpu"))
+    nn.init.normal_(pair.lora_up.weight)
+    x = torch.randn(2, 3, 8)
+    with torch.autocast("cpu", dtype=dtype):
+        out = host(x)
+        y, ref = pair.add_to(out, x), out + pair(x).to(out.dtype)
+    assert y.dtype == ref.dtype == dtype and pair.lora_up.weight.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    g = torch.autograd.grad(y.float().sum(), pair.lora_up.weight)[0]
+    g_ref = torch.autograd.grad(ref.float().sum(), pair.lora_up.weight)[0]
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
