@@ -417,6 +417,9 @@ if _OUT:
 
     @atexit.register
     def _write():
+        # a step-1 signal that arrives from now on must not end the process: Python's finalisation puts a handled
+        # signal back to its default action (terminate) but leaves an ignored one ignored
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         torch = _torch_cuda()
         if torch is not None:
             _STATE["peak_allocated"] = torch.cuda.max_memory_allocated()
@@ -449,6 +452,11 @@ if _PROFILE:
 
     signal.signal(signal.SIGRTMIN + 1, _start)
     signal.signal(signal.SIGRTMIN + 2, _stop)
+
+    @atexit.register
+    def _late_signals_ignored():  # as _write above: a window signal that comes after the last step is harmless
+        signal.signal(signal.SIGRTMIN + 1, signal.SIG_IGN)
+        signal.signal(signal.SIGRTMIN + 2, signal.SIG_IGN)
 '''
 
 

@@ -181,14 +181,21 @@ def test_run_median_ratio_and_summary():
 
 
 CHILD = textwrap.dedent("""
-    import sys
+    import sys, time
     from tqdm import tqdm
+    def hwm_kib():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
     blob = bytearray(64 * 2**20)  # 64 MiB, touched: resident
     for i in range(0, len(blob), 4096):
         blob[i] = 1
+    del blob  # given back: the high-water mark stays 64 MiB above the resident size until the parent resets it
     print("caching"); sys.stdout.flush()
     for _ in tqdm(range(5), desc="steps", mininterval=0):
         pass
+    # do not exit before the parent has handled step 1 (reset the mark, read it): a finished child has no mark left
+    deadline = time.monotonic() + 120  # a parent that never resets fails the test's assertions, not hangs it
+    while hwm_kib() > 48 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.01)
 """)
 
 
@@ -210,6 +217,36 @@ def test_run_child_stamps_every_step_and_reads_the_peaks(tmp_path, hook):
     if hook:
         written = json.loads((tmp_path / "log.cuda.json").read_text())
         assert written == {}  # loaded and ran; no CUDA here, so no counters
+
+
+def test_a_signal_that_arrives_while_the_child_exits_does_not_kill_it(tmp_path):
+    # The parent signals a child when its step 1 (CUDA peak reset) or a profile bound appears in the output; a fast
+    # child may already be exiting then (a test child died with exit code -10 so). Python's finalisation, which
+    # runs after the exit functions, puts every signal with a Python handler back to its default action (for these:
+    # terminate) and leaves ignored ones ignored; so the hook's exit functions must leave all three ignored.
+    import os
+    import subprocess
+
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(bk.SITECUSTOMIZE)
+    child = textwrap.dedent("""
+        import atexit, os, signal
+        sigs = (signal.SIGUSR1, signal.SIGRTMIN + 1, signal.SIGRTMIN + 2)
+        print("while running:", [callable(signal.getsignal(s)) for s in sigs])
+        atexit._run_exitfuncs()  # what the interpreter runs first when it exits
+        print("after the exit functions:", [signal.getsignal(s) == signal.SIG_IGN for s in sigs])
+        for s in sigs:
+            os.kill(os.getpid(), s)
+        print("survived")
+    """)
+    env = dict(os.environ, PYTHONPATH=str(hook_dir), **{bk.CUDA_PEAK_ENV: str(tmp_path / "peak.json"),
+                                                         bk.PROFILE_ENV: str(tmp_path / "profile.json")})
+    done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.split("\n")[:3] == ["while running: [True, True, True]",
+                                           "after the exit functions: [True, True, True]", "survived"]
+    assert json.loads((tmp_path / "peak.json").read_text()) == {}
 
 
 def test_a_failing_child_is_reported_with_its_log(tmp_path):
