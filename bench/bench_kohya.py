@@ -396,6 +396,22 @@ SITECUSTOMIZE = '''\
 window over some of its steps, for the benchmark only."""
 import atexit, json, os, signal, sys
 
+_HANDLED = []  # the signals this hook handles
+
+
+def _handle(signum, handler):
+    signal.signal(signum, handler)
+    _HANDLED.append(signum)
+
+
+@atexit.register  # registered first, so it runs after the hook's other exit functions
+def _late_signals_ignored():
+    # a signal the parent sends as the last steps appear may reach a child that is already exiting; Python's
+    # finalisation puts a handled signal back to its default action (terminate) but leaves an ignored one ignored
+    for signum in _HANDLED:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 _OUT = os.environ.get("BENCH_KOHYA_CUDA_PEAK")
 if _OUT:
     _STATE = {}
@@ -413,13 +429,10 @@ if _OUT:
             torch.cuda.reset_peak_memory_stats()
             _STATE["reset"] = True
 
-    signal.signal(signal.SIGUSR1, _reset)
+    _handle(signal.SIGUSR1, _reset)
 
     @atexit.register
     def _write():
-        # a step-1 signal that arrives from now on must not end the process: Python's finalisation puts a handled
-        # signal back to its default action (terminate) but leaves an ignored one ignored
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         torch = _torch_cuda()
         if torch is not None:
             _STATE["peak_allocated"] = torch.cuda.max_memory_allocated()
@@ -450,13 +463,8 @@ if _PROFILE:
             json.dump(rows, f)
         os.replace(_PROFILE + ".part", _PROFILE)
 
-    signal.signal(signal.SIGRTMIN + 1, _start)
-    signal.signal(signal.SIGRTMIN + 2, _stop)
-
-    @atexit.register
-    def _late_signals_ignored():  # as _write above: a window signal that comes after the last step is harmless
-        signal.signal(signal.SIGRTMIN + 1, signal.SIG_IGN)
-        signal.signal(signal.SIGRTMIN + 2, signal.SIG_IGN)
+    _handle(signal.SIGRTMIN + 1, _start)
+    _handle(signal.SIGRTMIN + 2, _stop)
 '''
 
 

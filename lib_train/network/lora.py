@@ -93,10 +93,12 @@ class LoRAPair(nn.Module):
         down/up run through ``F.linear``/``F.conv2d``, not their modules' ``forward``: the WebUI patches
         ``nn.Linear.forward``/``nn.Conv2d.forward`` class-wide, and those patches must not see our own layers.
         """
+        return _layer(self.lora_up, self._down(x)) * (self.multiplier * self.scale)
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """The rank-``r`` activations ``dropout(down(x))``, in the pair's dtype."""
         h = _layer(self.lora_down, x.to(self.lora_down.weight.dtype))
-        if self.dropout > 0 and self.training:
-            h = F.dropout(h, p=self.dropout)
-        return _layer(self.lora_up, h) * (self.multiplier * self.scale)
+        return F.dropout(h, p=self.dropout) if self.dropout > 0 and self.training else h
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``out + forward(x)``, the host's output plus the branch, with fewer full-size operations.
@@ -106,9 +108,7 @@ class LoRAPair(nn.Module):
         multiply and its backward per layer and step (the same sum; the last bit may round differently). Otherwise
         (a 16-bit host under a fp32 branch) the branch is computed as :meth:`forward` does and cast to ``out``'s dtype.
         """
-        h = _layer(self.lora_down, x.to(self.lora_down.weight.dtype))
-        if self.dropout > 0 and self.training:
-            h = F.dropout(h, p=self.dropout)
+        h = self._down(x)
         s = self.multiplier * self.scale
         if out.dtype != h.dtype:
             return out + (_layer(self.lora_up, h) * s).to(out.dtype)
